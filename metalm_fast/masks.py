@@ -1,0 +1,318 @@
+"""SpanMask: the interval attention mask every MetaLM layer uses.
+
+Tokens are packed (varlen). Every mask MetaLM needs lets each query attend one
+contiguous interval of keys, so a mask is two int32 vectors of length Tq::
+
+    query t attends key j  <=>  kv_start[t] <= j < kv_end[t]
+
+Pictures for two documents of lengths 4 and 3 (``x`` = attended)::
+
+    causal             bidirectional      semi-causal, span [1, 3) in doc 0
+    x . . . . . .      x x x x . . .      x . . . . . .
+    x x . . . . .      x x x x . . .      x x x . . . .
+    x x x . . . .      x x x x . . .      x x x . . . .
+    x x x x . . .      x x x x . . .      x x x x . . .
+    . . . . x . .      . . . . x x x      . . . . x . .
+    . . . . x x .      . . . . x x x      . . . . x x .
+    . . . . x x x      . . . . x x x      . . . . x x x
+
+Memory is O(T) and every constructor runs in O(T) (O(T log S) with S spans);
+no T x T mask is ever built except by :meth:`SpanMask.to_dense`, which exists
+for tests and debugging. Index contents are validated here, where the mask is
+built, so kernels can trust them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SpanMask"]
+
+
+def _as_index_vector(value, name: str, device=None) -> torch.Tensor:
+    """Return ``value`` as a 1-D int64 tensor (for exact host-side arithmetic)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+        tensor = value
+    else:
+        try:
+            tensor = torch.as_tensor(value, dtype=torch.int64, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} must be a 1-D integer tensor or sequence: {error}") from None
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    return tensor.to(torch.int64)
+
+
+def _check_cu_seqlens(cu_seqlens, num_tokens: int | None) -> torch.Tensor:
+    cu = _as_index_vector(cu_seqlens, "cu_seqlens")
+    if cu.numel() < 1:
+        raise ValueError("cu_seqlens must have at least one entry (it starts at 0)")
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        bad = int(torch.nonzero(cu[1:] < cu[:-1])[0, 0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}]={int(cu[bad + 1])} "
+            f"< cu_seqlens[{bad}]={int(cu[bad])}"
+        )
+    if num_tokens is not None and int(cu[-1]) != num_tokens:
+        raise ValueError(
+            f"cu_seqlens must end at the number of tokens T={num_tokens}, got {int(cu[-1])}"
+        )
+    return cu
+
+
+def _document_bounds(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: (start, end) of the sequence holding it. Zero-length sequences hold none."""
+    lengths = cu[1:] - cu[:-1]
+    doc_start = torch.repeat_interleave(cu[:-1], lengths)
+    doc_end = torch.repeat_interleave(cu[1:], lengths)
+    return doc_start, doc_end
+
+
+def _check_spans(cu: torch.Tensor, span_starts, span_ends) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate spans (absolute packed offsets) and return them sorted by start."""
+    starts = _as_index_vector(span_starts, "span_starts", cu.device)
+    ends = _as_index_vector(span_ends, "span_ends", cu.device)
+    if starts.numel() != ends.numel():
+        raise ValueError(
+            f"span_starts and span_ends must have the same length, got {starts.numel()} "
+            f"and {ends.numel()}"
+        )
+    if starts.numel() == 0:
+        return starts, ends
+    total = int(cu[-1])
+    if bool((starts > ends).any()):
+        bad = int(torch.nonzero(starts > ends)[0, 0])
+        raise ValueError(
+            f"span_starts[{bad}]={int(starts[bad])} is after span_ends[{bad}]={int(ends[bad])}"
+        )
+    if bool((starts < 0).any()) or bool((ends > total).any()):
+        raise ValueError(f"spans must lie inside [0, {total}] (span_starts, span_ends)")
+    # A span must stay inside one sequence: the sequence of its first token
+    # must also hold its last token.
+    nonempty = ends > starts
+    seq_of_start = torch.searchsorted(cu, starts, right=True) - 1
+    seq_of_last = torch.searchsorted(cu, ends - 1, right=True) - 1
+    crossing = nonempty & (seq_of_start != seq_of_last)
+    if bool(crossing.any()):
+        bad = int(torch.nonzero(crossing)[0, 0])
+        raise ValueError(
+            f"span {bad} [{int(starts[bad])}, {int(ends[bad])}) crosses a sequence boundary "
+            "(span_starts, span_ends must stay inside one sequence of cu_seqlens)"
+        )
+    order = torch.argsort(starts, stable=True)
+    starts, ends = starts[order], ends[order]
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    if starts.numel() > 1 and bool((starts[1:] < ends[:-1]).any()):
+        bad = int(torch.nonzero(starts[1:] < ends[:-1])[0, 0])
+        raise ValueError(
+            f"spans overlap: [{int(starts[bad])}, {int(ends[bad])}) and "
+            f"[{int(starts[bad + 1])}, {int(ends[bad + 1])}) (span_starts, span_ends)"
+        )
+    return starts, ends
+
+
+def _span_end_per_token(num_tokens: int, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Per token: the end of the span holding it, or 0 when it is in no span."""
+    positions = torch.arange(num_tokens, dtype=torch.int64, device=starts.device)
+    if starts.numel() == 0:
+        return torch.zeros_like(positions)
+    index = torch.searchsorted(starts, positions, right=True) - 1
+    safe = index.clamp(min=0)
+    inside = (index >= 0) & (positions < ends[safe])
+    return torch.where(inside, ends[safe], torch.zeros_like(positions))
+
+
+@dataclass(frozen=True, eq=False)
+class SpanMask:
+    """An interval attention mask over packed tokens.
+
+    Query ``t`` attends key ``j`` exactly when ``kv_start[t] <= j < kv_end[t]``.
+
+    Attributes
+    ----------
+    kv_start, kv_end : torch.Tensor
+        int32 [Tq], on the device the mask was built on.
+    num_keys : int
+        Tk, the number of keys the intervals index into.
+    monotone : bool
+        True when both ``kv_start`` and ``kv_end`` are non-decreasing in ``t``
+        (every structured constructor gives this). Kernels use it to bound the
+        queries that can see a key block with a binary search.
+
+    Example
+    -------
+    >>> import torch
+    >>> from metalm_fast import SpanMask
+    >>> mask = SpanMask.semi_causal(torch.tensor([0, 4, 7]), [1], [3])
+    >>> mask.kv_end.tolist()
+    [1, 3, 3, 4, 5, 6, 7]
+    """
+
+    kv_start: torch.Tensor
+    kv_end: torch.Tensor
+    num_keys: int
+    monotone: bool = False
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_intervals(cls, kv_start, kv_end, num_keys: int | None = None) -> SpanMask:
+        """Build a mask from explicit per-query intervals.
+
+        Parameters
+        ----------
+        kv_start, kv_end : 1-D integer tensors or sequences, length Tq.
+        num_keys : int, optional
+            Tk. Defaults to Tq (self-attention).
+
+        Raises
+        ------
+        ValueError
+            If the lengths differ, ``kv_start > kv_end`` anywhere, or an
+            interval leaves ``[0, num_keys]``.
+        """
+        start = _as_index_vector(kv_start, "kv_start")
+        end = _as_index_vector(kv_end, "kv_end", start.device)
+        if start.numel() != end.numel():
+            raise ValueError(
+                f"kv_start and kv_end must have the same length, got {start.numel()} "
+                f"and {end.numel()}"
+            )
+        if start.device != end.device:
+            raise ValueError(
+                f"kv_start and kv_end must be on one device, got {start.device} and {end.device}"
+            )
+        if num_keys is None:
+            num_keys = start.numel()
+        if not isinstance(num_keys, int) or num_keys < 0:
+            raise ValueError(f"num_keys must be a non-negative int, got {num_keys!r}")
+        if num_keys >= 2**31:
+            raise ValueError(f"num_keys must be below 2**31, got {num_keys}")
+        if start.numel():
+            if bool((start > end).any()):
+                bad = int(torch.nonzero(start > end)[0, 0])
+                raise ValueError(
+                    f"kv_start[{bad}]={int(start[bad])} is greater than kv_end[{bad}]={int(end[bad])}"
+                )
+            if bool((start < 0).any()):
+                bad = int(torch.nonzero(start < 0)[0, 0])
+                raise ValueError(f"kv_start[{bad}]={int(start[bad])} is negative")
+            if bool((end > num_keys).any()):
+                bad = int(torch.nonzero(end > num_keys)[0, 0])
+                raise ValueError(
+                    f"kv_end[{bad}]={int(end[bad])} is beyond num_keys={num_keys}"
+                )
+        return cls._trusted(start, end, num_keys)
+
+    @classmethod
+    def causal(cls, cu_seqlens, num_tokens: int | None = None) -> SpanMask:
+        """Causal attention inside each packed sequence: ``[seq_start, t + 1)``.
+
+        ``cu_seqlens`` (int, [B + 1]) starts at 0, is non-decreasing (zero-length
+        sequences are allowed) and ends at T (checked against ``num_tokens`` if given).
+        """
+        cu = _check_cu_seqlens(cu_seqlens, num_tokens)
+        doc_start, _ = _document_bounds(cu)
+        positions = torch.arange(doc_start.numel(), device=cu.device)
+        return cls._trusted(doc_start, positions + 1, int(cu[-1]))
+
+    @classmethod
+    def bidirectional(cls, cu_seqlens, num_tokens: int | None = None) -> SpanMask:
+        """Full attention inside each packed sequence: ``[seq_start, seq_end)``."""
+        cu = _check_cu_seqlens(cu_seqlens, num_tokens)
+        doc_start, doc_end = _document_bounds(cu)
+        return cls._trusted(doc_start, doc_end, int(cu[-1]))
+
+    @classmethod
+    def semi_causal(
+        cls, cu_seqlens, span_starts, span_ends, num_tokens: int | None = None
+    ) -> SpanMask:
+        """Causal, plus bidirectional inside each span: ``[doc_start, max(t + 1, span_end))``.
+
+        Spans are absolute packed offsets ``[span_starts[i], span_ends[i])``; each
+        must stay inside one sequence and spans must not overlap.
+        """
+        cu = _check_cu_seqlens(cu_seqlens, num_tokens)
+        starts, ends = _check_spans(cu, span_starts, span_ends)
+        doc_start, _ = _document_bounds(cu)
+        total = doc_start.numel()
+        positions = torch.arange(total, device=cu.device)
+        kv_end = torch.maximum(positions + 1, _span_end_per_token(total, starts, ends))
+        return cls._trusted(doc_start, kv_end, total)
+
+    @classmethod
+    def prefix_lm(cls, cu_seqlens, prefix_lens, num_tokens: int | None = None) -> SpanMask:
+        """Prefix-LM: bidirectional over each sequence's first ``prefix_lens[i]`` tokens, causal after."""
+        cu = _check_cu_seqlens(cu_seqlens, num_tokens)
+        prefix = _as_index_vector(prefix_lens, "prefix_lens", cu.device)
+        lengths = cu[1:] - cu[:-1]
+        if prefix.numel() != lengths.numel():
+            raise ValueError(
+                f"prefix_lens must have one entry per sequence ({lengths.numel()}), "
+                f"got {prefix.numel()}"
+            )
+        if bool((prefix < 0).any()) or bool((prefix > lengths).any()):
+            bad = int(torch.nonzero((prefix < 0) | (prefix > lengths))[0, 0])
+            raise ValueError(
+                f"prefix_lens[{bad}]={int(prefix[bad])} must lie in [0, {int(lengths[bad])}] "
+                "(the sequence's length)"
+            )
+        return cls.semi_causal(cu, cu[:-1], cu[:-1] + prefix)
+
+    @classmethod
+    def sliding_window(cls, cu_seqlens, window: int, num_tokens: int | None = None) -> SpanMask:
+        """Causal sliding window of ``window`` keys: ``[max(seq_start, t - window + 1), t + 1)``."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        cu = _check_cu_seqlens(cu_seqlens, num_tokens)
+        doc_start, _ = _document_bounds(cu)
+        positions = torch.arange(doc_start.numel(), device=cu.device)
+        kv_start = torch.maximum(doc_start, positions - window + 1)
+        return cls._trusted(kv_start, positions + 1, int(cu[-1]))
+
+    @classmethod
+    def _trusted(cls, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> SpanMask:
+        """Wrap already-validated intervals (int32, contiguous)."""
+        start = kv_start.to(torch.int32).contiguous()
+        end = kv_end.to(torch.int32).contiguous()
+        monotone = start.numel() < 2 or bool(
+            ((start[1:] >= start[:-1]) & (end[1:] >= end[:-1])).all()
+        )
+        return cls(start, end, int(num_keys), monotone)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_queries(self) -> int:
+        """Tq, the number of queries."""
+        return self.kv_start.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_start.device
+
+    def to(self, device) -> SpanMask:
+        """The same mask with its intervals on ``device``."""
+        return SpanMask(
+            self.kv_start.to(device), self.kv_end.to(device), self.num_keys, self.monotone
+        )
+
+    def num_pairs(self) -> int:
+        """Number of allowed (query, key) pairs: what attention FLOPs are counted over."""
+        return int((self.kv_end.to(torch.int64) - self.kv_start.to(torch.int64)).sum())
+
+    def to_dense(self) -> torch.Tensor:
+        """bool [Tq, Tk]; True where the query attends the key. For tests and debugging."""
+        keys = torch.arange(self.num_keys, device=self.device)
+        return (keys[None, :] >= self.kv_start[:, None]) & (keys[None, :] < self.kv_end[:, None])
+
+    def __repr__(self) -> str:
+        return (
+            f"SpanMask(num_queries={self.num_queries}, num_keys={self.num_keys}, "
+            f"pairs={self.num_pairs()}, monotone={self.monotone}, device={self.device})"
+        )

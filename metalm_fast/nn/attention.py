@@ -1,0 +1,81 @@
+"""SpanSelfAttention: fused qkv projection, rotary, span attention, output projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metalm_fast.masks import SpanMask
+from metalm_fast.nn.rotary import RotaryEmbedding
+from metalm_fast.ops.span_attention import span_attention
+
+__all__ = ["SpanSelfAttention"]
+
+
+class SpanSelfAttention(nn.Module):
+    """Multi-head (GQA) self-attention over packed tokens with a SpanMask.
+
+    Parameters
+    ----------
+    dim : model width Dm.
+    num_heads : query heads Hq.
+    num_kv_heads : key/value heads Hkv (default Hq); Hq must be a multiple of it.
+    head_dim : D (default ``dim // num_heads``).
+    rotary : apply rotary position embedding to q and k (needs ``positions``).
+    bias : bias in the qkv and output projections.
+    backend : span_attention backend ("auto" by default).
+
+    Shapes: ``forward(x [T, Dm], mask, positions int [T] | None) -> [T, Dm]``.
+    q, k and v are views into one fused projection, so without rotary the
+    kernel reads them strided from the [T, (Hq + 2 Hkv) D] buffer, uncopied.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        rotary: bool = True,
+        rotary_base: float = 10000.0,
+        bias: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            head_dim = dim // num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.backend = backend
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
+
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None):
+        """x [T, Dm] -> q [T, Hq, D], k and v [T, Hkv, D] (rotary applied to q and k)."""
+        tokens = x.shape[0]
+        fused = self.qkv(x)
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        q = fused[:, :q_width].view(tokens, self.num_heads, self.head_dim)
+        k = fused[:, q_width : q_width + kv_width].view(tokens, self.num_kv_heads, self.head_dim)
+        v = fused[:, q_width + kv_width :].view(tokens, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            if positions is None:
+                raise ValueError("positions (int [T]) are required when rotary=True")
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, mask: SpanMask, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, positions)
+        attended = span_attention(q, k, v, mask, backend=self.backend)
+        return self.out(attended.reshape(x.shape[0], self.num_heads * self.head_dim))

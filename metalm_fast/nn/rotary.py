@@ -1,0 +1,50 @@
+"""Rotary position embedding over packed positions.
+
+Packed sequences restart their positions at every document boundary, so the
+positions are not ``arange(T)``: :func:`packed_positions` turns ``cu_seqlens``
+into per-token positions, and :class:`RotaryEmbedding` rotates query and key
+head vectors by those positions (the rotate-half convention of GPT-NeoX / LLaMA).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["RotaryEmbedding", "packed_positions"]
+
+
+def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int64 [T]: each token's position inside its own sequence.
+
+    >>> packed_positions(torch.tensor([0, 3, 5])).tolist()
+    [0, 1, 2, 0, 1]
+    """
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    total = int(cu[-1])
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu.device) - starts
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate [T, H, D] head vectors by per-token positions.
+
+    ``x[..., :D/2]`` and ``x[..., D/2:]`` are the two coordinates of D/2
+    planes; plane ``i`` turns by ``position * base**(-2i/D)``.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D], positions int [T] -> rotated x [T, H, D] (dtype of x)."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        first, second = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return rotated.to(x.dtype)

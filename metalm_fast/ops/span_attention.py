@@ -1,0 +1,306 @@
+"""span_attention: the op layer of fused span-masked attention.
+
+Three thin layers, as in flash-attention:
+
+1. ``metalm::span_attention_fwd`` / ``metalm::span_attention_bwd`` are
+   torch.library custom ops with fake (meta) implementations, so
+   ``torch.compile(fullgraph=True)`` traces through them;
+2. autograd is registered on the forward op; it saves ``out`` and ``lse`` and
+   calls the backward op (recomputing probabilities from ``lse``, never storing
+   a Tq x Tk matrix);
+3. :func:`span_attention` validates inputs on the host, resolves the backend
+   and calls the forward op.
+
+Backends: ``triton`` (kernels/span_attention.py), ``cpu`` (csrc/cpu, fp32 and
+fp64 natively; fp16/bf16 are computed in fp32 and rounded once at the end) and
+``reference`` (metalm_fast.reference, dense, for testing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metalm_fast import reference
+from metalm_fast.masks import SpanMask
+from metalm_fast.ops._backend import cpu_extension, resolve_backend
+
+__all__ = ["span_attention", "SUPPORTED_HEAD_DIMS"]
+
+_SUPPORTED = ("triton", "cpu", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Head dims every backend supports: multiples of 8 from 16 to 256.
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 8))
+
+
+# ----------------------------------------------------------------------------- backends
+def _forward_triton(q, k, v, kv_start, kv_end, scale, monotone):
+    from metalm_fast.kernels.span_attention import span_attention_forward
+
+    return span_attention_forward(q, k, v, kv_start, kv_end, scale, monotone)
+
+
+def _backward_triton(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone):
+    from metalm_fast.kernels.span_attention import span_attention_backward
+
+    return span_attention_backward(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone)
+
+
+def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The C++ kernels are templated on float and double; half types accumulate in fp32.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _forward_cpu(q, k, v, kv_start, kv_end, scale):
+    cpu_extension()
+    compute = _cpu_compute_dtype(q.dtype)
+    out, lse = torch.ops.metalm._span_attention_fwd_cpu(
+        q.to(compute), k.to(compute), v.to(compute), kv_start, kv_end, scale
+    )
+    return out.to(q.dtype), lse
+
+
+def _backward_cpu(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale):
+    cpu_extension()
+    compute = _cpu_compute_dtype(q.dtype)
+    dq, dk, dv = torch.ops.metalm._span_attention_bwd_cpu(
+        grad_out.to(compute), q.to(compute), k.to(compute), v.to(compute),
+        lse, delta, kv_start, kv_end, scale,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _mask_of(kv_start, kv_end, num_keys, monotone) -> SpanMask:
+    return SpanMask(kv_start, kv_end, num_keys, monotone)
+
+
+def _forward_reference(q, k, v, kv_start, kv_end, scale, monotone):
+    out, lse = reference.span_attention(
+        q, k, v, _mask_of(kv_start, kv_end, k.shape[0], monotone), scale=scale
+    )
+    return out, lse.float()
+
+
+def _backward_reference(grad_out, q, k, v, grad_lse, kv_start, kv_end, scale, monotone):
+    mask = _mask_of(kv_start, kv_end, k.shape[0], monotone)
+    return reference.span_attention_backward(
+        grad_out.to(q.dtype), q, k, v, mask, grad_lse=grad_lse, scale=scale
+    )
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("metalm::span_attention_fwd", mutates_args=())
+def _span_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    scale: float,
+    monotone: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [Tq, Hq, D] (q.dtype), lse [Hq, Tq] float32, both contiguous (as the fake says)."""
+    if backend == "triton":
+        out, lse = _forward_triton(q, k, v, kv_start, kv_end, scale, monotone)
+    elif backend == "cpu":
+        out, lse = _forward_cpu(q, k, v, kv_start, kv_end, scale)
+    else:
+        out, lse = _forward_reference(q, k, v, kv_start, kv_end, scale, monotone)
+    return out.contiguous(), lse.contiguous()
+
+
+@_span_attention_fwd.register_fake
+def _(q, k, v, kv_start, kv_end, scale, monotone, backend):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("metalm::span_attention_bwd", mutates_args=())
+def _span_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    scale: float,
+    monotone: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (shapes and dtypes of q, k, v), contiguous."""
+    if backend == "reference":
+        grads = _backward_reference(grad_out, q, k, v, grad_lse, kv_start, kv_end, scale, monotone)
+        return tuple(g.contiguous() for g in grads)
+    # delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dLSE[h, t]: with it,
+    # dS = P * (dP - delta) covers gradients reaching both out and lse.
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(0, 1) - grad_lse
+    delta = delta.contiguous()
+    if backend == "triton":
+        grads = _backward_triton(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone)
+    else:
+        grads = _backward_cpu(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_span_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, kv_start, kv_end, scale, monotone, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_start, kv_end, scale, monotone, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
+    ctx.scale, ctx.monotone, ctx.backend = scale, monotone, backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float()
+    # lse is -inf for empty rows; no gradient can flow into them.
+    grad_lse = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse)
+    dq, dk, dv = _span_attention_bwd(
+        grad_out, q, k, v, out, lse, grad_lse, kv_start, kv_end,
+        ctx.scale, ctx.monotone, ctx.backend,
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_span_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [tokens, heads, head_dim], got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}"
+        )
+    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last dim (stride 1), got strides {tensor.stride()}"
+        )
+
+
+def _check_inputs(q, k, v, mask, scale, backend) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, tensor)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head dim {head_dim} (q.shape[-1]) is not supported: expected a multiple of 8 "
+            "from 16 to 256"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads (q.shape[1]={q.shape[1]}) must be a multiple of key/value heads "
+            f"(k.shape[1]={k.shape[1]})"
+        )
+    if q.dtype == torch.float64 and backend == "triton":
+        raise TypeError("the triton backend supports float16, bfloat16 and float32, got float64 (q)")
+    if not isinstance(mask, SpanMask):
+        raise TypeError(f"mask must be a SpanMask, got {type(mask).__name__}")
+    if mask.num_queries != q.shape[0]:
+        raise ValueError(
+            f"mask has {mask.num_queries} queries but q has {q.shape[0]} tokens (mask, q.shape[0])"
+        )
+    if mask.num_keys != k.shape[0]:
+        raise ValueError(
+            f"mask has {mask.num_keys} keys but k has {k.shape[0]} tokens (mask.num_keys, k.shape[0])"
+        )
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}; use mask.to(q.device)")
+    if scale is not None and (
+        not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+
+# ----------------------------------------------------------------------------- public API
+def span_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: SpanMask,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Fused attention over packed tokens with an interval mask.
+
+    Query ``t`` attends key ``j`` exactly when
+    ``mask.kv_start[t] <= j < mask.kv_end[t]``::
+
+        out[t, h] = sum_j softmax_j(scale * q[t, h] . k[j, g(h)]) v[j, g(h)],
+        g(h) = h // (Hq // Hkv)
+
+    Parameters
+    ----------
+    q : Tensor [Tq, Hq, D]
+    k, v : Tensor [Tk, Hkv, D]; Hq must be a multiple of Hkv (GQA / MQA).
+        float16, bfloat16 or float32 (float64 on the cpu and reference
+        backends), one dtype and device for all three. Only the last dim must
+        be contiguous, so q, k, v may be slices of one fused qkv tensor.
+        D is a multiple of 8 from 16 to 256.
+    mask : SpanMask with ``num_queries == Tq`` and ``num_keys == Tk``.
+    scale : float, optional
+        Softmax scale; default ``1 / sqrt(D)``.
+    return_lse : bool
+        Also return the log-sum-exp (differentiable).
+    backend : {"auto", "triton", "cpu", "reference"}
+        "auto" (or ``METALM_FAST_BACKEND``) picks triton on CUDA and cpu on CPU.
+
+    Returns
+    -------
+    out : Tensor [Tq, Hq, D], dtype of q.
+    lse : Tensor [Hq, Tq] float32, natural log (only with ``return_lse``).
+        A query whose interval is empty gets ``out = 0``, ``lse = -inf`` and
+        zero gradients.
+
+    Notes
+    -----
+    Differentiable in q, k and v. The backward pass is deterministic
+    (bit-identical on repeat) on every backend. Index contents are validated
+    when the SpanMask is built, so this call does no device synchronisation.
+
+    Example
+    -------
+    >>> import torch
+    >>> from metalm_fast import SpanMask, span_attention
+    >>> cu = torch.tensor([0, 5, 12])
+    >>> mask = SpanMask.semi_causal(cu, span_starts=[6], span_ends=[9])
+    >>> q, k, v = (torch.randn(12, 4, 32) for _ in range(3))
+    >>> span_attention(q, k, v, mask).shape
+    torch.Size([12, 4, 32])
+    """
+    _check_inputs(q, k, v, mask, scale, backend)
+    resolved = resolve_backend("span_attention", backend, q.device, _SUPPORTED)
+    if q.dtype == torch.float64 and resolved == "triton":
+        raise TypeError("the triton backend supports float16, bfloat16 and float32, got float64 (q)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _span_attention_fwd(
+        q, k, v, mask.kv_start, mask.kv_end, float(scale), bool(mask.monotone), resolved
+    )
+    return (out, lse) if return_lse else out
