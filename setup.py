@@ -25,9 +25,8 @@ def _flag(name: str) -> bool:
 
 
 def _extensions():
-    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
-
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     extensions = []
     if not _flag("METALM_FAST_NO_CPU_EXT"):
@@ -78,7 +77,15 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "pybind11", "ninja", "expecttest"],
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "ruff",
+            "pybind11",
+            "ninja",
+            "expecttest",
+        ],
     },
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),

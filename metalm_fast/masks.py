@@ -198,16 +198,15 @@ class SpanMask:
             if bool((start > end).any()):
                 bad = int(torch.nonzero(start > end)[0, 0])
                 raise ValueError(
-                    f"kv_start[{bad}]={int(start[bad])} is greater than kv_end[{bad}]={int(end[bad])}"
+                    f"kv_start[{bad}]={int(start[bad])} is greater than "
+                    f"kv_end[{bad}]={int(end[bad])}"
                 )
             if bool((start < 0).any()):
                 bad = int(torch.nonzero(start < 0)[0, 0])
                 raise ValueError(f"kv_start[{bad}]={int(start[bad])} is negative")
             if bool((end > num_keys).any()):
                 bad = int(torch.nonzero(end > num_keys)[0, 0])
-                raise ValueError(
-                    f"kv_end[{bad}]={int(end[bad])} is beyond num_keys={num_keys}"
-                )
+                raise ValueError(f"kv_end[{bad}]={int(end[bad])} is beyond num_keys={num_keys}")
         return cls._trusted(start, end, num_keys)
 
     @classmethod
@@ -248,7 +247,10 @@ class SpanMask:
 
     @classmethod
     def prefix_lm(cls, cu_seqlens, prefix_lens, num_tokens: int | None = None) -> SpanMask:
-        """Prefix-LM: bidirectional over each sequence's first ``prefix_lens[i]`` tokens, causal after."""
+        """Prefix-LM: bidirectional over the first ``prefix_lens[i]`` tokens of sequence i.
+
+        Causal after the prefix: ``[doc_start, max(t + 1, doc_start + prefix_lens[i]))``.
+        """
         cu = _check_cu_seqlens(cu_seqlens, num_tokens)
         prefix = _as_index_vector(prefix_lens, "prefix_lens", cu.device)
         lengths = cu[1:] - cu[:-1]

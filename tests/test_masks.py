@@ -99,7 +99,10 @@ def test_from_intervals_and_num_pairs():
         (lambda: SpanMask.sliding_window([0, 4], 0), "window must be a positive int"),
         (lambda: SpanMask.from_intervals([0, 3], [2, 2]), "kv_start\\[1\\]=3 is greater"),
         (lambda: SpanMask.from_intervals([0, -1], [2, 2]), "kv_start\\[1\\]=-1 is negative"),
-        (lambda: SpanMask.from_intervals([0, 0], [2, 5], 4), "kv_end\\[1\\]=5 is beyond num_keys=4"),
+        (
+            lambda: SpanMask.from_intervals([0, 0], [2, 5], 4),
+            "kv_end\\[1\\]=5 is beyond num_keys=4",
+        ),
         (lambda: SpanMask.from_intervals([0], [2, 2]), "same length"),
     ],
 )

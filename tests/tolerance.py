@@ -27,7 +27,9 @@ def assert_within_tolerance(
     actual: torch.Tensor, golden: torch.Tensor, baseline: torch.Tensor, name: str
 ) -> None:
     """Assert ``actual`` meets the rule against ``golden`` (float64) and ``baseline``."""
-    assert actual.shape == golden.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(golden.shape)}"
+    assert actual.shape == golden.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(golden.shape)}"
+    )
     assert not torch.isnan(actual).any(), f"{name}: NaN in kernel output"
     if actual.numel() == 0:
         return

@@ -98,14 +98,10 @@ def resolve_backend(op: str, backend: str, device: torch.device, supported: tupl
     if backend == "auto":
         backend = os.environ.get("METALM_FAST_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:
-            raise ValueError(
-                f"METALM_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}"
-            )
+            raise ValueError(f"METALM_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         if backend not in supported:
-            raise ValueError(
-                f"{op} has no {backend!r} backend; it has {', '.join(supported)}"
-            )
+            raise ValueError(f"{op} has no {backend!r} backend; it has {', '.join(supported)}")
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise ValueError(f"{op}: backend {backend!r} is not available: {reason}")
@@ -114,8 +110,6 @@ def resolve_backend(op: str, backend: str, device: torch.device, supported: tupl
     for candidate in supported:
         if candidate in preferred and unavailable_reason(candidate, device) is None:
             return candidate
-    reasons = [
-        f"{c}: {unavailable_reason(c, device)}" for c in supported if c in preferred
-    ]
+    reasons = [f"{c}: {unavailable_reason(c, device)}" for c in supported if c in preferred]
     _warn_fallback(op, "; ".join(reasons) or f"no fast backend exists for {device}")
     return "reference"

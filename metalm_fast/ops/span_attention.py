@@ -65,8 +65,15 @@ def _backward_cpu(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale):
     cpu_extension()
     compute = _cpu_compute_dtype(q.dtype)
     dq, dk, dv = torch.ops.metalm._span_attention_bwd_cpu(
-        grad_out.to(compute), q.to(compute), k.to(compute), v.to(compute),
-        lse, delta, kv_start, kv_end, scale,
+        grad_out.to(compute),
+        q.to(compute),
+        k.to(compute),
+        v.to(compute),
+        lse,
+        delta,
+        kv_start,
+        kv_end,
+        scale,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -169,8 +176,18 @@ def _backward(ctx, grad_out, grad_lse):
     # lse is -inf for empty rows; no gradient can flow into them.
     grad_lse = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse)
     dq, dk, dv = _span_attention_bwd(
-        grad_out, q, k, v, out, lse, grad_lse, kv_start, kv_end,
-        ctx.scale, ctx.monotone, ctx.backend,
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_lse,
+        kv_start,
+        kv_end,
+        ctx.scale,
+        ctx.monotone,
+        ctx.backend,
     )
     return dq, dk, dv, None, None, None, None, None
 
@@ -183,11 +200,11 @@ def _check_tensor(name: str, tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [tokens, heads, head_dim], got shape {tuple(tensor.shape)}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}"
+        raise ValueError(
+            f"{name} must be 3-D [tokens, heads, head_dim], got shape {tuple(tensor.shape)}"
         )
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
     if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
         raise ValueError(
             f"{name} must be contiguous in its last dim (stride 1), got strides {tensor.stride()}"
@@ -200,11 +217,17 @@ def _check_inputs(q, k, v, mask, scale, backend) -> None:
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+        raise ValueError(
+            f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}"
+        )
     head_dim = q.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
@@ -217,7 +240,9 @@ def _check_inputs(q, k, v, mask, scale, backend) -> None:
             f"(k.shape[1]={k.shape[1]})"
         )
     if q.dtype == torch.float64 and backend == "triton":
-        raise TypeError("the triton backend supports float16, bfloat16 and float32, got float64 (q)")
+        raise TypeError(
+            "the triton backend supports float16, bfloat16 and float32, got float64 (q)"
+        )
     if not isinstance(mask, SpanMask):
         raise TypeError(f"mask must be a SpanMask, got {type(mask).__name__}")
     if mask.num_queries != q.shape[0]:
@@ -226,7 +251,8 @@ def _check_inputs(q, k, v, mask, scale, backend) -> None:
         )
     if mask.num_keys != k.shape[0]:
         raise ValueError(
-            f"mask has {mask.num_keys} keys but k has {k.shape[0]} tokens (mask.num_keys, k.shape[0])"
+            f"mask has {mask.num_keys} keys but k has {k.shape[0]} tokens "
+            "(mask.num_keys, k.shape[0])"
         )
     if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}; use mask.to(q.device)")
@@ -297,7 +323,9 @@ def span_attention(
     _check_inputs(q, k, v, mask, scale, backend)
     resolved = resolve_backend("span_attention", backend, q.device, _SUPPORTED)
     if q.dtype == torch.float64 and resolved == "triton":
-        raise TypeError("the triton backend supports float16, bfloat16 and float32, got float64 (q)")
+        raise TypeError(
+            "the triton backend supports float16, bfloat16 and float32, got float64 (q)"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = _span_attention_fwd(

@@ -1,0 +1,5 @@
+import sys
+
+from metalm_fast.cli import main
+
+sys.exit(main())

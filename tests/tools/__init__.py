@@ -1,0 +1,1 @@
+"""Tests of metalm_fast.tools (developer tools)."""
