@@ -195,11 +195,12 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, row_start, row_end, offs_n,
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d,
                row_start, row_end, stride_qt, stride_dot, num_queries, head_dim, qk_scale,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q for one query block, computed transposed ([keys, queries]).
 
     The transposed layout keeps the key tile as the M side of every dot, so k,
     v and both accumulators stay in registers across the whole query loop.
+    MASKED is a constexpr (full-block loop) or a runtime flag (partial loop).
     """
     q = _load_rows(q_base, offs_m, offs_d, stride_qt, num_queries, head_dim, True, EVEN_D)
     do = _load_rows(do_base, offs_m, offs_d, stride_dot, num_queries, head_dim, True, EVEN_D)

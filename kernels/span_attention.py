@@ -267,14 +267,14 @@ def _bwd_dkdv_kernel(
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
             row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m,
                                                             num_queries)
-            if _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N):
+            # Only non-monotone masks can put a full block here; it then
+            # skips the mask through a uniform runtime branch (one more inlined
+            # copy of the tile body would cost registers, not time).
+            if _tile_is_seen(row_start, row_end, n0, BLOCK_N):
+                masked = not _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N)
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
                                     offs_n, offs_d, row_start, row_end, stride_qt, stride_dot,
-                                    num_queries, head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)
-            elif _tile_is_seen(row_start, row_end, n0, BLOCK_N):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
-                                    offs_n, offs_d, row_start, row_end, stride_qt, stride_dot,
-                                    num_queries, head_dim, qk_scale, True, EVEN_D, DOT_PRECISION)
+                                    num_queries, head_dim, qk_scale, masked, EVEN_D, DOT_PRECISION)
         for q_block in range(full_lo, full_hi):
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
@@ -417,6 +417,23 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
     return signature
 
 
+def _aligned_attrs(kernel, even_d: bool) -> dict[tuple[int], list]:
+    """ASTSource attrs for the specialisation the JIT compiles in practice.
+
+    At run time Triton marks every pointer and integer argument that is a
+    multiple of 16 with tt.divisibility=16, which is what lets loads vectorise
+    and feed cp.async / TMA pipelines. torch allocations are 16-byte aligned and
+    with D a multiple of 16 (32, 64, 80, 96, 128, 256) so are all strides; for
+    padded head dims head_dim itself is left unmarked (D=40 is not a multiple of 16).
+    """
+    names = [name for name in kernel.arg_names if not name.isupper()]
+    aligned = {
+        index for index, name in enumerate(names)
+        if name.endswith("_ptr") or name.startswith("stride_") or (even_d and name == "head_dim")
+    }
+    return {(index,): [["tt.divisibility", 16]] for index in sorted(aligned)}
+
+
 def shipped_configs() -> list[KernelConfig]:
     """Every configuration the launchers can pick: pass x dtype x BLOCK_D x EVEN_D x arch.
 
@@ -440,7 +457,8 @@ def shipped_configs() -> list[KernelConfig]:
                     num_warps=tiles.num_warps, num_stages=tiles.num_stages, uses_matmul=True,
                     label=(f"{_DTYPE_NAMES[dtype]} {head_dims} BM={tiles.block_m} "
                            f"BN={tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}"),
-                    extra={"head_dims": head_dims, "dot_precision": _dot_precision(dtype)},
+                    extra={"head_dims": head_dims, "dot_precision": _dot_precision(dtype),
+                           "attrs": _aligned_attrs(kernel, even_d)},
                 ))
     return configs
 

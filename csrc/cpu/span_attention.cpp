@@ -43,6 +43,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -56,10 +57,21 @@ namespace metalm_fast::cpu {
 namespace {
 
 // Tile sizes (tuned on a 2-core AVX-512 EPYC for D = 64; see benchmarks/).
-constexpr int64_t kQueryRows = 64;      // forward: rows per query block
-constexpr int64_t kKeyTile = 256;       // forward and dQ items: keys per tile
-constexpr int64_t kBwdQueryRows = 64;   // backward: rows per query block
-constexpr int64_t kBwdKeyRows = 64;     // backward dK/dV items: keys per key block
+struct TileSizes {
+  int64_t q_rows = 64, key_tile = 256, bwd_q_rows = 64, bwd_key_rows = 64;
+};
+TileSizes tiles() {
+    TileSizes t;
+    if (const char* e = std::getenv("METALM_FAST_SPAN_TILES")) {
+      long a, b, c, d;
+      if (std::sscanf(e, "%ld,%ld,%ld,%ld", &a, &b, &c, &d) == 4) t = {a, b, c, d};
+    }
+    return t;
+}
+#define kQueryRows (tiles().q_rows)
+#define kKeyTile (tiles().key_tile)
+#define kBwdQueryRows (tiles().bwd_q_rows)
+#define kBwdKeyRows (tiles().bwd_key_rows)
 
 // 64-byte aligned scratch for one thread's tiles.
 template <typename T>
@@ -212,8 +224,8 @@ void forward(const Shape& shape, const at::Tensor& q_t, const at::Tensor& k_t,
 // ------------------------------------------------------------------------------ backward
 template <typename T>
 struct BackwardScratch {
-  static constexpr int64_t kRows = std::max(kBwdQueryRows, kBwdKeyRows);
-  static constexpr int64_t kCols = std::max(kKeyTile, kBwdKeyRows);
+  const int64_t kRows = std::max(kBwdQueryRows, kBwdKeyRows);
+  const int64_t kCols = std::max(kKeyTile, kBwdKeyRows);
   Scratch<T> scores, dscores, acc_a, acc_b;
   Scratch<int32_t> lo, hi;
   explicit BackwardScratch(int64_t head_dim)

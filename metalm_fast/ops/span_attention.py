@@ -47,6 +47,11 @@ def _backward_triton(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, mon
     return span_attention_backward(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone)
 
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 for every kernel dtype; float64 inputs (cpu and reference only) keep float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # The C++ kernels are templated on float and double; half types accumulate in fp32.
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -86,7 +91,7 @@ def _forward_reference(q, k, v, kv_start, kv_end, scale, monotone):
     out, lse = reference.span_attention(
         q, k, v, _mask_of(kv_start, kv_end, k.shape[0], monotone), scale=scale
     )
-    return out, lse.float()
+    return out, lse.to(_lse_dtype(q.dtype))
 
 
 def _backward_reference(grad_out, q, k, v, grad_lse, kv_start, kv_end, scale, monotone):
@@ -108,7 +113,7 @@ def _span_attention_fwd(
     monotone: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [Tq, Hq, D] (q.dtype), lse [Hq, Tq] float32, both contiguous (as the fake says)."""
+    """out [Tq, Hq, D] (q.dtype), lse [Hq, Tq] float32 (float64 for float64 q), contiguous."""
     if backend == "triton":
         out, lse = _forward_triton(q, k, v, kv_start, kv_end, scale, monotone)
     elif backend == "cpu":
@@ -121,7 +126,7 @@ def _span_attention_fwd(
 @_span_attention_fwd.register_fake
 def _(q, k, v, kv_start, kv_end, scale, monotone, backend):
     out = q.new_empty(q.shape)
-    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
     return out, lse
 
 
@@ -146,7 +151,8 @@ def _span_attention_bwd(
         return tuple(g.contiguous() for g in grads)
     # delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dLSE[h, t]: with it,
     # dS = P * (dP - delta) covers gradients reaching both out and lse.
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(0, 1) - grad_lse
+    accumulate = lse.dtype
+    delta = (grad_out.to(accumulate) * out.to(accumulate)).sum(-1).transpose(0, 1) - grad_lse
     delta = delta.contiguous()
     if backend == "triton":
         grads = _backward_triton(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone)
@@ -172,7 +178,7 @@ def _backward(ctx, grad_out, grad_lse):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
     # lse is -inf for empty rows; no gradient can flow into them.
     grad_lse = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse)
     dq, dk, dv = _span_attention_bwd(
@@ -300,7 +306,8 @@ def span_attention(
     Returns
     -------
     out : Tensor [Tq, Hq, D], dtype of q.
-    lse : Tensor [Hq, Tq] float32, natural log (only with ``return_lse``).
+    lse : Tensor [Hq, Tq] float32 (float64 for float64 inputs), natural log (only
+        with ``return_lse``).
         A query whose interval is empty gets ``out = 0``, ``lse = -inf`` and
         zero gradients.
 

@@ -1,0 +1,273 @@
+"""embed_scatter: token embeddings with encoder features scattered in, in one pass.
+
+``out[t] = weight[token_ids[t]] * scale`` where ``feature_index[t] < 0``, and
+``out[t] = features[feature_index[t]]`` otherwise. HF-style code does this in
+three passes (lookup, ``masked_scatter`` through a [T, Dm] boolean mask, scale);
+here every output row is written once, from the one row it comes from.
+
+Layers, as for span_attention: ``metalm::embed_scatter_fwd`` / ``_bwd`` custom
+ops with fake implementations, autograd registered on the forward, and the
+public :func:`embed_scatter` that validates on the host and picks a backend.
+
+The weight gradient accumulates repeated ids in fp32 (fp64 for float64) with a
+deterministic segmented reduction (no float atomics): bit-identical on repeat.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metalm_fast import reference
+from metalm_fast.ops._backend import cpu_extension, resolve_backend
+
+__all__ = ["embed_scatter"]
+
+_SUPPORTED = ("cpu", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------- backends
+def _forward_reference(token_ids, weight, features, feature_index, scale):
+    return reference.embed_scatter(token_ids, weight, features, feature_index, scale=scale)
+
+
+def _backward_reference(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
+                        padding_idx):
+    """index_add in the accumulation dtype: the slow, obviously right backward."""
+    accumulate = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    is_token = feature_index < 0
+    ids = token_ids[is_token].long()
+    grad_weight = torch.zeros(num_embeddings, grad_out.shape[1], dtype=accumulate,
+                              device=grad_out.device)
+    grad_weight.index_add_(0, ids, grad_out[is_token].to(accumulate) * scale)
+    if padding_idx >= 0:
+        grad_weight[padding_idx] = 0
+    grad_features = torch.zeros(num_features, grad_out.shape[1], dtype=accumulate,
+                                device=grad_out.device)
+    grad_features.index_add_(0, feature_index[~is_token].long(), grad_out[~is_token].to(accumulate))
+    return grad_weight.to(grad_out.dtype), grad_features.to(grad_out.dtype)
+
+
+def _forward_cpu(token_ids, weight, features, feature_index, scale):
+    cpu_extension()
+    return torch.ops.metalm._embed_scatter_fwd_cpu(token_ids, weight, features, feature_index, scale)
+
+
+def _backward_cpu(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
+                  padding_idx):
+    cpu_extension()
+    return torch.ops.metalm._embed_scatter_bwd_cpu(
+        grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
+    )
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("metalm::embed_scatter_fwd", mutates_args=())
+def _embed_scatter_fwd(
+    token_ids: torch.Tensor,
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    feature_index: torch.Tensor,
+    scale: float,
+    padding_idx: int,
+    backend: str,
+) -> torch.Tensor:
+    """out [T, Dm] in weight.dtype, contiguous. padding_idx only matters for backward."""
+    if backend == "cpu":
+        out = _forward_cpu(token_ids, weight, features, feature_index, scale)
+    else:
+        out = _forward_reference(token_ids, weight, features, feature_index, scale)
+    return out.contiguous()
+
+
+@_embed_scatter_fwd.register_fake
+def _(token_ids, weight, features, feature_index, scale, padding_idx, backend):
+    return weight.new_empty((token_ids.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("metalm::embed_scatter_bwd", mutates_args=())
+def _embed_scatter_bwd(
+    grad_out: torch.Tensor,
+    token_ids: torch.Tensor,
+    feature_index: torch.Tensor,
+    num_embeddings: int,
+    num_features: int,
+    scale: float,
+    padding_idx: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_weight [V, Dm], grad_features [F, Dm], in grad_out.dtype."""
+    args = (grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx)
+    if backend == "cpu":
+        grads = _backward_cpu(*args)
+    else:
+        grads = _backward_reference(*args)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_embed_scatter_bwd.register_fake
+def _(grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx,
+      backend):
+    width = grad_out.shape[1]
+    return grad_out.new_empty((num_embeddings, width)), grad_out.new_empty((num_features, width))
+
+
+def _setup_context(ctx, inputs, output):
+    token_ids, weight, features, feature_index, scale, padding_idx, backend = inputs
+    ctx.save_for_backward(token_ids, feature_index)
+    ctx.num_embeddings, ctx.num_features = weight.shape[0], features.shape[0]
+    ctx.weight_dtype, ctx.features_dtype = weight.dtype, features.dtype
+    ctx.scale, ctx.padding_idx, ctx.backend = scale, padding_idx, backend
+
+
+def _backward(ctx, grad_out):
+    token_ids, feature_index = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_weight, grad_features = _embed_scatter_bwd(
+        grad_out, token_ids, feature_index, ctx.num_embeddings, ctx.num_features,
+        ctx.scale, ctx.padding_idx, ctx.backend,
+    )
+    return (None, grad_weight.to(ctx.weight_dtype), grad_features.to(ctx.features_dtype),
+            None, None, None, None)
+
+
+_embed_scatter_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_index(name: str, index, tokens: int | None) -> None:
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [T], got shape {tuple(index.shape)}")
+    if tokens is not None and index.shape[0] != tokens:
+        raise ValueError(
+            f"{name} has {index.shape[0]} entries but token_ids has {tokens} (one per token)"
+        )
+
+
+def _check_table(name: str, table, rows_name: str) -> None:
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
+    if table.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [{rows_name}, Dm], got shape {tuple(table.shape)}")
+    if table.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating dtype, got {table.dtype}")
+    if table.shape[1] > 1 and table.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {table.stride()}")
+
+
+def _check_inputs(token_ids, weight, features, feature_index, scale, padding_idx) -> None:
+    _check_index("token_ids", token_ids, None)
+    _check_index("feature_index", feature_index, token_ids.shape[0])
+    _check_table("weight", weight, "V")
+    _check_table("features", features, "F")
+    if features.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"features width {features.shape[1]} must equal weight width {weight.shape[1]} (Dm)"
+        )
+    if features.dtype != weight.dtype:
+        raise TypeError(
+            f"features dtype {features.dtype} must equal weight dtype {weight.dtype} "
+            "(cast the connector output first)"
+        )
+    devices = {t.device for t in (token_ids, weight, features, feature_index)}
+    if len(devices) != 1:
+        raise ValueError(
+            "token_ids, weight, features and feature_index must be on one device, got "
+            f"{token_ids.device}, {weight.device}, {features.device}, {feature_index.device}"
+        )
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if padding_idx is not None and not (
+        isinstance(padding_idx, int) and -weight.shape[0] <= padding_idx < weight.shape[0]
+    ):
+        raise ValueError(
+            f"padding_idx must be an int in [-{weight.shape[0]}, {weight.shape[0]}), "
+            f"got {padding_idx!r}"
+        )
+
+
+def _check_index_contents(token_ids, weight, features, feature_index) -> None:
+    """validate=True: index contents (one device sync)."""
+    is_token = feature_index < 0
+    ids = token_ids[is_token]
+    if ids.numel() and (bool((ids < 0).any()) or bool((ids >= weight.shape[0]).any())):
+        bad = int(ids[(ids < 0) | (ids >= weight.shape[0])][0])
+        raise ValueError(
+            f"token_ids contains {bad}, outside [0, {weight.shape[0]}) (the rows of weight)"
+        )
+    rows = feature_index[~is_token]
+    if rows.numel() and bool((rows >= features.shape[0]).any()):
+        bad = int(rows[rows >= features.shape[0]][0])
+        raise ValueError(
+            f"feature_index contains {bad}, outside [0, {features.shape[0]}) (the rows of features)"
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+def embed_scatter(
+    token_ids: torch.Tensor,
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    feature_index: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    padding_idx: int | None = None,
+    validate: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Embed tokens and scatter encoder features into their positions, in one pass.
+
+    ::
+
+        out[t] = weight[token_ids[t]] * scale   where feature_index[t] < 0
+               = features[feature_index[t]]     otherwise
+
+    Parameters
+    ----------
+    token_ids : int32/int64 [T]. Ids at feature positions are never read.
+    weight : [V, Dm] embedding table, floating (last dim contiguous).
+    features : [F, Dm] connector outputs, same dtype as ``weight`` (F may be 0).
+    feature_index : int32/int64 [T]: the feature row for each position, or < 0
+        for a token position.
+    scale : multiplies token embeddings (e.g. ``sqrt(Dm)``), not features.
+    padding_idx : as in ``nn.Embedding``: that row's gradient is always zero.
+    validate : check index contents (ids in [0, V) at token positions, feature
+        rows < F); costs one device synchronisation.
+    backend : {"auto", "cpu", "reference"}.
+
+    Returns
+    -------
+    out : [T, Dm] in ``weight.dtype``. Differentiable in ``weight`` and
+        ``features``: repeated ids accumulate in fp32, deterministically; rows no
+        token uses get exact zeros; a feature row used at several positions
+        receives the sum of their gradients.
+
+    Example
+    -------
+    >>> import torch
+    >>> from metalm_fast import embed_scatter
+    >>> weight, features = torch.randn(100, 16), torch.randn(2, 16)
+    >>> ids = torch.tensor([5, 0, 0, 7])
+    >>> feature_index = torch.tensor([-1, 0, 1, -1])
+    >>> embed_scatter(ids, weight, features, feature_index).shape
+    torch.Size([4, 16])
+    """
+    _check_inputs(token_ids, weight, features, feature_index, scale, padding_idx)
+    if validate:
+        _check_index_contents(token_ids, weight, features, feature_index)
+    resolved = resolve_backend("embed_scatter", backend, weight.device, _SUPPORTED)
+    if padding_idx is None:
+        padding_idx = -1
+    elif padding_idx < 0:
+        padding_idx += weight.shape[0]
+    return _embed_scatter_fwd(
+        token_ids, weight, features, feature_index, float(scale), padding_idx, resolved
+    )
