@@ -195,21 +195,23 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, row_start, row_end, offs_n,
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d,
                row_start, row_end, stride_qt, stride_dot, num_queries, head_dim, qk_scale,
-               MASKED, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q for one query block, computed transposed ([keys, queries]).
 
     The transposed layout keeps the key tile as the M side of every dot, so k,
     v and both accumulators stay in registers across the whole query loop.
-    MASKED is a constexpr (full-block loop) or a runtime flag (partial loop).
     """
     q = _load_rows(q_base, offs_m, offs_d, stride_qt, num_queries, head_dim, True, EVEN_D)
     do = _load_rows(do_base, offs_m, offs_d, stride_dot, num_queries, head_dim, True, EVEN_D)
     row_valid = offs_m < num_queries
     lse = tl.load(lse_base + offs_m, mask=row_valid, other=float("-inf"))
-    # Rows past Tq or with an empty interval (lse = -inf) get lse2 = +inf: P = 0.
+    delta = tl.load(delta_base + offs_m, mask=row_valid, other=0.0)
+    # Rows past Tq or with an empty interval (lse = -inf) get lse2 = +inf: P = 0,
+    # and delta = 0 so dS = 0 even if the caller's delta is not finite there.
+    # (Sanitised after both loads, so the software pipeline carries only them.)
     has_keys = lse > float("-inf")
     lse2 = tl.where(has_keys, lse * 1.4426950408889634, float("inf"))
-    delta = tl.load(delta_base + offs_m, mask=row_valid & has_keys, other=0.0)
+    delta = tl.where(has_keys, delta, 0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         seen = (offs_n[:, None] >= row_start[None, :]) & (offs_n[:, None] < row_end[None, :])

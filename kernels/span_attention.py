@@ -267,14 +267,14 @@ def _bwd_dkdv_kernel(
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
             row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m,
                                                             num_queries)
-            # Only non-monotone masks can put a full block here; it then
-            # skips the mask through a uniform runtime branch (one more inlined
-            # copy of the tile body would cost registers, not time).
-            if _tile_is_seen(row_start, row_end, n0, BLOCK_N):
-                masked = not _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N)
+            if _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N):
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
                                     offs_n, offs_d, row_start, row_end, stride_qt, stride_dot,
-                                    num_queries, head_dim, qk_scale, masked, EVEN_D, DOT_PRECISION)
+                                    num_queries, head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)
+            elif _tile_is_seen(row_start, row_end, n0, BLOCK_N):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
+                                    offs_n, offs_d, row_start, row_end, stride_qt, stride_dot,
+                                    num_queries, head_dim, qk_scale, True, EVEN_D, DOT_PRECISION)
         for q_block in range(full_lo, full_hi):
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,

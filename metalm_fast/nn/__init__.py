@@ -1,6 +1,15 @@
 """Thin modules over metalm_fast.ops."""
 
 from metalm_fast.nn.attention import SpanSelfAttention
+from metalm_fast.nn.connector import Connector, LatentResampler
+from metalm_fast.nn.embedding import EmbeddingScatter
 from metalm_fast.nn.rotary import RotaryEmbedding, packed_positions
 
-__all__ = ["SpanSelfAttention", "RotaryEmbedding", "packed_positions"]
+__all__ = [
+    "Connector",
+    "EmbeddingScatter",
+    "LatentResampler",
+    "RotaryEmbedding",
+    "SpanSelfAttention",
+    "packed_positions",
+]

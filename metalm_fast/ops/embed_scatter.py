@@ -34,30 +34,36 @@ def _forward_reference(token_ids, weight, features, feature_index, scale):
     return reference.embed_scatter(token_ids, weight, features, feature_index, scale=scale)
 
 
-def _backward_reference(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
-                        padding_idx):
+def _backward_reference(
+    grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
+):
     """index_add in the accumulation dtype: the slow, obviously right backward."""
     accumulate = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     is_token = feature_index < 0
     ids = token_ids[is_token].long()
-    grad_weight = torch.zeros(num_embeddings, grad_out.shape[1], dtype=accumulate,
-                              device=grad_out.device)
+    grad_weight = torch.zeros(
+        num_embeddings, grad_out.shape[1], dtype=accumulate, device=grad_out.device
+    )
     grad_weight.index_add_(0, ids, grad_out[is_token].to(accumulate) * scale)
     if padding_idx >= 0:
         grad_weight[padding_idx] = 0
-    grad_features = torch.zeros(num_features, grad_out.shape[1], dtype=accumulate,
-                                device=grad_out.device)
+    grad_features = torch.zeros(
+        num_features, grad_out.shape[1], dtype=accumulate, device=grad_out.device
+    )
     grad_features.index_add_(0, feature_index[~is_token].long(), grad_out[~is_token].to(accumulate))
     return grad_weight.to(grad_out.dtype), grad_features.to(grad_out.dtype)
 
 
 def _forward_cpu(token_ids, weight, features, feature_index, scale):
     cpu_extension()
-    return torch.ops.metalm._embed_scatter_fwd_cpu(token_ids, weight, features, feature_index, scale)
+    return torch.ops.metalm._embed_scatter_fwd_cpu(
+        token_ids, weight, features, feature_index, scale
+    )
 
 
-def _backward_cpu(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
-                  padding_idx):
+def _backward_cpu(
+    grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
+):
     cpu_extension()
     return torch.ops.metalm._embed_scatter_bwd_cpu(
         grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
@@ -109,8 +115,9 @@ def _embed_scatter_bwd(
 
 
 @_embed_scatter_bwd.register_fake
-def _(grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx,
-      backend):
+def _(
+    grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx, backend
+):
     width = grad_out.shape[1]
     return grad_out.new_empty((num_embeddings, width)), grad_out.new_empty((num_features, width))
 
@@ -128,11 +135,24 @@ def _backward(ctx, grad_out):
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     grad_weight, grad_features = _embed_scatter_bwd(
-        grad_out, token_ids, feature_index, ctx.num_embeddings, ctx.num_features,
-        ctx.scale, ctx.padding_idx, ctx.backend,
+        grad_out,
+        token_ids,
+        feature_index,
+        ctx.num_embeddings,
+        ctx.num_features,
+        ctx.scale,
+        ctx.padding_idx,
+        ctx.backend,
     )
-    return (None, grad_weight.to(ctx.weight_dtype), grad_features.to(ctx.features_dtype),
-            None, None, None, None)
+    return (
+        None,
+        grad_weight.to(ctx.weight_dtype),
+        grad_features.to(ctx.features_dtype),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _embed_scatter_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -59,8 +59,9 @@ def test_forward_inexact_scale_within_tolerance(backend):
     token_ids, weight, features, feature_index = _batch(dtype=torch.float16)
     scale = 1 / 3
     out = embed_scatter(token_ids, weight, features, feature_index, scale=scale, backend=backend)
-    golden = reference.embed_scatter(token_ids, weight.double(), features.double(), feature_index,
-                                     scale=scale)
+    golden = reference.embed_scatter(
+        token_ids, weight.double(), features.double(), feature_index, scale=scale
+    )
     baseline = reference.embed_scatter(token_ids, weight, features, feature_index, scale=scale)
     assert_within_tolerance(out, golden, baseline, "out")
 
@@ -75,19 +76,29 @@ def test_gradients_against_index_add_golden(backend, dtype, padding_idx):
     weight.requires_grad_(True)
     features.requires_grad_(True)
     grad_out = torch.randn(token_ids.shape[0], weight.shape[1]).to(dtype)
-    out = embed_scatter(token_ids, weight, features, feature_index, scale=2.0,
-                        padding_idx=padding_idx, backend=backend)
+    out = embed_scatter(
+        token_ids,
+        weight,
+        features,
+        feature_index,
+        scale=2.0,
+        padding_idx=padding_idx,
+        backend=backend,
+    )
     out.backward(grad_out)
-    golden_w, golden_f = _golden_grads(grad_out, token_ids, feature_index, weight.shape[0],
-                                       features.shape[0], 2.0, padding_idx)
+    golden_w, golden_f = _golden_grads(
+        grad_out, token_ids, feature_index, weight.shape[0], features.shape[0], 2.0, padding_idx
+    )
     # Baseline: the same index_add accumulated in the test dtype.
     is_token = feature_index < 0
     base_w = torch.zeros_like(weight).index_add_(0, token_ids[is_token], grad_out[is_token] * 2.0)
     if padding_idx is not None:
         base_w[padding_idx] = 0
     assert_within_tolerance(weight.grad, golden_w, base_w, "grad_weight")
-    assert torch.equal(features.grad, grad_out[feature_index >= 0][torch.argsort(
-        feature_index[feature_index >= 0])])
+    assert torch.equal(
+        features.grad,
+        grad_out[feature_index >= 0][torch.argsort(feature_index[feature_index >= 0])],
+    )
     unused = torch.ones(weight.shape[0], dtype=torch.bool)
     unused[token_ids[is_token]] = False
     assert torch.all(weight.grad[unused] == 0)
@@ -118,8 +129,9 @@ def test_non_contiguous_weight_and_int32_indices(backend):
     wide = torch.randn(weight.shape[0], 2 * weight.shape[1])
     weight_view = wide[:, : weight.shape[1]]  # row stride 2*Dm, last dim contiguous
     assert not weight_view.is_contiguous()
-    out = embed_scatter(token_ids.int(), weight_view, features, feature_index.int(),
-                        backend=backend)
+    out = embed_scatter(
+        token_ids.int(), weight_view, features, feature_index.int(), backend=backend
+    )
     expected = reference.embed_scatter(token_ids, weight_view, features, feature_index)
     assert torch.equal(out, expected)
 
