@@ -50,7 +50,8 @@ def random_lengths(total: int, low: int, high: int, generator: torch.Generator) 
         lengths.append(int(torch.randint(low, high + 1, (1,), generator=generator)))
     lengths[-1] -= sum(lengths) - total
     if lengths[-1] < low and len(lengths) > 1 and lengths[-2] + lengths[-1] <= high:
-        lengths[-2] += lengths.pop()
+        last = lengths.pop()
+        lengths[-1] += last
     return lengths
 
 

@@ -20,11 +20,11 @@ import math
 import torch
 
 from metalm_fast import reference
-from metalm_fast.ops._backend import cpu_extension, resolve_backend
+from metalm_fast.ops._backend import cpu_extension, cuda_extension, resolve_backend
 
 __all__ = ["embed_scatter"]
 
-_SUPPORTED = ("cpu", "reference")
+_SUPPORTED = ("triton", "cuda", "cpu", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -52,6 +52,36 @@ def _backward_reference(
     )
     grad_features.index_add_(0, feature_index[~is_token].long(), grad_out[~is_token].to(accumulate))
     return grad_weight.to(grad_out.dtype), grad_features.to(grad_out.dtype)
+
+
+def _forward_triton(token_ids, weight, features, feature_index, scale):
+    from metalm_fast.kernels.embed_scatter import embed_scatter_forward
+
+    return embed_scatter_forward(token_ids, weight, features, feature_index, scale)
+
+
+def _backward_triton(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
+                     padding_idx):
+    from metalm_fast.kernels.embed_scatter import embed_scatter_backward
+
+    return embed_scatter_backward(
+        grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
+    )
+
+
+def _forward_cuda(token_ids, weight, features, feature_index, scale):
+    cuda_extension()
+    return torch.ops.metalm._embed_scatter_fwd_cuda(
+        token_ids, weight, features, feature_index, scale
+    )
+
+
+def _backward_cuda(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
+                   padding_idx):
+    cuda_extension()
+    return torch.ops.metalm._embed_scatter_bwd_cuda(
+        grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
+    )
 
 
 def _forward_cpu(token_ids, weight, features, feature_index, scale):
@@ -82,7 +112,11 @@ def _embed_scatter_fwd(
     backend: str,
 ) -> torch.Tensor:
     """out [T, Dm] in weight.dtype, contiguous. padding_idx only matters for backward."""
-    if backend == "cpu":
+    if backend == "triton":
+        out = _forward_triton(token_ids, weight, features, feature_index, scale)
+    elif backend == "cuda":
+        out = _forward_cuda(token_ids, weight, features, feature_index, scale)
+    elif backend == "cpu":
         out = _forward_cpu(token_ids, weight, features, feature_index, scale)
     else:
         out = _forward_reference(token_ids, weight, features, feature_index, scale)
@@ -107,7 +141,11 @@ def _embed_scatter_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_weight [V, Dm], grad_features [F, Dm], in grad_out.dtype."""
     args = (grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx)
-    if backend == "cpu":
+    if backend == "triton":
+        grads = _backward_triton(*args)
+    elif backend == "cuda":
+        grads = _backward_cuda(*args)
+    elif backend == "cpu":
         grads = _backward_cpu(*args)
     else:
         grads = _backward_reference(*args)
@@ -261,7 +299,8 @@ def embed_scatter(
     padding_idx : as in ``nn.Embedding``: that row's gradient is always zero.
     validate : check index contents (ids in [0, V) at token positions, feature
         rows < F); costs one device synchronisation.
-    backend : {"auto", "cpu", "reference"}.
+    backend : {"auto", "triton", "cuda", "cpu", "reference"}. "auto" picks triton
+        on CUDA tensors and cpu on CPU tensors.
 
     Returns
     -------

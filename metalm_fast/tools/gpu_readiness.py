@@ -258,7 +258,7 @@ def _demangle(names: Iterable[str]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- worker side
-def _import_kernel_module(op: str):
+def import_kernel_module(op: str):
     """Import ``metalm_fast.kernels.<op>``; None when the op has no module yet.
 
     Installed (or editable-installed from outside the tree), metalm_fast.kernels
@@ -289,7 +289,7 @@ def _provider_configs(provider: str) -> tuple[list, str | None]:
     if ":" in provider:
         module_name, function_name = provider.split(":", 1)
         return list(getattr(importlib.import_module(module_name), function_name)()), None
-    module = _import_kernel_module(provider)
+    module = import_kernel_module(provider)
     if module is None:
         return [], f"skipped {provider}: kernels/{provider}.py does not exist yet"
     if not hasattr(module, "shipped_configs"):

@@ -4,12 +4,17 @@ import pytest
 import torch
 
 from metalm_fast import embed_scatter, reference
+from metalm_fast.ops._backend import unavailable_reason
 from tests.tolerance import assert_within_tolerance
 
-BACKENDS = ["reference", "cpu"]
+BACKENDS = ["reference", "cpu", "triton"]
 
 
 def _require(backend: str) -> None:
+    if backend == "triton":
+        reason = unavailable_reason("triton", torch.device("cpu"))
+        if reason is not None:
+            pytest.skip(reason)
     if backend == "cpu" and not hasattr(torch.ops.metalm, "_embed_scatter_fwd_cpu"):
         from metalm_fast.ops._backend import cpu_extension
 
@@ -220,6 +225,8 @@ def test_opcheck():
     features.requires_grad_(True)
     for backend in BACKENDS:
         if backend == "cpu" and not hasattr(torch.ops.metalm, "_embed_scatter_fwd_cpu"):
+            continue
+        if backend == "triton" and unavailable_reason("triton", torch.device("cpu")):
             continue
         args = (token_ids, weight, features, feature_index, 2.0, -1, backend)
         torch.library.opcheck(torch.ops.metalm.embed_scatter_fwd.default, args)

@@ -43,9 +43,9 @@ def tiny_configs():
     import triton
     import triton.language as tl
 
-    from metalm_fast.tools.gpu_readiness import _import_kernel_module
+    from metalm_fast.tools.gpu_readiness import import_kernel_module
 
-    _import_kernel_module("_config")  # registers metalm_fast.kernels from the source tree
+    import_kernel_module("_config")  # registers metalm_fast.kernels from the source tree
     from metalm_fast.kernels._config import KernelConfig
 
     @triton.jit

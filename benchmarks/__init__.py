@@ -1,0 +1,1 @@
+"""Benchmarks of metalm-fast (see DESIGN.md, Performance method)."""
