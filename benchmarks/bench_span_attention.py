@@ -89,6 +89,9 @@ def bench_case(case: Case, heads: int, head_dim: int, args) -> tuple[list[Row], 
     begin = time.perf_counter()
     block_mask = create_block_mask(flex_mask_mod(mask), None, None, total, total, device="cpu")
     extra["create_block_mask_s"] = time.perf_counter() - begin
+    # A fresh compile per case: reusing the previous case's graph would recompile
+    # with dynamic shapes (a much slower kernel) when the mask_mod closure changes.
+    torch._dynamo.reset()
     flex = torch.compile(flex_attention, dynamic=False)
     qf, kf, vf = (to_bhtd(x) for x in (q, k, v))
     begin = time.perf_counter()

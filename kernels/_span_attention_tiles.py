@@ -107,7 +107,9 @@ def _tile_is_seen(row_start, row_end, n0, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N: tl.constexpr):
-    """Whether every valid row sees all of keys [n0, n0 + BLOCK_N) (kv_end <= Tk keeps it in range)."""
+    """Whether every valid row sees all of keys [n0, n0 + BLOCK_N).
+
+    kv_end <= Tk, so a full tile never reaches past the last key."""
     covers = (row_start <= n0) & (row_end >= n0 + BLOCK_N)
     return tl.min((covers | ~row_valid).to(tl.int32), 0) > 0
 

@@ -32,8 +32,8 @@ Tiles and memory
   key: no mask arithmetic at all) or *partial* (masked). For one query block
   the full tiles are one contiguous run, [ceil(max kv_start), floor(min kv_end)),
   so the loop is split into a branch-free, pipelinable run of full tiles and a
-  run of partial tiles that tests each tile (arbitrary, non-monotone intervals
-  stay correct; monotone ones simply never find an empty tile there).
+  run of the remaining tiles, each tested from the block's intervals (so
+  arbitrary, non-monotone intervals stay correct and gaps are never loaded).
 * Backward is deterministic by construction, with no atomics: dQ is reduced
   by the program owning the query block (kernel ``_bwd_dq_kernel``), dK/dV by
   the program owning the key block and kv head (``_bwd_dkdv_kernel``), which
@@ -43,6 +43,10 @@ Tiles and memory
   from an in-kernel binary search; otherwise every query block is tested from
   its intervals. Accumulation is fp32 throughout; P and dS are rounded to the
   input dtype only as tensor-core operands, as in FlashAttention-2.
+* Empty intervals: the forward sees l = 0 and writes out = 0, lse = -inf; a
+  running max that is still -inf is replaced by 0 before exp2, so -inf - -inf
+  never happens. The backward turns lse = -inf into +inf (P = exp2(s - inf) = 0)
+  and zeroes delta there, so dS = 0 and nothing is NaN.
 * D is padded to BLOCK_D = next_pow2(D) with masked loads; configs with
   D == BLOCK_D (EVEN_D) carry no head-dim mask at all.
 * Token offsets are widened to int64 before multiplying a stride.
@@ -50,18 +54,24 @@ Tiles and memory
 fp32 inputs
 -----------
 tl.dot on fp32 with ``input_precision="ieee"`` compiles to FMA loops (no
-tensor cores); plain "tf32" keeps 10 mantissa bits and breaks the tolerance
-rule of DESIGN.md. fp32 configs therefore use ``"tf32x3"``: each operand is
-split into a tf32 high part and a tf32 low part and three tensor-core
-products are summed (hi*hi + hi*lo + lo*hi), giving about fp32 accuracy at
-three times the tf32 cost, still on mma / wgmma. The interpreter ignores
-input_precision (it multiplies in fp32), so tests/kernels checks tf32x3 with
-a bit-level emulation of the split against the tolerance rule.
+tensor cores); plain "tf32" keeps 10 mantissa bits and misses the tolerance
+rule of DESIGN.md by about 1000x. fp32 configs therefore use ``"tf32x3"``:
+each operand is split into a tf32 high part and a tf32 low part and three
+tensor-core products are summed (hi*hi + hi*lo + lo*hi), which is as accurate
+as fp32 in practice (in an emulation over 30 problems its error against
+float64 was a median 1.2x, at most 2.6x, the fp32 reference's own; exact fp32
+dots gave 1.0x and 3.2x) at three times the tf32 cost, still on mma / wgmma.
+The price is registers (hi and lo of each operand), so fp32 tiles are small,
+and at D > 128 no tf32x3 tile compiled without spills: those configs use
+"ieee" and say so (``uses_matmul=False`` and a note in ``extra``). The
+interpreter ignores input_precision (it multiplies in fp32), so
+tests/kernels checks a bit-level emulation of tf32x3 against the rule.
 
 Tile configs
 ------------
-``_TILES`` is the one table both the launchers (via ``_select_config``) and
-``shipped_configs()`` read. Keys are (pass, dtype, BLOCK_D, arch). The
+``_TILES`` (kernels/_span_attention_configs.py, with the reasons for each
+choice) is the one table both the launchers (via ``_select_config``) and
+``shipped_configs()`` read; keys are (pass, arch, dtype class, BLOCK_D). The
 arch is 90 on compute capability >= 9 and 80 otherwise (sm_86/89 have less
 shared memory than sm_80 and are not separately validated). Under
 TRITON_INTERPRET=1 (CPU tensors) the sm_80 tiles are used, so the block
@@ -71,13 +81,25 @@ boundaries the tests exercise are the real ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ._config import KernelConfig
+from ._span_attention_configs import (
+    _DTYPE_NAMES,
+    _TILES,
+    MIN_BLOCK_D,
+    MIN_HEAD_DIM,
+    _arch_of,
+    _block_d,
+    _config_notes,
+    _constexprs,
+    _dot_precision,
+    _select_config,
+    _Tiles,
+)
 from ._span_attention_tiles import (
     _dkdv_tile,
     _dq_tile,
@@ -94,11 +116,12 @@ from ._span_attention_tiles import (
 __all__ = ["span_attention_forward", "span_attention_backward", "shipped_configs"]
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.jit
+# group and is_monotone are not specialised: the JIT would otherwise turn a
+# value of 1 into a constant and run code other than the shipped, AOT-checked one.
+@triton.jit(do_not_specialize=["group"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_start_ptr, kv_end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -108,7 +131,9 @@ def _fwd_kernel(
 ):
     """out, lse for one (query block, query head); grid (cdiv(Tq, BLOCK_M), Hq).
 
-    q stays in registers; k/v tiles stream through. qk_scale = scale * log2(e).
+    q is loaded once; k/v tiles stream through (the full-tile loop is software
+    pipelined: cp.async on sm_80, async copies + wgmma on sm_90).
+    qk_scale = scale * log2(e).
     """
     block_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -154,7 +179,7 @@ def _fwd_kernel(
     tl.store(lse_ptr + head.to(tl.int64) * num_queries + offs_m, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_start_ptr, kv_end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -202,11 +227,12 @@ def _bwd_dq_kernel(
                       n0 + tl.arange(0, BLOCK_N), offs_d, stride_kt, stride_vt, num_keys,
                       head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)
 
-    _store_rows(dq_ptr + head.to(tl.int64) * stride_dqh, (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-                offs_m, offs_d, stride_dqt, num_queries, head_dim, EVEN_D)
+    dq = (dq * sm_scale).to(dq_ptr.dtype.element_ty)
+    _store_rows(dq_ptr + head.to(tl.int64) * stride_dqh, dq, offs_m, offs_d, stride_dqt,
+                num_queries, head_dim, EVEN_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group", "is_monotone"])
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kv_start_ptr, kv_end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -281,120 +307,19 @@ def _bwd_dkdv_kernel(
                                 offs_n, offs_d, offs_m, offs_m, stride_qt, stride_dot,
                                 num_queries, head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)
 
-    _store_rows(dk_ptr + kv_head.to(tl.int64) * stride_dkh, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
-                offs_n, offs_d, stride_dkt, num_keys, head_dim, EVEN_D)
+    dk = (dk * sm_scale).to(dk_ptr.dtype.element_ty)
+    _store_rows(dk_ptr + kv_head.to(tl.int64) * stride_dkh, dk, offs_n, offs_d, stride_dkt,
+                num_keys, head_dim, EVEN_D)
     _store_rows(dv_ptr + kv_head.to(tl.int64) * stride_dvh, dv.to(dv_ptr.dtype.element_ty),
                 offs_n, offs_d, stride_dvt, num_keys, head_dim, EVEN_D)
 
 
 # --------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
-class _Tiles:
-    """Tile shape and launch options of one (pass, dtype class, BLOCK_D, arch)."""
-
-    block_m: int  # query rows per tile
-    block_n: int  # key rows per tile
-    num_warps: int
-    num_stages: int
-
-
-# (pass, arch, dtype class, BLOCK_D) -> tiles. "16" covers fp16 and bf16, "32" is
-# fp32 (tf32x3: operands in smem are twice as wide and the dots cost three
-# mma each, so tiles are smaller). Chosen so that every entry compiles for its
-# arch with no register spills and within the per-block shared memory; see
-# tests/kernels/test_span_attention_kernels.py and the gpu_readiness tool.
-_TILES: dict[tuple[str, int, str, int], _Tiles] = {
-    # ---- forward
-    ("fwd", 80, "16", 32): _Tiles(128, 64, 4, 3),
-    ("fwd", 80, "16", 64): _Tiles(128, 64, 4, 3),
-    ("fwd", 80, "16", 128): _Tiles(128, 64, 8, 3),
-    ("fwd", 80, "16", 256): _Tiles(64, 64, 8, 2),
-    ("fwd", 80, "32", 32): _Tiles(64, 32, 4, 3),
-    ("fwd", 80, "32", 64): _Tiles(64, 32, 4, 3),
-    ("fwd", 80, "32", 128): _Tiles(64, 32, 4, 2),
-    ("fwd", 80, "32", 256): _Tiles(32, 32, 4, 2),
-    ("fwd", 90, "16", 32): _Tiles(128, 128, 8, 3),
-    ("fwd", 90, "16", 64): _Tiles(128, 128, 8, 3),
-    ("fwd", 90, "16", 128): _Tiles(128, 64, 8, 3),
-    ("fwd", 90, "16", 256): _Tiles(64, 64, 4, 2),
-    ("fwd", 90, "32", 32): _Tiles(64, 64, 4, 3),
-    ("fwd", 90, "32", 64): _Tiles(64, 64, 4, 3),
-    ("fwd", 90, "32", 128): _Tiles(64, 32, 4, 2),
-    ("fwd", 90, "32", 256): _Tiles(64, 32, 4, 2),
-    # ---- backward dQ
-    ("bwd_dq", 80, "16", 32): _Tiles(64, 64, 4, 3),
-    ("bwd_dq", 80, "16", 64): _Tiles(64, 64, 4, 3),
-    ("bwd_dq", 80, "16", 128): _Tiles(64, 64, 8, 2),
-    ("bwd_dq", 80, "16", 256): _Tiles(64, 32, 8, 2),
-    ("bwd_dq", 80, "32", 32): _Tiles(64, 32, 4, 2),
-    ("bwd_dq", 80, "32", 64): _Tiles(64, 32, 4, 2),
-    ("bwd_dq", 80, "32", 128): _Tiles(32, 32, 4, 2),
-    ("bwd_dq", 80, "32", 256): _Tiles(32, 32, 4, 1),
-    ("bwd_dq", 90, "16", 32): _Tiles(64, 64, 4, 3),
-    ("bwd_dq", 90, "16", 64): _Tiles(64, 64, 4, 3),
-    ("bwd_dq", 90, "16", 128): _Tiles(64, 64, 8, 2),
-    ("bwd_dq", 90, "16", 256): _Tiles(64, 32, 8, 2),
-    ("bwd_dq", 90, "32", 32): _Tiles(64, 32, 4, 2),
-    ("bwd_dq", 90, "32", 64): _Tiles(64, 32, 4, 2),
-    ("bwd_dq", 90, "32", 128): _Tiles(64, 32, 4, 2),
-    ("bwd_dq", 90, "32", 256): _Tiles(64, 32, 4, 1),
-    # ---- backward dK/dV (block_m: query rows streamed, block_n: keys owned)
-    ("bwd_dkdv", 80, "16", 32): _Tiles(64, 64, 4, 3),
-    ("bwd_dkdv", 80, "16", 64): _Tiles(64, 64, 4, 3),
-    ("bwd_dkdv", 80, "16", 128): _Tiles(32, 64, 4, 2),
-    ("bwd_dkdv", 80, "16", 256): _Tiles(32, 32, 4, 2),
-    ("bwd_dkdv", 80, "32", 32): _Tiles(32, 64, 4, 2),
-    ("bwd_dkdv", 80, "32", 64): _Tiles(32, 64, 4, 2),
-    ("bwd_dkdv", 80, "32", 128): _Tiles(32, 32, 4, 2),
-    ("bwd_dkdv", 80, "32", 256): _Tiles(32, 32, 4, 1),
-    ("bwd_dkdv", 90, "16", 32): _Tiles(64, 64, 4, 3),
-    ("bwd_dkdv", 90, "16", 64): _Tiles(64, 64, 4, 3),
-    ("bwd_dkdv", 90, "16", 128): _Tiles(64, 64, 8, 2),
-    ("bwd_dkdv", 90, "16", 256): _Tiles(32, 64, 8, 2),
-    ("bwd_dkdv", 90, "32", 32): _Tiles(32, 64, 4, 2),
-    ("bwd_dkdv", 90, "32", 64): _Tiles(32, 64, 4, 2),
-    ("bwd_dkdv", 90, "32", 128): _Tiles(32, 64, 4, 2),
-    ("bwd_dkdv", 90, "32", 256): _Tiles(32, 64, 4, 1),
-}
-
 _KERNELS = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_BLOCK_DS = (32, 64, 128, 256)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
-_ARCHS = (80, 90)
-# The scalar (non-pointer) arguments; every *_ptr is data, except these.
+# Signature typing: every *_ptr points at data of the input dtype except these.
 _FP32_PTRS = {"lse_ptr", "delta_ptr"}
 _I32_PTRS = {"kv_start_ptr", "kv_end_ptr"}
 _FP32_SCALARS = {"qk_scale", "sm_scale"}
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tf32x3 for fp32 (module docstring); irrelevant to fp16/bf16, which use mma directly."""
-    return "tf32x3" if dtype == torch.float32 else "ieee"
-
-
-def _block_d(head_dim: int) -> int:
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(
-            f"span attention kernels support head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {head_dim}"
-        )
-    return max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
-
-
-def _select_config(pass_name: str, dtype: torch.dtype, head_dim: int, arch: int) -> _Tiles:
-    """The tiles a launcher uses: the same table shipped_configs() enumerates."""
-    if dtype not in _DTYPE_NAMES:
-        raise TypeError(f"span attention kernels take fp16, bf16 or fp32, got {dtype}")
-    dtype_class = "32" if dtype == torch.float32 else "16"
-    return _TILES[(pass_name, arch, dtype_class, _block_d(head_dim))]
-
-
-def _arch_of(tensor: torch.Tensor) -> int:
-    """90 for compute capability >= 9, else 80; CPU tensors (interpreter) use the sm_80 tiles."""
-    if tensor.device.type != "cuda":
-        return 80
-    major, _ = torch.cuda.get_device_capability(tensor.device)
-    return 90 if major >= 9 else 80
 
 
 def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
@@ -417,48 +342,55 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
     return signature
 
 
-def _aligned_attrs(kernel, even_d: bool) -> dict[tuple[int], list]:
+def _aligned_attrs(kernel) -> dict[tuple[int], list]:
     """ASTSource attrs for the specialisation the JIT compiles in practice.
 
     At run time Triton marks every pointer and integer argument that is a
-    multiple of 16 with tt.divisibility=16, which is what lets loads vectorise
-    and feed cp.async / TMA pipelines. torch allocations are 16-byte aligned and
-    with D a multiple of 16 (32, 64, 80, 96, 128, 256) so are all strides; for
-    padded head dims head_dim itself is left unmarked (D=40 is not a multiple of 16).
+    multiple of 16 with tt.divisibility=16; that is what lets loads vectorise
+    and feed cp.async / TMA pipelines. torch allocations are 16-byte aligned,
+    and with D a multiple of 16 (32, 64, 80, 96, 128, 256: every head dim
+    DESIGN.md lists) so are head_dim and all strides. Other head dims (say 72)
+    run a variant with finer-grained D masks that these attrs do not describe.
     """
     names = [name for name in kernel.arg_names if not name.isupper()]
-    aligned = {
+    aligned = [
         index for index, name in enumerate(names)
-        if name.endswith("_ptr") or name.startswith("stride_") or (even_d and name == "head_dim")
-    }
-    return {(index,): [["tt.divisibility", 16]] for index in sorted(aligned)}
+        if name.endswith("_ptr") or name.startswith("stride_") or name == "head_dim"
+    ]
+    return {(index,): [["tt.divisibility", 16]] for index in aligned}
 
 
 def shipped_configs() -> list[KernelConfig]:
     """Every configuration the launchers can pick: pass x dtype x BLOCK_D x EVEN_D x arch.
 
-    BLOCK_D=32 ships only EVEN_D (head dims start at 32); the other buckets ship
-    both the exact power of two and the padded variant (e.g. D=80, 96 -> 128).
+    Each BLOCK_D bucket ships the exact power of two and the padded variant
+    (D=80, 96 -> 128; D=16, 24 -> 32).
+    ``extra["attrs"]`` holds the ASTSource attrs (divisibility) that match the
+    JIT's usual specialisation; compile with them to check what actually runs.
     """
     configs = []
     for (pass_name, arch, dtype_class, block_d), tiles in _TILES.items():
         dtypes = [torch.float32] if dtype_class == "32" else [torch.float16, torch.bfloat16]
         kernel = _KERNELS[pass_name]
         for dtype in dtypes:
-            for even_d in (True, False) if block_d > MIN_HEAD_DIM else (True,):
-                head_dims = f"D={block_d}" if even_d else f"{block_d // 2 + 1}<=D<{block_d}"
-                constexprs = {
-                    "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": block_d,
-                    "EVEN_D": even_d, "DOT_PRECISION": _dot_precision(dtype),
-                }
+            for even_d in (True, False):
+                smallest = MIN_HEAD_DIM if block_d == MIN_BLOCK_D else block_d // 2 + 1
+                head_dims = f"D={block_d}" if even_d else f"{smallest}<=D<{block_d}"
+                precision = _dot_precision(tiles, dtype)
+                note = _config_notes(pass_name, arch, tiles, dtype)
                 configs.append(KernelConfig(
                     kernel=kernel, op="span_attention", pass_name=pass_name, arch=arch,
-                    signature=_signature(kernel, dtype), constexprs=constexprs,
-                    num_warps=tiles.num_warps, num_stages=tiles.num_stages, uses_matmul=True,
+                    signature=_signature(kernel, dtype),
+                    constexprs=_constexprs(tiles, dtype, block_d, even_d),
+                    num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                    uses_matmul=not (dtype == torch.float32 and precision == "ieee"),
                     label=(f"{_DTYPE_NAMES[dtype]} {head_dims} BM={tiles.block_m} "
                            f"BN={tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}"),
-                    extra={"head_dims": head_dims, "dot_precision": _dot_precision(dtype),
-                           "attrs": _aligned_attrs(kernel, even_d)},
+                    extra={"head_dims": head_dims, "dot_precision": precision,
+                           "attrs": _aligned_attrs(kernel),
+                           "note": note,
+                           # sm_90 tiles too small for wgmma declare what they use instead.
+                           **({"tensor_core": "mma"} if note.startswith("mma") else {})},
                 ))
     return configs
 
@@ -467,11 +399,8 @@ def shipped_configs() -> list[KernelConfig]:
 def _launch_options(pass_name: str, tensor: torch.Tensor, head_dim: int) -> tuple[_Tiles, dict]:
     tiles = _select_config(pass_name, tensor.dtype, head_dim, _arch_of(tensor))
     block_d = _block_d(head_dim)
-    return tiles, {
-        "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": block_d,
-        "EVEN_D": head_dim == block_d, "DOT_PRECISION": _dot_precision(tensor.dtype),
-        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
-    }
+    options = _constexprs(tiles, tensor.dtype, block_d, head_dim == block_d)
+    return tiles, {**options, "num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
 
 
 def span_attention_forward(

@@ -38,6 +38,7 @@ Later ops add their own registries and a loop like ``run_attention``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -52,11 +53,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+_PROCESS_START = time.monotonic()  # the budget counts imports: torch alone takes seconds
+
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 try:
-    import metalm_fast  # noqa: F401 - installed (pip install -e .): its kernels resolve
+    import metalm_fast  # noqa: F401, E402 - installed (pip install -e .): its kernels resolve
 except ImportError:  # a bare checkout: import the package from the tree
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -96,8 +99,8 @@ def dry_run_settings() -> Settings:
 class Deadline:
     """The global time budget; measurements start only while it has room left."""
 
-    def __init__(self, budget_s: float, start: float | None = None):
-        self.start = time.monotonic() if start is None else start
+    def __init__(self, budget_s: float, start: float = _PROCESS_START):
+        self.start = start
         self.budget_s = budget_s
 
     def elapsed(self) -> float:
@@ -210,7 +213,9 @@ def ours_factory(case: Case, settings: Settings, timings: dict) -> Callable:
     # From a source tree, metalm_fast.kernels (setup.py package_dir) needs registering.
     import_kernel_module("span_attention")
 
-    backend = "triton" if settings.device == "cuda" else "reference"
+    # On CPU the triton kernels run only under the interpreter (slow, but it proves the wiring).
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    backend = "triton" if settings.device == "cuda" or interpreting else "reference"
     timings["backend"] = backend
     return lambda q, k, v: metalm_fast.span_attention(q, k, v, case.mask, backend=backend)
 
@@ -230,6 +235,9 @@ def flex_factory(case: Case, settings: Settings, timings: dict) -> Callable:
     timings["block_mask_ms"] = (time.perf_counter() - start) * 1e3
     attend = flex_attention
     if settings.compile_flex:  # eager flex materialises scores: only for the CPU dry run
+        # Every case and head dim is a new graph; past dynamo's default cache size
+        # (8) it would silently fall back to eager flex and time that instead.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         attend = torch.compile(flex_attention, dynamic=False)
 
     def run(q, k, v):
@@ -427,10 +435,15 @@ def _build_runners(case, settings, timings_by_impl, report: CaseReport) -> dict[
     return runners
 
 
-def run_attention_case(case, settings, head_dim, deadline, generator) -> CaseReport:
-    report = CaseReport(case.name, case.description, head_dim, case.pairs, {
+def new_case_report(case: Case, settings: Settings, head_dim: int) -> CaseReport:
+    return CaseReport(case.name, case.description, head_dim, case.pairs, {
         mode: roofline_ms(case, settings, head_dim, mode == "fwd+bwd")
         for mode in ("fwd", "fwd+bwd")})
+
+
+def run_attention_case(case, settings, head_dim, deadline, generator,
+                       report: CaseReport) -> CaseReport:
+    """Fill ``report`` in place, so a watchdog flush mid-case still writes what is done."""
     timings_by_impl: dict[str, dict] = {}
     runners = _build_runners(case, settings, timings_by_impl, report)
     for mode in ("fwd", "fwd+bwd"):
@@ -443,15 +456,18 @@ def run_attention_case(case, settings, head_dim, deadline, generator) -> CaseRep
             try:
                 result = measure(name, fn, case, settings, head_dim, mode, generator,
                                  timings_by_impl[name])
+            except NotImplementedError as error:  # e.g. flex backward on CPU: a known gap
+                result = Measurement(case.name, head_dim, name, mode,
+                                     skipped=f"unsupported: {error}"[:200])
             except Exception as error:  # noqa: BLE001 - one failing peer must not end the run
                 result = Measurement(case.name, head_dim, name, mode,
                                      skipped=f"error: {type(error).__name__}: {error}"[:300])
                 traceback.print_exc(limit=2)
             report.measurements.append(result)
-            status = (f"{result.ms:.3f} ms, {result.tflops:.1f} TFLOP/s" if result.ms is not None
+            status = (f"{result.ms:.3f} ms, {result.tflops:.4g} TFLOP/s" if result.ms is not None
                       else result.skipped)
             print(f"    {name} {mode}: {status}")
-        if mode == "fwd":  # after the timed first calls, so compile time lands there
+        if mode == "fwd" and deadline.has_room():  # after the first calls: compiles land there
             _check(report, case, settings, head_dim, runners, generator)
     return report
 
@@ -466,10 +482,12 @@ def _check(report, case, settings, head_dim, runners, generator) -> None:
         print(f"    correctness check failed: {error}")
 
 
-def run_attention(settings: Settings, deadline: Deadline, on_case_done) -> list[CaseReport]:
-    reports = []
-    for head_dim in settings.head_dims:
-        for name, build in CASES.items():
+def run_attention(settings: Settings, deadline: Deadline, on_case_done,
+                  case_names: list[str], reports: list[CaseReport]) -> list[CaseReport]:
+    """Run the cases in order, appending to ``reports`` (shared with the writers)."""
+    for name in case_names:
+        build = CASES[name]
+        for head_dim in settings.head_dims:
             generator = torch.Generator().manual_seed(settings.seed)
             if not deadline.has_room():
                 print(f"  {name} D={head_dim}: skipped (deadline)")
@@ -478,7 +496,8 @@ def run_attention(settings: Settings, deadline: Deadline, on_case_done) -> list[
                 continue
             case = build(settings, generator)
             print(f"  {name} D={head_dim}: {case.description}, {case.pairs:,} allowed pairs")
-            reports.append(run_attention_case(case, settings, head_dim, deadline, generator))
+            reports.append(new_case_report(case, settings, head_dim))
+            run_attention_case(case, settings, head_dim, deadline, generator, reports[-1])
             on_case_done(reports)
     return reports
 
@@ -532,7 +551,7 @@ def to_markdown(env: dict, settings: Settings, reports: list[CaseReport]) -> str
                 continue
             roof = report.roofline_ms.get(m.mode)
             lines.append(
-                f"| {m.implementation} | {m.mode} | {m.ms:.3f} | {m.tflops:.1f} | "
+                f"| {m.implementation} | {m.mode} | {m.ms:.3f} | {m.tflops:.4g} | "
                 f"{_ratio(ours.get(m.mode), m) if m.implementation != 'ours' else '-'} | "
                 f"{100 * roof / m.ms:.0f}% | "
                 f"{_format_one_off(m.one_off)} |")
@@ -575,6 +594,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="total time budget (s)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny CPU sizes, CPU-capable implementations: checks the plumbing")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                        help="cases to run, in this order (default: all)")
+    parser.add_argument("--head-dims", nargs="+", type=int, default=None,
+                        help="head dims (default 64 128; 32 for --dry-run)")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
 
@@ -582,23 +605,24 @@ def main(argv=None) -> int:
         print("no CUDA device: nothing to benchmark (use --dry-run to check the plumbing)")
         return 0
     settings = dry_run_settings() if args.dry_run else Settings()
+    if args.head_dims:
+        settings = dataclasses.replace(settings, head_dims=tuple(args.head_dims))
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_bench_dry_")) if args.dry_run
                            else REPO_ROOT / "benchmarks" / "results")
     env = environment(settings)
     tag = "_dry_run" if args.dry_run else ""
-    state: dict = {"reports": []}
+    reports: list[CaseReport] = []
 
     def flush():
-        return write_results(out_dir, env, settings, state["reports"], tag)
+        return write_results(out_dir, env, settings, reports, tag)
 
-    def on_case_done(reports):
-        state["reports"] = list(reports)
+    def on_case_done(_reports):
         flush()
 
     _start_watchdog(args.budget_s, deadline, flush)
     print(f"span attention benchmarks on {env.get('gpu', 'CPU (dry run)')}, "
           f"budget {args.budget_s:.0f} s")
-    state["reports"] = run_attention(settings, deadline, on_case_done)
+    run_attention(settings, deadline, on_case_done, args.cases, reports)
     paths = flush()
     print(f"done in {deadline.elapsed():.0f} s; wrote {', '.join(map(str, paths))}")
     return 0

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
+#include <algorithm>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -39,23 +41,27 @@ inline bool blas_enabled() {
   return enabled;
 }
 
-// The portable fallback: same column-major semantics as BLAS gemm.
+// The portable fallback: same column-major semantics as BLAS gemm. Each column
+// sums into a fresh buffer, then C = beta C + alpha sum: blocked like BLAS, so
+// long accumulations across calls (beta = 1) round like the BLAS path.
 template <typename T>
 void gemm_portable(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
                    const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  std::vector<T> sum(static_cast<size_t>(m));
   for (int64_t j = 0; j < n; ++j) {
-    T* c_col = c + j * ldc;
-    for (int64_t i = 0; i < m; ++i) c_col[i] = beta == T(0) ? T(0) : beta * c_col[i];
+    std::fill(sum.begin(), sum.end(), T(0));
     for (int64_t p = 0; p < k; ++p) {
       const T b_pj = trans_b ? b[j + p * ldb] : b[p + j * ldb];
-      const T scaled = alpha * b_pj;
       if (trans_a) {
-        for (int64_t i = 0; i < m; ++i) c_col[i] += a[p + i * lda] * scaled;
+        for (int64_t i = 0; i < m; ++i) sum[i] += a[p + i * lda] * b_pj;
       } else {
         const T* a_col = a + p * lda;
-        for (int64_t i = 0; i < m; ++i) c_col[i] += a_col[i] * scaled;
+        for (int64_t i = 0; i < m; ++i) sum[i] += a_col[i] * b_pj;
       }
     }
+    T* c_col = c + j * ldc;
+    for (int64_t i = 0; i < m; ++i)
+      c_col[i] = beta == T(0) ? alpha * sum[i] : beta * c_col[i] + alpha * sum[i];
   }
 }
 

@@ -47,38 +47,49 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_blas.h"
+#include "span_attention_gemm.h"
 #include "span_attention_plan.h"
 #include "span_attention_rows.h"
 
 namespace metalm_fast::cpu {
 namespace {
 
+using tile::Kernel;
+using tile::Product;
+
 // Tile sizes (tuned on a 2-core AVX-512 EPYC for D = 64; see benchmarks/).
 struct TileSizes {
-  int64_t q_rows = 64, key_tile = 256, bwd_q_rows = 64, bwd_key_rows = 64;
+  int64_t q_rows = 64;        // forward: rows per query block
+  int64_t key_tile = 256;     // forward and dQ items: keys per tile
+  int64_t bwd_q_rows = 64;    // backward: rows per query block
+  int64_t bwd_key_rows = 64;  // backward dK/dV items: keys per key block
 };
-TileSizes tiles() {
-    TileSizes t;
-    if (const char* e = std::getenv("METALM_FAST_SPAN_TILES")) {
-      long a, b, c, d;
-      if (std::sscanf(e, "%ld,%ld,%ld,%ld", &a, &b, &c, &d) == 4) t = {a, b, c, d};
-    }
-    return t;
+TileSizes tile_sizes() {
+  TileSizes t;
+  if (const char* e = std::getenv("METALM_FAST_SPAN_TILES")) {
+    long a, b, c, d;
+    if (std::sscanf(e, "%ld,%ld,%ld,%ld", &a, &b, &c, &d) == 4 && a > 0 && b > 0 && c > 0 && d > 0)
+      t = {a, b, c, d};
+  }
+  return t;
 }
-#define kQueryRows (tiles().q_rows)
-#define kKeyTile (tiles().key_tile)
-#define kBwdQueryRows (tiles().bwd_q_rows)
-#define kBwdKeyRows (tiles().bwd_key_rows)
+
+constexpr int64_t kPad = 16;  // scratch columns beyond a tile (round-up to the vector width)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // 64-byte aligned scratch for one thread's tiles.
 template <typename T>
 class Scratch {
  public:
   explicit Scratch(int64_t count) {
-    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+    const size_t bytes =
+        (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
     data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
     TORCH_CHECK(data_ != nullptr, "span attention (cpu): out of memory for scratch tiles");
   }
@@ -91,8 +102,8 @@ class Scratch {
   std::unique_ptr<T, Free> data_;
 };
 
-// A [tokens, heads, D] operand read through its strides; rows of one head form a
-// column-major D x tokens matrix with leading dimension `ld` (the token stride).
+// A [tokens, heads, D] operand read through its strides: the rows of one head
+// form a row-major tokens x D matrix with leading dimension `ld`.
 template <typename T>
 struct Operand {
   const T* data;
@@ -101,10 +112,11 @@ struct Operand {
   const T* at(int64_t token, int64_t head) const { return data + token * ld + head * head_stride; }
 };
 
-// Last dim contiguous and a token stride usable as a BLAS leading dimension; else copy.
-at::Tensor blas_ready(const at::Tensor& x) {
+// Last dim contiguous and a token stride usable as a leading dimension; else copy.
+at::Tensor row_ready(const at::Tensor& x) {
   const int64_t head_dim = x.size(2);
-  const bool ok = (head_dim <= 1 || x.stride(2) == 1) && (x.size(0) <= 1 || x.stride(0) >= head_dim);
+  const bool ok =
+      (head_dim <= 1 || x.stride(2) == 1) && (x.size(0) <= 1 || x.stride(0) >= head_dim);
   return ok ? x : x.contiguous();
 }
 
@@ -115,7 +127,88 @@ Operand<T> operand(const at::Tensor& x) {
   return {x.const_data_ptr<T>(), ld, x.stride(1)};
 }
 
-// Run `work(item, scratch...)` for every item, dynamically, longest first.
+// K (or V) transposed per kv head, panel[h][d][j] = x[j, h, d], so that K^T is a
+// row-contiguous B operand for the micro-kernels. Filled lazily, 256 keys at a
+// time, by whichever thread first needs a chunk (others wait for it): each key
+// is transposed once per call instead of once per tile, with no extra pass.
+template <typename T>
+class Transposed {
+ public:
+  static constexpr int64_t kChunk = 256;
+
+  Transposed(const Operand<T>& x, int64_t tokens, int64_t heads, int64_t head_dim)
+      : x_(x), tokens_(tokens), head_dim_(head_dim) {
+    ld_ = round_up(tokens, kPad) + kPad;
+    if ((ld_ * static_cast<int64_t>(sizeof(T))) % 4096 == 0) ld_ += kPad;  // no 4K aliasing
+    chunks_ = std::max<int64_t>((tokens + kChunk - 1) / kChunk, 1);
+    data_ = std::make_unique<T[]>(heads * head_dim * ld_);
+    state_ = std::make_unique<std::atomic<uint8_t>[]>(heads * chunks_);
+    for (int64_t i = 0; i < heads * chunks_; ++i) state_[i].store(0, std::memory_order_relaxed);
+  }
+
+  int64_t ld() const { return ld_; }
+
+  // Panel of `head` from key `begin`; keys [begin, end) are ready (end <= tokens + kPad).
+  const T* columns(int64_t head, int64_t begin, int64_t end) {
+    const int64_t last = std::min(end, tokens_) - 1;
+    for (int64_t c = begin / kChunk; c <= last / kChunk; ++c) ensure(head, c);
+    return data_.get() + head * head_dim_ * ld_ + begin;
+  }
+
+ private:
+  void ensure(int64_t head, int64_t chunk) {
+    std::atomic<uint8_t>& state = state_[head * chunks_ + chunk];
+    if (state.load(std::memory_order_acquire) == 2) return;
+    uint8_t expected = 0;
+    if (state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      fill(head, chunk);
+      state.store(2, std::memory_order_release);
+      return;
+    }
+    while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+  }
+
+  void fill(int64_t head, int64_t chunk) {
+    const int64_t begin = chunk * kChunk, end = std::min(begin + kChunk, tokens_);
+    // The last chunk also zeroes the padding columns [tokens, ld).
+    const int64_t pad_end = end == tokens_ ? ld_ : end;
+    T* panel = data_.get() + head * head_dim_ * ld_;
+    for (int64_t j0 = begin; j0 < end; j0 += 16) {
+      const int64_t j1 = std::min(j0 + 16, end);
+      for (int64_t d = 0; d < head_dim_; ++d) {
+        T* dst = panel + d * ld_;
+        for (int64_t j = j0; j < j1; ++j) dst[j] = x_.at(j, head)[d];
+      }
+    }
+    for (int64_t d = 0; d < head_dim_; ++d) std::fill(panel + d * ld_ + end, panel + d * ld_ + pad_end, T(0));
+  }
+
+  Operand<T> x_;
+  int64_t tokens_, head_dim_, ld_, chunks_;
+  std::unique_ptr<T[]> data_;
+  std::unique_ptr<std::atomic<uint8_t>[]> state_;
+};
+
+// The B operand of S = X Y^T for keys [key0, key0 + cols) of one kv head: the
+// transposed panel when there is one (micro-kernels), else Y's rows read transposed.
+template <typename T>
+struct KeysT {
+  Operand<T> rows;
+  Transposed<T>* transposed;  // null on the BLAS paths
+  void operand(int64_t kv_head, int64_t key0, int64_t cols, Product& p) const {
+    if (transposed != nullptr) {
+      p.b = transposed->columns(kv_head, key0, key0 + cols);
+      p.b_row = transposed->ld();
+      p.b_col = 1;
+    } else {
+      p.b = rows.at(key0, kv_head);
+      p.b_row = 1;
+      p.b_col = rows.ld;
+    }
+  }
+};
+
+// Run `work(item, scratch)` for every item, dynamically, longest first.
 template <typename MakeScratch, typename Work>
 void run_items(const std::vector<int64_t>& order, MakeScratch&& make_scratch, Work&& work) {
   const int64_t count = static_cast<int64_t>(order.size());
@@ -144,45 +237,68 @@ struct Shape {
   int64_t num_queries, num_keys, heads, kv_heads, head_dim, group;
 };
 
+// Row-major C (m x n, ldc) (+)= A B with A rows `a` (ld a_ld) or A^T (`a_transposed`).
+template <typename T>
+Product product(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_ld, bool a_transposed,
+                const T* b, int64_t b_ld, T* c, int64_t ldc, bool accumulate) {
+  return Product{m, n, k, a, a_transposed ? 1 : a_ld, a_transposed ? a_ld : 1, b, b_ld, 1, c,
+                 ldc, accumulate};
+}
+
 // ------------------------------------------------------------------------------ forward
 template <typename T>
 struct ForwardScratch {
   Scratch<T> scores, acc, row_max, row_sum;
   Scratch<int32_t> lo, hi;
-  explicit ForwardScratch(int64_t head_dim)
-      : scores(kQueryRows * kKeyTile),
-        acc(kQueryRows * head_dim),
-        row_max(kQueryRows),
-        row_sum(kQueryRows),
-        lo(kQueryRows),
-        hi(kQueryRows) {}
+  ForwardScratch(const TileSizes& t, int64_t head_dim)
+      : scores(t.q_rows * (t.key_tile + kPad)),
+        acc(t.q_rows * head_dim),
+        row_max(t.q_rows),
+        row_sum(t.q_rows),
+        lo(t.q_rows),
+        hi(t.q_rows) {}
 };
 
 template <typename T>
-void forward_block(const Shape& shape, const Operand<T>& q, const Operand<T>& k,
-                   const Operand<T>& v, const std::vector<int32_t>& start,
-                   const std::vector<int32_t>& end, const plan::QueryBlock& block, int64_t head,
-                   T scale, T* out, T* lse, ForwardScratch<T>& s) {
+struct ForwardInputs {
+  Operand<T> q, v;
+  KeysT<T> keys;
+  const std::vector<int32_t>& start;
+  const std::vector<int32_t>& end;
+  T scale;
+  Kernel kernel;
+  int64_t key_tile;
+};
+
+template <typename T>
+void forward_block(const Shape& shape, const ForwardInputs<T>& in, const plan::QueryBlock& block,
+                   int64_t head, T* out, T* lse, ForwardScratch<T>& s) {
   const int64_t rows = block.rows(), head_dim = shape.head_dim;
   const int64_t kv_head = head / shape.group;
+  const int64_t width = tile::vector_width(in.kernel);
   T* acc = s.acc.get();
   T* row_max = s.row_max.get();
   T* row_sum = s.row_sum.get();
+  T* scores = s.scores.get();
   std::fill(acc, acc + rows * head_dim, T(0));
   std::fill(row_max, row_max + rows, -std::numeric_limits<T>::infinity());
   std::fill(row_sum, row_sum + rows, T(0));
-  const T* q_rows = q.at(block.begin, head);
-  for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += kKeyTile) {
-    const int64_t cols = std::min(kKeyTile, block.key_end - key0);
-    // S (rows x cols, row-major, ld cols) = scale * Q K^T, i.e. column-major S^T = K Q^T.
-    gemm(true, false, cols, rows, head_dim, scale, k.at(key0, kv_head), k.ld, q_rows, q.ld, T(0),
-         s.scores.get(), cols);
-    clip_rows(start, end, block.begin, rows, key0, cols, s.lo.get(), s.hi.get());
-    rows::softmax_step(s.scores.get(), rows, cols, cols, s.lo.get(), s.hi.get(), row_max, row_sum,
-                       acc, head_dim);
-    // acc (rows x D, row-major) += P V, i.e. column-major acc^T += V^T P^T.
-    gemm(false, false, head_dim, rows, cols, T(1), v.at(key0, kv_head), v.ld, s.scores.get(), cols,
-         T(1), acc, head_dim);
+  const T* q_rows = in.q.at(block.begin, head);
+  for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += in.key_tile) {
+    const int64_t cols = std::min(in.key_tile, block.key_end - key0);
+    const int64_t ld = round_up(cols, width);  // extra columns are computed, never read
+    // S = scale Q K^T.
+    Product qk = product<T>(rows, ld, head_dim, q_rows, in.q.ld, false, nullptr, 0, scores, ld,
+                            false);
+    qk.alpha = in.scale;
+    in.keys.operand(kv_head, key0, ld, qk);
+    tile::matmul<T>(in.kernel, qk);
+    clip_rows(in.start, in.end, block.begin, rows, key0, cols, s.lo.get(), s.hi.get());
+    rows::softmax_step(scores, rows, cols, ld, s.lo.get(), s.hi.get(), row_max, row_sum, acc,
+                       head_dim);
+    // acc += P V.
+    tile::matmul<T>(in.kernel, product<T>(rows, head_dim, cols, scores, ld, false,
+                                          in.v.at(key0, kv_head), in.v.ld, acc, head_dim, true));
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = block.begin + r;
@@ -204,73 +320,90 @@ void forward(const Shape& shape, const at::Tensor& q_t, const at::Tensor& k_t,
              const at::Tensor& v_t, const std::vector<int32_t>& start,
              const std::vector<int32_t>& end, double scale, at::Tensor& out_t,
              at::Tensor& lse_t) {
-  const auto blocks = plan::query_blocks(start, end, kQueryRows);
+  const TileSizes sizes = tile_sizes();
+  const Kernel kernel = tile::pick_kernel(std::is_same_v<T, float>, shape.head_dim);
+  const auto blocks = plan::query_blocks(start, end, sizes.q_rows);
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   std::vector<double> cost(num_blocks * shape.heads);
   for (int64_t b = 0; b < num_blocks; ++b)
     for (int64_t h = 0; h < shape.heads; ++h)
       cost[b * shape.heads + h] = double(blocks[b].rows()) * double(blocks[b].keys() + 1);
-  const Operand<T> q = operand<T>(q_t), k = operand<T>(k_t), v = operand<T>(v_t);
+  const Operand<T> k = operand<T>(k_t);
+  std::unique_ptr<Transposed<T>> k_transposed;
+  if (tile::vector_width(kernel) > 1)
+    k_transposed = std::make_unique<Transposed<T>>(k, shape.num_keys, shape.kv_heads,
+                                                   shape.head_dim);
+  const ForwardInputs<T> in{operand<T>(q_t), operand<T>(v_t), {k, k_transposed.get()}, start, end,
+                            static_cast<T>(scale), kernel, sizes.key_tile};
   T* out = out_t.data_ptr<T>();
   T* lse = lse_t.data_ptr<T>();
   run_items(
-      plan::longest_first(cost), [&] { return ForwardScratch<T>(shape.head_dim); },
+      plan::longest_first(cost), [&] { return ForwardScratch<T>(sizes, shape.head_dim); },
       [&](int64_t item, ForwardScratch<T>& s) {
-        forward_block<T>(shape, q, k, v, start, end, blocks[item / shape.heads],
-                         item % shape.heads, static_cast<T>(scale), out, lse, s);
+        forward_block<T>(shape, in, blocks[item / shape.heads], item % shape.heads, out, lse, s);
       });
 }
 
 // ------------------------------------------------------------------------------ backward
 template <typename T>
 struct BackwardScratch {
-  const int64_t kRows = std::max(kBwdQueryRows, kBwdKeyRows);
-  const int64_t kCols = std::max(kKeyTile, kBwdKeyRows);
   Scratch<T> scores, dscores, acc_a, acc_b;
   Scratch<int32_t> lo, hi;
-  explicit BackwardScratch(int64_t head_dim)
-      : scores(kRows * kCols),
-        dscores(kRows * kCols),
-        acc_a(kRows * head_dim),
-        acc_b(kRows * head_dim),
-        lo(kRows),
-        hi(kRows) {}
+  BackwardScratch(const TileSizes& t, int64_t head_dim)
+      : scores(rows(t) * (std::max(t.key_tile, t.bwd_key_rows) + kPad)),
+        dscores(rows(t) * (std::max(t.key_tile, t.bwd_key_rows) + kPad)),
+        acc_a(rows(t) * head_dim),
+        acc_b(rows(t) * head_dim),
+        lo(rows(t)),
+        hi(rows(t)) {}
+  static int64_t rows(const TileSizes& t) { return std::max(t.bwd_q_rows, t.bwd_key_rows); }
 };
 
 template <typename T>
 struct BackwardInputs {
   Operand<T> grad_out, q, k, v;
-  const T* lse;    // [Hq, Tq]
-  const T* delta;  // [Hq, Tq]
+  KeysT<T> keys, values;  // K^T and V^T operands
+  const T* lse;           // [Hq, Tq]
+  const T* delta;         // [Hq, Tq]
   const std::vector<int32_t>& start;
   const std::vector<int32_t>& end;
   T scale;
+  Kernel kernel;
+  TileSizes sizes;
 };
 
-// One tile: P and dS (rows x cols, ld cols) of query rows `block` (head h) against
-// keys [key0, key0 + cols); if `grad_v` is given, also grad_v (cols x D) += P^T dO.
+// One tile: P in s.scores and dS in s.dscores (rows x cols, ld returned) of query
+// rows `block` (head h) against keys [key0, key0 + cols); with `grad_v`, also
+// grad_v (cols x D) += P^T dO.
 template <typename T>
-void backward_tile(const Shape& shape, const BackwardInputs<T>& in, const plan::QueryBlock& block,
-                   int64_t head, int64_t key0, int64_t cols, T* grad_v, BackwardScratch<T>& s) {
+int64_t backward_tile(const Shape& shape, const BackwardInputs<T>& in,
+                      const plan::QueryBlock& block, int64_t head, int64_t key0, int64_t cols,
+                      T* grad_v, BackwardScratch<T>& s) {
   const int64_t rows = block.rows(), head_dim = shape.head_dim;
   const int64_t kv_head = head / shape.group;
+  const int64_t ld = round_up(cols, tile::vector_width(in.kernel));
   const T* q_rows = in.q.at(block.begin, head);
   const T* grad_out_rows = in.grad_out.at(block.begin, head);
   const int64_t row_offset = head * shape.num_queries + block.begin;
-  gemm(true, false, cols, rows, head_dim, in.scale, in.k.at(key0, kv_head), in.k.ld, q_rows,
-       in.q.ld, T(0), s.scores.get(), cols);
+  T* probs = s.scores.get();
+  T* dscores = s.dscores.get();
+  Product qk = product<T>(rows, ld, head_dim, q_rows, in.q.ld, false, nullptr, 0, probs, ld, false);
+  qk.alpha = in.scale;
+  in.keys.operand(kv_head, key0, ld, qk);
+  tile::matmul<T>(in.kernel, qk);
   clip_rows(in.start, in.end, block.begin, rows, key0, cols, s.lo.get(), s.hi.get());
-  rows::probs(s.scores.get(), rows, cols, cols, s.lo.get(), s.hi.get(), in.lse + row_offset);
-  if (grad_v != nullptr) {
-    // grad_v (cols x D, row-major) += P^T dO, i.e. column-major grad_v^T += dO^T P.
-    gemm(false, true, head_dim, cols, rows, T(1), grad_out_rows, in.grad_out.ld, s.scores.get(),
-         cols, T(1), grad_v, head_dim);
+  rows::probs(probs, rows, cols, ld, s.lo.get(), s.hi.get(), in.lse + row_offset);
+  if (grad_v != nullptr) {  // grad_v += P^T dO
+    tile::matmul<T>(in.kernel, product<T>(cols, head_dim, rows, probs, ld, true, grad_out_rows,
+                                          in.grad_out.ld, grad_v, head_dim, true));
   }
-  // dP (rows x cols) = dO V^T, then dS = P * (dP - delta) in place.
-  gemm(true, false, cols, rows, head_dim, T(1), in.v.at(key0, kv_head), in.v.ld, grad_out_rows,
-       in.grad_out.ld, T(0), s.dscores.get(), cols);
-  rows::dscores(s.scores.get(), s.dscores.get(), rows, cols, cols, s.lo.get(), s.hi.get(),
-                in.delta + row_offset);
+  // dP = dO V^T, then dS = P * (dP - delta) in place.
+  Product dov = product<T>(rows, ld, head_dim, grad_out_rows, in.grad_out.ld, false, nullptr, 0,
+                           dscores, ld, false);
+  in.values.operand(kv_head, key0, ld, dov);
+  tile::matmul<T>(in.kernel, dov);
+  rows::dscores(probs, dscores, rows, cols, ld, s.lo.get(), s.hi.get(), in.delta + row_offset);
+  return ld;
 }
 
 // dK, dV rows of one key block for one kv head: sum over the group's heads and query blocks.
@@ -289,10 +422,11 @@ void backward_key_block(const Shape& shape, const BackwardInputs<T>& in,
     const int64_t head = kv_head * shape.group + g;
     for (int64_t m = links.offsets[key_block_index]; m < links.offsets[key_block_index + 1]; ++m) {
       const plan::QueryBlock& block = query_blocks[links.members[m]];
-      backward_tile(shape, in, block, head, key_block.begin, cols, acc_v, s);
-      // acc_k (cols x D) += dS^T Q, i.e. column-major acc_k^T += Q^T dS.
-      gemm(false, true, head_dim, cols, block.rows(), T(1), in.q.at(block.begin, head), in.q.ld,
-           s.dscores.get(), cols, T(1), acc_k, head_dim);
+      const int64_t ld = backward_tile(shape, in, block, head, key_block.begin, cols, acc_v, s);
+      // acc_k += dS^T Q.
+      tile::matmul<T>(in.kernel, product<T>(cols, head_dim, block.rows(), s.dscores.get(), ld,
+                                            true, in.q.at(block.begin, head), in.q.ld, acc_k,
+                                            head_dim, true));
     }
   }
   for (int64_t j = 0; j < cols; ++j) {
@@ -313,12 +447,12 @@ void backward_query_block(const Shape& shape, const BackwardInputs<T>& in,
   const int64_t kv_head = head / shape.group;
   T* acc_q = s.acc_a.get();
   std::fill(acc_q, acc_q + rows * head_dim, T(0));
-  for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += kKeyTile) {
-    const int64_t cols = std::min(kKeyTile, block.key_end - key0);
-    backward_tile<T>(shape, in, block, head, key0, cols, nullptr, s);
-    // acc_q (rows x D) += dS K, i.e. column-major acc_q^T += K^T dS^T.
-    gemm(false, false, head_dim, rows, cols, T(1), in.k.at(key0, kv_head), in.k.ld,
-         s.dscores.get(), cols, T(1), acc_q, head_dim);
+  for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += in.sizes.key_tile) {
+    const int64_t cols = std::min(in.sizes.key_tile, block.key_end - key0);
+    const int64_t ld = backward_tile<T>(shape, in, block, head, key0, cols, nullptr, s);
+    // acc_q += dS K.
+    tile::matmul<T>(in.kernel, product<T>(rows, head_dim, cols, s.dscores.get(), ld, false,
+                                          in.k.at(key0, kv_head), in.k.ld, acc_q, head_dim, true));
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* row = grad_q + ((block.begin + r) * shape.heads + head) * head_dim;
@@ -327,9 +461,25 @@ void backward_query_block(const Shape& shape, const BackwardInputs<T>& in,
 }
 
 template <typename T>
-void backward(const Shape& shape, const BackwardInputs<T>& in, T* grad_q, T* grad_k, T* grad_v) {
-  const auto query_blocks = plan::query_blocks(in.start, in.end, kBwdQueryRows);
-  const auto key_blocks = plan::key_blocks(in.start, in.end, shape.num_keys, kBwdKeyRows);
+void backward(const Shape& shape, const at::Tensor& grad_out, const at::Tensor& q,
+              const at::Tensor& k_t, const at::Tensor& v_t, const T* lse, const T* delta,
+              const std::vector<int32_t>& start, const std::vector<int32_t>& end, double scale,
+              T* grad_q, T* grad_k, T* grad_v) {
+  const TileSizes sizes = tile_sizes();
+  const Kernel kernel = tile::pick_kernel(std::is_same_v<T, float>, shape.head_dim);
+  const Operand<T> k = operand<T>(k_t), v = operand<T>(v_t);
+  std::unique_ptr<Transposed<T>> k_transposed, v_transposed;
+  if (tile::vector_width(kernel) > 1) {
+    k_transposed =
+        std::make_unique<Transposed<T>>(k, shape.num_keys, shape.kv_heads, shape.head_dim);
+    v_transposed =
+        std::make_unique<Transposed<T>>(v, shape.num_keys, shape.kv_heads, shape.head_dim);
+  }
+  const BackwardInputs<T> in{operand<T>(grad_out), operand<T>(q), k, v,
+                             {k, k_transposed.get()}, {v, v_transposed.get()}, lse, delta,
+                             start, end, static_cast<T>(scale), kernel, sizes};
+  const auto query_blocks = plan::query_blocks(start, end, sizes.bwd_q_rows);
+  const auto key_blocks = plan::key_blocks(start, end, shape.num_keys, sizes.bwd_key_rows);
   const auto links = plan::link_key_blocks(query_blocks, key_blocks);
   const int64_t num_key_items = static_cast<int64_t>(key_blocks.size()) * shape.kv_heads;
   const int64_t num_query_items = static_cast<int64_t>(query_blocks.size()) * shape.heads;
@@ -347,7 +497,7 @@ void backward(const Shape& shape, const BackwardInputs<T>& in, T* grad_q, T* gra
       cost[num_key_items + b * shape.heads + h] =
           3 * double(query_blocks[b].rows()) * double(query_blocks[b].keys()) + 1;
   run_items(
-      plan::longest_first(cost), [&] { return BackwardScratch<T>(shape.head_dim); },
+      plan::longest_first(cost), [&] { return BackwardScratch<T>(sizes, shape.head_dim); },
       [&](int64_t item, BackwardScratch<T>& s) {
         if (item < num_key_items) {
           const int64_t b = item / shape.kv_heads, kv_head = item % shape.kv_heads;
@@ -404,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor> span_attention_fwd_cpu(const at::Tensor& q_in
                                                           const at::Tensor& kv_start,
                                                           const at::Tensor& kv_end, double scale) {
   const Shape shape = check_qkv(q_in, k_in, v_in, kv_start, kv_end);
-  const at::Tensor q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
+  const at::Tensor q = row_ready(q_in), k = row_ready(k_in), v = row_ready(v_in);
   at::Tensor out = at::empty({shape.num_queries, shape.heads, shape.head_dim}, q.options());
   at::Tensor lse = at::empty({shape.heads, shape.num_queries}, q.options());
   if (shape.num_queries == 0 || shape.heads == 0) return {out, lse};
@@ -428,8 +578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> span_attention_bwd_cpu(
                 "span attention (cpu): lse and delta must be [Hq, Tq] = [", shape.heads, ", ",
                 shape.num_queries, "], got ", x->sizes());
   }
-  const at::Tensor q = blas_ready(q_in), k = blas_ready(k_in), v = blas_ready(v_in);
-  const at::Tensor grad_out = blas_ready(grad_out_in.to(q.scalar_type()));
+  const at::Tensor q = row_ready(q_in), k = row_ready(k_in), v = row_ready(v_in);
+  const at::Tensor grad_out = row_ready(grad_out_in.to(q.scalar_type()));
   // Accumulation type (float64 lse/delta for float64 inputs keep gradients exact).
   const at::Tensor lse = lse_in.to(q.scalar_type()).contiguous();
   const at::Tensor delta = delta_in.to(q.scalar_type()).contiguous();
@@ -444,16 +594,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> span_attention_bwd_cpu(
   std::vector<int32_t> start, end;
   intervals(kv_start, kv_end, shape, start, end);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "span_attention_bwd_cpu", [&] {
-    const BackwardInputs<scalar_t> inputs{operand<scalar_t>(grad_out),
-                                          operand<scalar_t>(q),
-                                          operand<scalar_t>(k),
-                                          operand<scalar_t>(v),
-                                          lse.const_data_ptr<scalar_t>(),
-                                          delta.const_data_ptr<scalar_t>(),
-                                          start,
-                                          end,
-                                          static_cast<scalar_t>(scale)};
-    backward<scalar_t>(shape, inputs, grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+    backward<scalar_t>(shape, grad_out, q, k, v, lse.const_data_ptr<scalar_t>(),
+                       delta.const_data_ptr<scalar_t>(), start, end, scale,
+                       grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
                        grad_v.data_ptr<scalar_t>());
   });
   return {grad_q, grad_k, grad_v};

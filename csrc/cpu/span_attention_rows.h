@@ -71,8 +71,8 @@ METALM_ALWAYS_INLINE void zero_outside(T* row, int64_t lo, int64_t hi, int64_t c
 // exp(m_old - m_new) so that acc += P V completes the step.
 template <typename T>
 METALM_ALWAYS_INLINE void softmax_step_impl(T* scores, int64_t rows, int64_t cols, int64_t ld,
-                                            const int32_t* lo, const int32_t* hi, T* row_max,
-                                            T* row_sum, T* acc, int64_t head_dim) {
+                                            const int32_t* lo, const int32_t* hi,
+                                            T* row_max, T* row_sum, T* acc, int64_t head_dim) {
   for (int64_t r = 0; r < rows; ++r) {
     T* s = scores + r * ld;
     const int64_t a = lo[r], b = hi[r];
@@ -146,33 +146,35 @@ METALM_ALWAYS_INLINE void dscores_impl(const T* probs, T* dprobs, int64_t rows, 
   }
 }
 
-METALM_CPU_CLONES static void softmax_step(float* scores, int64_t rows, int64_t cols, int64_t ld,
-                                    const int32_t* lo, const int32_t* hi, float* row_max,
-                                    float* row_sum, float* acc, int64_t head_dim) {
+METALM_CPU_CLONES static void softmax_step(float* scores, int64_t rows, int64_t cols,
+                                           int64_t ld, const int32_t* lo, const int32_t* hi,
+                                           float* row_max, float* row_sum, float* acc,
+                                           int64_t head_dim) {
   softmax_step_impl(scores, rows, cols, ld, lo, hi, row_max, row_sum, acc, head_dim);
 }
 static inline void softmax_step(double* scores, int64_t rows, int64_t cols, int64_t ld,
-                         const int32_t* lo, const int32_t* hi, double* row_max, double* row_sum,
-                         double* acc, int64_t head_dim) {
+                                const int32_t* lo, const int32_t* hi, double* row_max,
+                                double* row_sum, double* acc, int64_t head_dim) {
   softmax_step_impl(scores, rows, cols, ld, lo, hi, row_max, row_sum, acc, head_dim);
 }
 
 METALM_CPU_CLONES static void probs(float* scores, int64_t rows, int64_t cols, int64_t ld,
-                             const int32_t* lo, const int32_t* hi, const float* lse) {
+                                    const int32_t* lo, const int32_t* hi, const float* lse) {
   probs_impl(scores, rows, cols, ld, lo, hi, lse);
 }
-static inline void probs(double* scores, int64_t rows, int64_t cols, int64_t ld, const int32_t* lo,
-                  const int32_t* hi, const double* lse) {
+static inline void probs(double* scores, int64_t rows, int64_t cols, int64_t ld,
+                         const int32_t* lo, const int32_t* hi, const double* lse) {
   probs_impl(scores, rows, cols, ld, lo, hi, lse);
 }
 
-METALM_CPU_CLONES static void dscores(const float* probs, float* dprobs, int64_t rows, int64_t cols,
-                               int64_t ld, const int32_t* lo, const int32_t* hi,
-                               const float* delta) {
+METALM_CPU_CLONES static void dscores(const float* probs, float* dprobs, int64_t rows,
+                                      int64_t cols, int64_t ld, const int32_t* lo,
+                                      const int32_t* hi, const float* delta) {
   dscores_impl(probs, dprobs, rows, cols, ld, lo, hi, delta);
 }
-static inline void dscores(const double* probs, double* dprobs, int64_t rows, int64_t cols, int64_t ld,
-                    const int32_t* lo, const int32_t* hi, const double* delta) {
+static inline void dscores(const double* probs, double* dprobs, int64_t rows, int64_t cols,
+                           int64_t ld, const int32_t* lo, const int32_t* hi,
+                           const double* delta) {
   dscores_impl(probs, dprobs, rows, cols, ld, lo, hi, delta);
 }
 

@@ -9,8 +9,9 @@ GPU"), so this tool holds GPU code to account without one::
 For every ``KernelConfig`` that a kernels/<op>.py lists in ``shipped_configs()``:
 
 1. ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for
-   sm_80 and sm_90. Pointer arguments are compiled as 16-byte aligned, as
-   Triton's launcher specialises them for any freshly allocated torch tensor.
+   sm_80 and sm_90, specialised as Triton's launcher specialises a typical
+   call: the config's ``extra["attrs"]`` if it gives them, else pointers and
+   ``stride*`` arguments divisible by 16 (see :func:`divisible_by_16`).
 2. The PTX is assembled again with ``ptxas -v``, using the binary and flags
    Triton's own ``make_cubin`` uses for that arch (Triton's bundled ptxas for
    sm_80, ptxas-blackwell for sm_90a: the numbers are those of the cubin that
@@ -25,13 +26,17 @@ For every ``KernelConfig`` that a kernels/<op>.py lists in ``shipped_configs()``
 4. Tensor cores: ``mma.sync`` / ``wgmma.mma_async`` in the PTX decide;
    HMMA / HGMMA in the SASS (``cuobjdump -sass``) are reported as confirmation.
    A config with ``uses_matmul`` must use mma on sm_80 and wgmma on sm_90
-   (mma.sync runs Hopper's tensor cores at well under half rate); a kernel
-   whose tiles are too small for wgmma may say so with
-   ``extra={"tensor_core": "mma"}``.
+   (mma.sync leaves much of Hopper's tensor-core throughput unused); a config
+   whose tiles are too small for wgmma declares it with
+   ``extra={"tensor_core": "mma"}``. ``extra["note"]`` is printed under the table.
 
 CUDA sources (csrc/cuda/*.cu) are compiled with nvcc for sm_80 and sm_90a with
-``-Xptxas -v``; their dynamic shared memory is the launcher's choice, so only
-static shared memory is checked.
+``-Xptxas -v``, one row per ``__global__`` instantiation; their dynamic shared
+memory is the launcher's choice, so only static shared memory is checked. With
+``--ops``, only the .cu files named after (or prefixing) those ops are built.
+
+The report header records the Triton, ptxas and nvcc versions and a sha256
+prefix of every kernel source checked, so a recorded table names what it measured.
 
 Why subprocesses: under ``TRITON_INTERPRET=1`` (set by the interpreter tests)
 ``@triton.jit`` returns ``InterpretedFunction`` objects at import time, which
@@ -49,14 +54,18 @@ fixture kernel). Exit status: 0 when every check passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import platform
 import queue
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,6 +113,7 @@ class Result:
     sass_tensor_core_count: int | None = None  # HGMMA/HMMA instructions in the SASS
     compile_seconds: float = 0.0
     error: str | None = None
+    note: str = ""  # the config's own remark (extra["note"]), e.g. why no tensor cores
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -141,16 +151,17 @@ def check(result: Result) -> list[str]:
 
 @dataclass
 class Report:
-    """Everything one run produced: results, notes (skipped modules, ...) and tool versions."""
+    """Everything one run produced: results, notes (skipped modules), errors, tool versions."""
 
     results: list[Result]
     notes: list[str]
+    errors: list[str]  # contract breaches outside any one config (fail the run)
     tools: dict[str, str]
     seconds: float
 
     @property
     def ok(self) -> bool:
-        return all(result.ok for result in self.results)
+        return not self.errors and all(result.ok for result in self.results)
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -242,9 +253,25 @@ def find_nvcc() -> str | None:
 
 
 def _sass_counts(cubin_path: str) -> dict[str, int]:
-    """Tensor-core SASS instructions per function of a cubin."""
-    cuobjdump = _triton_bin("cuobjdump") or "cuobjdump"
+    """Tensor-core SASS instructions per function of a cubin ({} without cuobjdump)."""
+    cuobjdump = _triton_bin("cuobjdump") or shutil.which("cuobjdump")
+    if cuobjdump is None:
+        return {}
     return sass_tensor_core_counts(_run([cuobjdump, "-sass", cubin_path]).stdout)
+
+
+def _short_name(demangled: str) -> tuple[str, str]:
+    """("scale_kernel", "<float>") from "void (anonymous namespace)::scale_kernel<float>(...)"."""
+    name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
+    if name.endswith(")"):  # drop the argument list: the last balanced (...) group
+        depth = 0
+        for position in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[position], 0)
+            if depth == 0:
+                name = name[:position]
+                break
+    base, angle, template = name.partition("<")
+    return base.split("::")[-1], angle + template
 
 
 def _demangle(names: Iterable[str]) -> dict[str, str]:
@@ -284,17 +311,24 @@ def import_kernel_module(op: str):
     return importlib.import_module(name) if importlib.util.find_spec(name) else None
 
 
-def _provider_configs(provider: str) -> tuple[list, str | None]:
-    """(configs, note) for an op name or a ``module:function`` spec."""
-    if ":" in provider:
-        module_name, function_name = provider.split(":", 1)
-        return list(getattr(importlib.import_module(module_name), function_name)()), None
-    module = import_kernel_module(provider)
-    if module is None:
-        return [], f"skipped {provider}: kernels/{provider}.py does not exist yet"
-    if not hasattr(module, "shipped_configs"):
-        return [], f"contract: kernels/{provider}.py has no shipped_configs()"
-    return list(module.shipped_configs()), None
+def _provider_configs(provider: str) -> tuple[list, str | None, str | None]:
+    """(configs, note, error) for an op name or a ``module:function`` spec.
+
+    A module not written yet is a note; a module that breaks the contract
+    (no shipped_configs(), or it raises) is an error, which fails the run.
+    """
+    try:
+        if ":" in provider:
+            module_name, function_name = provider.split(":", 1)
+            return list(getattr(importlib.import_module(module_name), function_name)()), None, None
+        module = import_kernel_module(provider)
+        if module is None:
+            return [], f"skipped {provider}: kernels/{provider}.py does not exist yet", None
+        if not hasattr(module, "shipped_configs"):
+            return [], None, f"kernels/{provider}.py has no shipped_configs()"
+        return list(module.shipped_configs()), None, None
+    except Exception as error:  # noqa: BLE001 - reported as this provider's failure
+        return [], None, f"{provider}: {type(error).__name__}: {error}"
 
 
 def _describe(config) -> dict:
@@ -315,6 +349,25 @@ def _unwrap_jit(kernel):
     return kernel
 
 
+def divisible_by_16(config) -> list[str]:
+    """The arguments compiled as multiples of 16, as Triton's launcher would specialise them.
+
+    At launch Triton specialises every pointer that is 16-byte aligned and every
+    int that is a multiple of 16; what it compiles depends on the call. The
+    default here is the typical call: all pointers (torch allocations are
+    aligned) and every ``stride*`` argument (row strides of [T, H, D] tensors
+    with D a multiple of 16). Other ints (lengths, head_dim) stay generic. A
+    config states its own with ``extra={"divisible_by_16": [names]}``, or gives
+    raw ASTSource attrs as ``extra={"attrs": {(index,): [["tt.divisibility", 16]]}}``
+    (which win). The difference is not cosmetic: unknown strides block
+    vectorised loads and can cost dozens of registers.
+    """
+    if "divisible_by_16" in config.extra:
+        return list(config.extra["divisible_by_16"])
+    return [name for name, ty in config.signature.items()
+            if str(ty).startswith("*") or name.startswith("stride")]
+
+
 def _compile_triton(config) -> Result:
     """Compile one KernelConfig and measure it (runs in a worker)."""
     import triton
@@ -327,13 +380,13 @@ def _compile_triton(config) -> Result:
     result = Result(
         op=config.op, pass_name=config.pass_name, kernel=kernel.__name__, label=config.label,
         arch=config.arch, uses_matmul=config.uses_matmul, expected_tensor_core=expected,
+        note=str(config.extra.get("note") or ""),
     )
     start = time.perf_counter()
     try:
         attrs = config.extra.get("attrs") or {
             (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-            for name, ty in config.signature.items() if str(ty).startswith("*")
-        }
+            for name in divisible_by_16(config)}
         source = ASTSource(fn=kernel, signature=config.signature,
                            constexprs=config.constexprs, attrs=attrs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
@@ -381,6 +434,23 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
+def _source_digests(configs) -> dict[str, str]:
+    """sha256 (12 hex) of every loaded module beside the kernels' sources.
+
+    The kernels' own files and the helpers they imported from the same
+    directory (kernels/_span_attention_tiles.py, ...): the record names exactly
+    what it measured.
+    """
+    directories = {Path(inspect.getsourcefile(_unwrap_jit(c.kernel).fn)).parent for c in configs}
+    paths = {Path(module.__file__) for module in list(sys.modules.values())
+             if getattr(module, "__file__", None) and Path(module.__file__).parent in directories}
+    digests = {}
+    for path in sorted(paths):
+        label = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        digests[f"source {label}"] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return digests
+
+
 def _emit(message: dict) -> None:
     sys.stdout.write(_MARKER + json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -388,12 +458,14 @@ def _emit(message: dict) -> None:
 
 def worker_main(providers: Sequence[str]) -> int:
     """Worker loop: list configs once, then compile each index the parent sends."""
-    configs, notes = [], []
+    configs, notes, errors = [], [], []
     for provider in providers:
-        found, note = _provider_configs(provider)
+        found, note, error = _provider_configs(provider)
         configs += found
         notes += [note] if note else []
-    _emit({"listing": [_describe(c) for c in configs], "notes": notes, "tools": _tool_versions()})
+        errors += [error] if error else []
+    _emit({"listing": [_describe(c) for c in configs], "notes": notes, "errors": errors,
+           "tools": {**_tool_versions(), **_source_digests(configs)}})
     for line in sys.stdin:
         index = int(line)
         result = _compile_triton(configs[index])
@@ -445,7 +517,10 @@ def worker_env(no_cache_dir: str | None = None) -> dict[str, str]:
 
 
 def representative(listing: Sequence[dict]) -> list[int]:
-    """One config per (op, pass, arch, dtype): the one with the largest tiles.
+    """One config per (op, pass, arch, dtype width): the one with the largest tiles.
+
+    fp16 and bf16 compile to the same code shape, so they share a group; fp32
+    (tf32 dots, other tiles) is its own.
 
     "Largest" is the sum of integer constexprs (block sizes and head dim
     dominate it), the config most at risk of spilling or overflowing shared
@@ -453,7 +528,8 @@ def representative(listing: Sequence[dict]) -> list[int]:
     """
     chosen: dict[tuple, int] = {}
     for index, desc in enumerate(listing):
-        key = (desc["op"], desc["pass_name"], desc["arch"], desc["dtype"])
+        width = re.search(r"\d+$", desc["dtype"])
+        key = (desc["op"], desc["pass_name"], desc["arch"], width.group(0) if width else "")
         if key not in chosen or desc["tile_size"] > listing[chosen[key]]["tile_size"]:
             chosen[key] = index
     return sorted(chosen.values())
@@ -481,7 +557,7 @@ def _drive(worker_slot: list, providers, env, work: queue.Queue, out: dict, log)
         try:
             message = worker_slot[0].compile(index)
             result = Result(**message["result"])
-        except RuntimeError as error:
+        except (RuntimeError, OSError) as error:  # died mid-config, or its pipe broke
             result = Result(op=desc["op"], pass_name=desc["pass_name"], kernel=desc["kernel"],
                             label=desc["label"], arch=desc["arch"], error=f"crashed: {error}")
             worker_slot[0].close()
@@ -495,7 +571,7 @@ def _drive(worker_slot: list, providers, env, work: queue.Queue, out: dict, log)
 
 def collect_triton(providers, archs=(80, 90), jobs=2, name_filter=None, subset=False,
                    no_cache=False, log: Callable[[str], None] = print):
-    """Compile the selected Triton configs in ``jobs`` workers: (results, notes, tools)."""
+    """Compile the selected Triton configs in ``jobs`` workers: (results, listing message)."""
     with tempfile.TemporaryDirectory(prefix="gpu_readiness_cache_") as cache_dir:
         env = worker_env(cache_dir if no_cache else None)
         # One slot per worker: a thread swaps in a fresh worker when its own dies.
@@ -517,7 +593,7 @@ def collect_triton(providers, archs=(80, 90), jobs=2, name_filter=None, subset=F
         finally:
             for slot in slots:
                 slot[0].close()
-    return [out[i] for i in selected], listings[0]["notes"], listings[0]["tools"]
+    return [out[i] for i in selected], listings[0]
 
 
 def compile_cuda_source(source: Path, arch: int, nvcc: str) -> list[Result]:
@@ -540,9 +616,11 @@ def compile_cuda_source(source: Path, arch: int, nvcc: str) -> list[Result]:
     names = _demangle(usage)
     results = []
     for mangled, entry in usage.items():
+        kernel, template = _short_name(names[mangled])
         result = Result(
-            op=source.stem, pass_name="cuda", kernel=names[mangled].split("(")[0],
-            label=source.name, arch=arch, source="cuda", registers=entry.registers,
+            op=source.stem, pass_name="cuda", kernel=kernel,
+            label=f"{source.name} {template}".strip(), arch=arch, source="cuda",
+            registers=entry.registers,
             spill_stores=entry.spill_stores, spill_loads=entry.spill_loads,
             static_smem=entry.static_smem,
             sass_tensor_core_count=sass.get(mangled), compile_seconds=seconds,
@@ -553,15 +631,22 @@ def compile_cuda_source(source: Path, arch: int, nvcc: str) -> list[Result]:
     return results
 
 
-def collect_cuda(sources: Sequence[Path], archs=(80, 90), name_filter=None) -> list[Result]:
+def collect_cuda(sources: Sequence[Path], archs=(80, 90), name_filter=None,
+                 jobs: int = 2) -> list[Result]:
+    """nvcc every (source, arch) in ``jobs`` parallel compiler processes."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    results = []
-    for source in sources:
-        for arch in archs:
-            results += compile_cuda_source(source, arch, nvcc)
+    builds = [(source, arch) for source in sources for arch in archs]
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        per_build = pool.map(lambda build: compile_cuda_source(*build, nvcc), builds)
+        results = [result for built in per_build for result in built]
     return [r for r in results if not name_filter or name_filter in f"{r.label} {r.kernel}"]
+
+
+def _source_serves(source: Path, op: str) -> bool:
+    # csrc/cuda/<name>.cu belongs to the op it names or prefixes (kv_cache.cu: kv_cache_append).
+    return op.startswith(source.stem) or source.stem.startswith(op)
 
 
 def collect(ops: Sequence[str] | None = None, archs: Sequence[int] = (80, 90), jobs: int = 2,
@@ -575,24 +660,30 @@ def collect(ops: Sequence[str] | None = None, archs: Sequence[int] = (80, 90), j
     archs : compute capabilities to compile for (80, 90).
     jobs : worker processes compiling in parallel.
     name_filter : keep configs whose "op pass kernel label sm_XX" contains this.
-    subset : only :func:`representative` configs (one per op/pass/arch/dtype).
+    subset : only :func:`representative` configs (one per op/pass/arch/dtype width).
     cuda : also nvcc csrc/cuda/*.cu.
     no_cache : compile into a fresh Triton cache (honest compile times).
     """
     start = time.perf_counter()
-    results, notes, tools = collect_triton(list(ops or OPS), archs, jobs, name_filter, subset,
-                                           no_cache, log)
+    results, listing = collect_triton(list(ops or OPS), archs, jobs, name_filter, subset,
+                                      no_cache, log)
+    notes, tools = listing["notes"], listing["tools"]
     if cuda:
-        sources = sorted((REPO_ROOT / "csrc" / "cuda").glob("*.cu"))
+        sources = [source for source in sorted((REPO_ROOT / "csrc" / "cuda").glob("*.cu"))
+                   if ops is None or any(_source_serves(source, op) for op in ops)]
         nvcc = find_nvcc()
         if not sources:
-            notes.append("csrc/cuda has no .cu files yet: no CUDA kernels to check")
+            notes.append("no csrc/cuda/*.cu for these ops: no CUDA kernels to check")
         elif nvcc is None:
             notes.append("nvcc not found: CUDA sources not checked")
         else:
-            tools["nvcc"] = _run([nvcc, "--version"]).stdout.strip().splitlines()[-1]
-            results += collect_cuda(sources, archs, name_filter)
-    return Report(results, notes, tools, time.perf_counter() - start)
+            version = re.search(r"release [\d.]+, V[\d.]+", _run([nvcc, "--version"]).stdout)
+            tools["nvcc"] = f"{nvcc} {version.group(0) if version else '?'}"
+            results += collect_cuda(sources, archs, name_filter, jobs)
+            for source in sources:
+                digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+                tools[f"source {source.relative_to(REPO_ROOT)}"] = digest
+    return Report(results, notes, listing["errors"], tools, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- output
@@ -605,7 +696,7 @@ def _row(result: Result) -> list[str]:
         return [result.op, result.pass_name, result.kernel, result.label, f"sm_{result.arch}",
                 "-", "-", "-", "-", f"{result.compile_seconds:.1f}", result.status]
     dynamic = "?" if result.dynamic_smem is None else str(result.dynamic_smem)
-    sass_name = {80: "HMMA", 90: "HGMMA"}.get(result.arch, "MMA")
+    sass_name = {"wgmma": "HGMMA", "mma": "HMMA"}.get(result.ptx_tensor_core, "MMA")
     tensor = result.ptx_tensor_core
     if result.sass_tensor_core_count:
         tensor += f" ({sass_name} x{result.sass_tensor_core_count})"
@@ -640,7 +731,10 @@ def format_report(report: Report, command: str) -> str:
         f"wall time: {report.seconds:.1f} s",
         "",
     ]
-    footer = ["", *(f"note: {note}" for note in report.notes),
+    remarks = [f"  {r.kernel} {r.label} sm_{r.arch}: {r.note}" for r in report.results if r.note]
+    footer = ["", *(["notes from shipped_configs():", *remarks, ""] if remarks else []),
+              *(f"note: {note}" for note in report.notes),
+              *(f"FAIL: {error}" for error in report.errors),
               f"{len(report.results)} configurations, {len(report.results) - failed} OK, "
               f"{failed} FAIL"]
     return "\n".join(header) + format_table(report.results) + "\n" + "\n".join(footer) + "\n"
@@ -670,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report = collect(args.ops, args.arch, args.jobs, args.name_filter, args.representative,
                      not args.no_cuda, args.no_cache)
-    command = "python -m metalm_fast.tools.gpu_readiness " + " ".join(argv or sys.argv[1:])
+    command = "python -m metalm_fast.tools.gpu_readiness " + shlex.join(argv or sys.argv[1:])
     text = format_report(report, command.strip())
     print("\n" + text, end="")
     if args.output:

@@ -23,8 +23,9 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from metalm_fast import reference  # noqa: E402
 from metalm_fast.kernels import span_attention as kernels  # noqa: E402
+
+from metalm_fast import reference  # noqa: E402
 from metalm_fast.masks import SpanMask  # noqa: E402
 from tests.tolerance import assert_within_tolerance  # noqa: E402
 
@@ -197,17 +198,93 @@ def test_lse_gradient_through_delta():
     _check(q, k, v, mask, with_lse_grad=True)
 
 
+def test_head_dim_24_bf16():
+    """D < 32 runs in the padded BLOCK_D = 32 configs."""
+    cu = torch.tensor([0, 70, 140])
+    q, k, v = _qkv(140, 140, 2, 2, 24, torch.bfloat16, seed=14)
+    _check(q, k, v, SpanMask.bidirectional(cu))
+
+
 def test_head_dim_256_fp16():
     cu = torch.tensor([0, 33, 70])
     q, k, v = _qkv(70, 70, 2, 1, 256, torch.float16, seed=7)
     _check(q, k, v, SpanMask.causal(cu))
 
 
+# ----------------------------------------------------------------------------- tile walk
+def _expected_tile_calls(mask, rows_per_block, keys_per_tile, heads):
+    """(full, partial) (query block, key tile) pairs a tile walk should visit:
+    full -> unmasked body, partial -> masked body, empty -> never."""
+    start, end = mask.kv_start.tolist(), mask.kv_end.tolist()
+    full = partial = 0
+    for row0 in range(0, mask.num_queries, rows_per_block):
+        rows = range(row0, min(row0 + rows_per_block, mask.num_queries))
+        for n0 in range(0, mask.num_keys, keys_per_tile):
+            n1 = n0 + keys_per_tile
+            if all(start[t] <= n0 and end[t] >= n1 for t in rows):
+                full += 1
+            elif any(start[t] < min(end[t], n1) and end[t] > n0 for t in rows):
+                partial += 1
+    return {True: partial * heads, False: full * heads}
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "semi_causal", "random", "causal_generic"])
+def test_tile_walk_visits_exactly_the_needed_tiles(kind, monkeypatch):
+    """Count the tile bodies each kernel runs: every full tile unmasked, every
+    partial tile masked, no empty tile at all (tile efficiency 1.0), for
+    monotone masks (binary search) and arbitrary ones (scan); and the results
+    meet the tolerance rule."""
+    num, heads, kv_heads = 300, 2, 1
+    cu = torch.tensor([0, 37, 300])
+    mask, monotone = {
+        "bidirectional": (SpanMask.bidirectional(cu), True),
+        "semi_causal": (SpanMask.semi_causal(cu, [40, 150], [100, 290]), True),
+        "random": (_random_intervals(num, num, seed=12, empty_every=5), False),
+        "causal_generic": (SpanMask.causal(cu), False),
+    }[kind]
+    assert mask.monotone == monotone or kind == "causal_generic"
+    calls = {name: {True: 0, False: 0} for name in ("_fwd_tile", "_dq_tile", "_dkdv_tile")}
+    for name in calls:
+        body = getattr(kernels, name)
+
+        def counted(*args, _body=body, _name=name):
+            calls[_name][bool(args[-3])] += 1  # args[-3] is MASKED
+            return _body(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    q, k, v = _qkv(num, num, heads, kv_heads, 32, torch.float16, seed=13)
+    _check(q, k, v, mask, monotone=monotone)  # numerics too, so full tiles are checked
+    fwd, dq, dkdv = (kernels._select_config(p, torch.float16, 32, 80)
+                     for p in ("fwd", "bwd_dq", "bwd_dkdv"))
+    assert calls["_fwd_tile"] == _expected_tile_calls(mask, fwd.block_m, fwd.block_n, heads)
+    assert calls["_dq_tile"] == _expected_tile_calls(mask, dq.block_m, dq.block_n, heads)
+    assert calls["_dkdv_tile"] == _expected_tile_calls(mask, dkdv.block_m, dkdv.block_n, heads)
+    assert all(calls[name][False] > 0 for name in calls) or kind == "random"
+    assert all(calls[name][True] > 0 for name in calls)
+
+
 # ----------------------------------------------------------------------------- edge sizes
-@pytest.mark.parametrize("length", [1, 2])
-def test_tiny_lengths(length):
-    q, k, v = _qkv(length, length, 2, 1, 32, torch.float32, seed=length)
-    _check(q, k, v, SpanMask.causal(torch.tensor([0, length])))
+@pytest.mark.parametrize("num_q,num_k", [(1, 3), (2, 2), (2, 1)])
+def test_tiny_lengths(num_q, num_k):
+    """Tq or Tk of 1 or 2, in fp16. (fp32 is covered at larger sizes: with two or
+    three terms per sum the fp32 baseline error is one rounding, and the rule's
+    2x bound then measures only how exp2 and exp round.) Tq = Tk = 1 is left out:
+    a query with a single key has dq = dk = 0 exactly in float64, so the rule's
+    bound is 0, while any fused kernel rounds rowsum(dO * O) and dO . v apart."""
+    q, k, v = _qkv(num_q, num_k, 2, 1, 32, torch.float16, seed=num_q + num_k)
+    if num_q == num_k:
+        mask = SpanMask.causal(torch.tensor([0, num_q]))
+    else:
+        mask = SpanMask.from_intervals([0] * num_q, [num_k] * num_q, num_keys=num_k)
+    if num_k == 1:  # dq = dk = 0 in float64 again, so only forward and dv are comparable
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).half()
+        actual = _kernel(q, k, v, mask, do, None)
+        golden = _reference(q, k, v, mask, do, None, torch.float64)
+        baseline = _reference(q, k, v, mask, do, None, torch.float16)
+        for index, name in ((0, "out"), (1, "lse"), (4, "dv")):
+            assert_within_tolerance(actual[index], golden[index], baseline[index], name)
+    else:
+        _check(q, k, v, mask)
 
 
 def test_all_intervals_empty():
@@ -296,12 +373,18 @@ def test_shipped_configs_cover_every_launch():
         names = [n for n in config.kernel.arg_names if n not in config.constexprs]
         assert list(config.signature) == names, config.label
         assert set(config.constexprs) | set(names) == set(config.kernel.arg_names)
-        assert config.uses_matmul and config.op == "span_attention"
-        assert config.constexprs["DOT_PRECISION"] == (
-            "tf32x3" if config.signature["q_ptr"] == "*fp32" else "ieee")
+        assert config.op == "span_attention"
+        precision = config.constexprs["DOT_PRECISION"]
+        if config.signature["q_ptr"] == "*fp32":
+            assert precision in ("tf32x3", "ieee")
+        else:
+            assert precision == "ieee"  # ignored for 16-bit operands: mma regardless
+        # Only fp32 with ieee dots runs without tensor cores, and it says why.
+        assert config.uses_matmul == (precision == "tf32x3" or config.signature["q_ptr"] != "*fp32")
+        assert config.uses_matmul or config.extra["note"]
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 200, 256])
+@pytest.mark.parametrize("head_dim", [16, 24, 32, 64, 80, 96, 128, 200, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_launcher_tiles_are_shipped(head_dim, dtype):
     """What a launcher would pick on each arch is one of the shipped configs."""
@@ -310,14 +393,11 @@ def test_launcher_tiles_are_shipped(head_dim, dtype):
          c.num_warps, c.num_stages)
         for c in kernels.shipped_configs()
     }
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(32, triton.next_power_of_2(head_dim))  # D < 32 runs padded to 32
     for pass_name in ("fwd", "bwd_dq", "bwd_dkdv"):
         for arch in (80, 90):
             tiles = kernels._select_config(pass_name, dtype, head_dim, arch)
-            constexprs = {
-                "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": block_d,
-                "EVEN_D": head_dim == block_d, "DOT_PRECISION": kernels._dot_precision(dtype),
-            }
+            constexprs = kernels._constexprs(tiles, dtype, block_d, head_dim == block_d)
             key = (pass_name, arch, "*" + kernels._DTYPE_NAMES[dtype],
                    tuple(sorted(constexprs.items())), tiles.num_warps, tiles.num_stages)
             assert key in shipped
@@ -325,6 +405,6 @@ def test_launcher_tiles_are_shipped(head_dim, dtype):
 
 def test_unsupported_head_dim_is_rejected():
     with pytest.raises(ValueError, match="head dims"):
-        kernels._select_config("fwd", torch.float16, 16, 80)
+        kernels._select_config("fwd", torch.float16, 8, 80)
     with pytest.raises(ValueError, match="head dims"):
         kernels._select_config("fwd", torch.float16, 320, 90)

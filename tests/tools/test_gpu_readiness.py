@@ -89,6 +89,11 @@ def tiny_configs():
     return configs
 
 
+def broken_configs():
+    """A provider that breaks the contract: its listing raises."""
+    raise RuntimeError("shipped_configs exploded")
+
+
 # ----------------------------------------------------------------------------- parsers
 CANNED_TRITON_PTXAS = """\
 ptxas-blackwell info    : 0 bytes gmem
@@ -162,11 +167,28 @@ def test_checks():
 def test_representative_picks_largest_tiles_per_group():
     listing = [
         {"op": "a", "pass_name": "fwd", "arch": 80, "dtype": "bf16", "tile_size": 192},
-        {"op": "a", "pass_name": "fwd", "arch": 80, "dtype": "bf16", "tile_size": 320},
-        {"op": "a", "pass_name": "fwd", "arch": 80, "dtype": "fp16", "tile_size": 192},
+        {"op": "a", "pass_name": "fwd", "arch": 80, "dtype": "fp16", "tile_size": 320},
+        {"op": "a", "pass_name": "fwd", "arch": 80, "dtype": "fp32", "tile_size": 96},
         {"op": "a", "pass_name": "bwd", "arch": 90, "dtype": "bf16", "tile_size": 64},
     ]
+    # fp16 and bf16 share a group (same code shape); fp32 is its own.
     assert gr.representative(listing) == [1, 2, 3]
+
+
+def test_divisible_by_16_default_and_override():
+    class Config:
+        signature = {"q_ptr": "*bf16", "stride_qt": "i32", "num_queries": "i32"}
+        extra: dict = {}
+
+    assert gr.divisible_by_16(Config) == ["q_ptr", "stride_qt"]
+    Config.extra = {"divisible_by_16": ["q_ptr"]}
+    assert gr.divisible_by_16(Config) == ["q_ptr"]
+
+
+def test_short_cuda_names():
+    demangled = "void (anonymous namespace)::scatter_kernel<__half, true>(__half*, long const*)"
+    assert gr._short_name(demangled) == ("scatter_kernel", "<__half, true>")
+    assert gr._short_name("scale_rows(float const*, float*)") == ("scale_rows", "")
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -224,10 +246,28 @@ def test_missing_op_module_is_a_note_not_a_failure():
 
 
 @needs_toolchain
+def test_broken_provider_fails_the_run():
+    report = gr.collect(ops=[f"{__name__}:broken_configs"], jobs=1, cuda=False,
+                        log=lambda line: None)
+    assert not report.ok
+    assert any("shipped_configs exploded" in error for error in report.errors)
+
+
+@needs_toolchain
 def test_report_table_has_every_row(tiny_report):
     text = gr.format_report(tiny_report, "pytest")
     assert "triton:" in text and "ptxas sm_90" in text
     assert text.count("tiny_matmul") == 4 and text.count("tiny_copy") == 2
+
+
+@needs_toolchain
+def test_cli_exit_status_and_output_file(tmp_path, capsys):
+    output = tmp_path / "report.txt"
+    args = ["--ops", TINY, "--arch", "80", "--jobs", "1", "--no-cuda", "--output", str(output)]
+    assert gr.main([*args, "--filter", "64x64x32"]) == 0
+    assert "1 configurations, 1 OK, 0 FAIL" in output.read_text()
+    assert gr.main([*args, "--filter", "huge-smem"]) == 1
+    assert f"> {gr.SMEM_LIMIT_BYTES[80]} B limit" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(gr.find_nvcc() is None, reason="needs nvcc (CUDA toolkit)")
@@ -247,7 +287,7 @@ def test_nvcc_cuda_source(tmp_path):
     assert [r.arch for r in results] == [80, 90]
     for result in results:
         assert result.ok, result.status
-        assert result.kernel == "scale_rows"
+        assert (result.kernel, result.label) == ("scale_rows", "scale_rows.cu")
         assert result.static_smem == 256 * 4 and result.spill_bytes == 0
 
 
@@ -256,7 +296,7 @@ def _span_attention_ready() -> str | None:
     path = gr.REPO_ROOT / "kernels" / "span_attention.py"
     if not path.exists():
         return "kernels/span_attention.py does not exist yet"
-    if "def shipped_configs" not in path.read_text():
+    if "shipped_configs" not in path.read_text():
         return "kernels/span_attention.py has no shipped_configs() yet"
     return None
 
@@ -264,8 +304,9 @@ def _span_attention_ready() -> str | None:
 @needs_toolchain
 @pytest.mark.skipif(_span_attention_ready() is not None, reason=str(_span_attention_ready()))
 def test_shipped_span_attention_configs():
-    """One config per pass/arch/dtype (largest tiles): no spills, smem fits, tensor cores."""
+    """One config per pass/arch/dtype width (largest tiles): no spills, smem fits, tensor cores."""
     report = gr.collect(ops=["span_attention"], subset=True, cuda=False, log=lambda line: None)
+    assert not report.errors, report.errors
     assert report.results, f"no shipped configs compiled; notes: {report.notes}"
     assert {r.arch for r in report.results} == {80, 90}
     failed = [f"{r.kernel} {r.label} sm_{r.arch}: {r.status}" for r in report.results if not r.ok]

@@ -1,0 +1,509 @@
+// Paged decode attention on CPU: the `cpu` backend of metalm_fast.paged_decode_attention.
+//
+//   _paged_decode_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, scale) -> out
+//
+// One query token per sequence: q [B, Hq, D]; caches [num_blocks, block_size,
+// Hkv, D]; key p of sequence b lives in page block_table[b, p / block_size] at
+// row p % block_size, for p < seq_lens[b]. out [B, Hq, D] in q's dtype:
+//
+//   out[b, h] = sum_p softmax_p(scale * q[b, h] . k_p) v_p     (0 when seq_lens[b] == 0)
+//
+// Work items are (sequence, kv head, split). An item serves all Hq / Hkv query
+// heads of its kv head, so each key and value row is read from memory once per
+// item, not once per query head (GQA), and walks its keys in tiles of kTile:
+//
+//   1. gather the tile's row pointers through the block table (any block size;
+//      a page id outside [0, num_blocks) is skipped, never dereferenced);
+//   2. scores S[g, j] = q_g . k_j, with q pre-scaled, four query heads per pass
+//      over a key row so the four dot products share its loads;
+//   3. online softmax per query head (running max m, sum l; acc rescaled by
+//      exp(m_old - m_new)); exp is the vectorisable polynomial of
+//      span_attention_rows.h;
+//   4. acc[g] += sum_j P[g, j] v_j.
+//
+// Flash-decoding on CPU: when B * Hkv items cannot keep every thread busy (one
+// long sequence during generation), each sequence is also split into chunks of
+// keys; items write (m, l, acc) partials and a second pass merges them:
+//   M = max_s m_s,  out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
+// With one split the item writes out directly.
+//
+// Accumulation is fp32 for fp32/fp16/bf16 (half rows are widened into a scratch
+// tile) and fp64 for fp64. The float tile step is compiled for AVX-512,
+// AVX2+FMA and baseline x86-64 (target_clones) and the loader picks one.
+// Threads pull items longest first from an atomic counter. Lengths are clamped
+// to [0, max_blocks * block_size], so no index is ever read past the block
+// table, whatever seq_lens holds.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "span_attention_rows.h"
+
+namespace metalm_fast::cpu {
+namespace {
+
+constexpr int64_t kTile = 64;           // keys per online-softmax step
+constexpr int64_t kLanes = 16;          // floats per vector (AVX-512); tiles pad D to this
+constexpr int64_t kMinSplitKeys = 256;  // a split shorter than this is not worth a merge
+constexpr int64_t kItemsPerThread = 4;  // splits are added until items >= this * threads
+
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// ----------------------------------------------------------------------------- tile math
+// Every tile below is contiguous: row r of a [rows, dp] tile starts at r * dp, and
+// columns [D, dp) are zeros (dp = D rounded up to kLanes), so the float kernels
+// run whole vectors with no tail.
+
+// Online-softmax update for `group` query heads over one tile of scores
+// ([group, kTile]; on exit P = exp(S - m_new)); rescales acc rows ([group, dp]).
+template <typename T>
+METALM_ALWAYS_INLINE void softmax_update(T* scores, int64_t group, int64_t rows, T* m, T* l,
+                                         T* acc, int64_t dp) {
+  for (int64_t g = 0; g < group; ++g) {
+    T* s = scores + g * kTile;
+    T tile_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t j = 0; j < rows; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
+    const T new_max = std::max(m[g], tile_max);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < rows; ++j) {
+      const T p = rows::exp_of(s[j] - new_max);
+      s[j] = p;
+      sum += p;
+    }
+    if (new_max != m[g]) {
+      // m == -inf before the first tile: acc and l are 0, so the factor is 0 (no inf - inf).
+      const T alpha = m[g] == -std::numeric_limits<T>::infinity() ? T(0)
+                                                                  : std::exp(m[g] - new_max);
+      T* a = acc + g * dp;
+#pragma omp simd
+      for (int64_t d = 0; d < dp; ++d) a[d] *= alpha;
+      l[g] *= alpha;
+      m[g] = new_max;
+    }
+    l[g] += sum;
+  }
+}
+
+// float: GCC vector extensions, which every target_clones clone lowers to its
+// own ISA (one zmm, two ymm or four xmm per f32x16). The dot products keep one
+// vector accumulator per query head and reduce them together with a shuffle
+// tree at the end of each key row: the auto-vectorised `omp simd reduction`
+// form spilled its lanes to the stack and reloaded them one float at a time,
+// which stalled on store forwarding and ran 5-10x slower.
+using f32x16 = float __attribute__((vector_size(kLanes * sizeof(float))));
+
+METALM_ALWAYS_INLINE f32x16 load16(const float* p) {
+  f32x16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+METALM_ALWAYS_INLINE void store16(float* p, f32x16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// out[i * stride] = sum of the lanes of a[i], for i < 4.
+METALM_ALWAYS_INLINE void reduce4(const f32x16* a, float* out, int64_t stride) {
+  const f32x16 b01 =
+      __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+      __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                              31);
+  const f32x16 b23 =
+      __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+      __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                              31);
+  // Lanes 4i .. 4i + 3 now hold four partial sums of a[i].
+  const f32x16 c =
+      __builtin_shufflevector(b01, b23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+      __builtin_shufflevector(b01, b23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const f32x16 d =
+      c + __builtin_shufflevector(c, c, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  const f32x16 e =
+      d + __builtin_shufflevector(d, d, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  for (int i = 0; i < 4; ++i) out[i * stride] = e[4 * i];
+}
+
+METALM_ALWAYS_INLINE void reduce1(const f32x16* a, float* out, int64_t) {
+  f32x16 v = a[0];
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  out[0] = v[0];
+}
+
+// scores[i, j] = q_i . k_j for NQ query rows (q [NQ, dp]) and the tile's key rows.
+template <int NQ>
+METALM_ALWAYS_INLINE void scores_of(const float* q, int64_t dp, const float* keys, int64_t rows,
+                                    float* scores) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const float* k = keys + j * dp;
+    f32x16 a[NQ] = {};
+    for (int64_t d = 0; d < dp; d += kLanes) {
+      const f32x16 kv = load16(k + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < NQ; ++i) a[i] += load16(q + i * dp + d) * kv;
+    }
+    if constexpr (NQ == 4) {
+      reduce4(a, scores + j, kTile);
+    } else {
+      reduce1(a, scores + j, kTile);
+    }
+  }
+}
+
+// acc[i] += sum_j P[i, j] v_j for NQ query rows; each value vector is loaded
+// once and feeds NQ accumulators that stay in registers across the tile.
+template <int NQ>
+METALM_ALWAYS_INLINE void accumulate(const float* probs, const float* values, int64_t rows,
+                                     int64_t dp, float* acc) {
+  for (int64_t d = 0; d < dp; d += kLanes) {
+    f32x16 a[NQ];
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; ++i) a[i] = load16(acc + i * dp + d);
+    for (int64_t j = 0; j < rows; ++j) {
+      const f32x16 v = load16(values + j * dp + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < NQ; ++i) a[i] += probs[i * kTile + j] * v;
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; ++i) store16(acc + i * dp + d, a[i]);
+  }
+}
+
+// One tile for the `group` query heads of one kv head: q [group, dp], keys and
+// values [rows, dp], scores [group, kTile] scratch, m and l [group], acc [group, dp].
+METALM_CPU_CLONES static void tile_step(const float* q, int64_t group, int64_t dp,
+                                        const float* keys, const float* values, int64_t rows,
+                                        float* scores, float* m, float* l, float* acc) {
+  int64_t g = 0;
+  for (; g + 4 <= group; g += 4) scores_of<4>(q + g * dp, dp, keys, rows, scores + g * kTile);
+  for (; g < group; ++g) scores_of<1>(q + g * dp, dp, keys, rows, scores + g * kTile);
+  softmax_update(scores, group, rows, m, l, acc, dp);
+  g = 0;
+  for (; g + 4 <= group; g += 4) accumulate<4>(scores + g * kTile, values, rows, dp, acc + g * dp);
+  for (; g < group; ++g) accumulate<1>(scores + g * kTile, values, rows, dp, acc + g * dp);
+}
+
+// double (tests and debugging): the same steps as plain loops.
+static void tile_step(const double* q, int64_t group, int64_t dp, const double* keys,
+                      const double* values, int64_t rows, double* scores, double* m, double* l,
+                      double* acc) {
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t j = 0; j < rows; ++j) {
+      double s = 0;
+      for (int64_t d = 0; d < dp; ++d) s += q[g * dp + d] * keys[j * dp + d];
+      scores[g * kTile + j] = s;
+    }
+  softmax_update(scores, group, rows, m, l, acc, dp);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t d = 0; d < dp; ++d) acc[g * dp + d] += scores[g * kTile + j] * values[j * dp + d];
+}
+
+// ----------------------------------------------------------------------------- problem
+struct CacheView {
+  const void* data;
+  int64_t block_stride, row_stride, head_stride;  // elements
+};
+
+struct Problem {
+  int64_t batch, q_heads, kv_heads, group, head_dim, padded_dim;
+  int64_t num_blocks, block_size, max_blocks;
+  CacheView k, v;
+  const int32_t* block_table;  // [batch, max_blocks], contiguous
+  std::vector<int64_t> lengths;  // clamped to [0, max_blocks * block_size]
+  int64_t split_keys;  // keys per split
+  int64_t splits;      // splits of the longest sequence
+};
+
+struct Item {
+  int64_t batch, split, first_key, last_key;
+};
+
+// Per-thread scratch, allocated once per call; padding columns stay zero.
+template <typename T>
+struct Scratch {
+  std::vector<T> q, keys, values, scores, m, l, acc;
+  Scratch(const Problem& p)
+      : q(p.q_heads * p.padded_dim), keys(p.kv_heads * kTile * p.padded_dim),
+        values(p.kv_heads * kTile * p.padded_dim), scores(p.group * kTile), m(p.q_heads),
+        l(p.q_heads), acc(p.q_heads * p.padded_dim) {}
+};
+
+// Ask for the next tile's rows while this one is computed: page order is
+// arbitrary, so the hardware prefetcher cannot guess where they are.
+template <typename scalar_t>
+void prefetch_rows(const Problem& p, const int32_t* pages, int64_t first, int64_t last) {
+  const int64_t row_bytes = p.kv_heads * p.head_dim * static_cast<int64_t>(sizeof(scalar_t));
+  const bool heads_adjacent = p.k.head_stride == p.head_dim && p.v.head_stride == p.head_dim;
+  if (!heads_adjacent) return;  // an unusual layout: not worth the arithmetic
+  for (int64_t key = first; key < last; ++key) {
+    const int64_t page = pages[key / p.block_size];
+    if (page < 0 || page >= p.num_blocks) continue;
+    const int64_t offset = key % p.block_size;
+    const char* k_row = static_cast<const char*>(p.k.data) +
+                        (page * p.k.block_stride + offset * p.k.row_stride) * sizeof(scalar_t);
+    const char* v_row = static_cast<const char*>(p.v.data) +
+                        (page * p.v.block_stride + offset * p.v.row_stride) * sizeof(scalar_t);
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+      __builtin_prefetch(k_row + byte);
+      __builtin_prefetch(v_row + byte);
+    }
+  }
+}
+
+// Copy the rows of keys [first, last) of one sequence into head-major tiles
+// [Hkv, kTile, dp] (widening half types). A page is read front to back, all
+// heads of a key at once, which the hardware prefetcher streams; reading one
+// head's rows straight from the cache (a 1 KiB stride for Hkv = 4, D = 64)
+// was 5-8x slower. Keys on an invalid page are left out.
+template <typename scalar_t, typename T>
+int64_t gather_tile(const Problem& p, const Item& item, int64_t first, int64_t last,
+                    Scratch<T>& scratch) {
+  const int32_t* pages = p.block_table + item.batch * p.max_blocks;
+  const auto* k_base = static_cast<const scalar_t*>(p.k.data);
+  const auto* v_base = static_cast<const scalar_t*>(p.v.data);
+  const int64_t head_tile = kTile * p.padded_dim;
+  prefetch_rows<scalar_t>(p, pages, last, std::min(last + kTile, item.last_key));
+  int64_t rows = 0;
+  for (int64_t key = first; key < last; ++key) {
+    const int64_t page = pages[key / p.block_size];
+    if (page < 0 || page >= p.num_blocks) continue;
+    const int64_t offset = key % p.block_size;
+    const scalar_t* k_row = k_base + page * p.k.block_stride + offset * p.k.row_stride;
+    const scalar_t* v_row = v_base + page * p.v.block_stride + offset * p.v.row_stride;
+    T* k_dst = scratch.keys.data() + rows * p.padded_dim;
+    T* v_dst = scratch.values.data() + rows * p.padded_dim;
+    for (int64_t h = 0; h < p.kv_heads; ++h) {
+      const scalar_t* k_src = k_row + h * p.k.head_stride;
+      const scalar_t* v_src = v_row + h * p.v.head_stride;
+      for (int64_t d = 0; d < p.head_dim; ++d) {
+        k_dst[h * head_tile + d] = static_cast<T>(k_src[d]);
+        v_dst[h * head_tile + d] = static_cast<T>(v_src[d]);
+      }
+    }
+    ++rows;
+  }
+  return rows;
+}
+
+// Runs one item (a sequence's keys [first_key, last_key), every head); leaves
+// (m, l, acc) of all Hq query heads in the scratch.
+template <typename scalar_t, typename T>
+void run_item(const Problem& p, const Item& item, const at::Tensor& q, double scale,
+              Scratch<T>& scratch) {
+  const int64_t dp = p.padded_dim;
+  for (int64_t h = 0; h < p.q_heads; ++h) {
+    const scalar_t* q_row =
+        q.const_data_ptr<scalar_t>() + item.batch * q.stride(0) + h * q.stride(1);
+    for (int64_t d = 0; d < p.head_dim; ++d)
+      scratch.q[h * dp + d] = static_cast<T>(static_cast<T>(q_row[d]) * scale);
+  }
+  std::fill(scratch.m.begin(), scratch.m.end(), -std::numeric_limits<T>::infinity());
+  std::fill(scratch.l.begin(), scratch.l.end(), T(0));
+  std::fill(scratch.acc.begin(), scratch.acc.end(), T(0));
+  for (int64_t first = item.first_key; first < item.last_key; first += kTile) {
+    const int64_t last = std::min(first + kTile, item.last_key);
+    const int64_t rows = gather_tile<scalar_t>(p, item, first, last, scratch);
+    if (rows == 0) continue;
+    for (int64_t h = 0; h < p.kv_heads; ++h) {
+      const int64_t g0 = h * p.group;
+      tile_step(scratch.q.data() + g0 * dp, p.group, dp, scratch.keys.data() + h * kTile * dp,
+                scratch.values.data() + h * kTile * dp, rows, scratch.scores.data(),
+                scratch.m.data() + g0, scratch.l.data() + g0, scratch.acc.data() + g0 * dp);
+    }
+  }
+}
+
+// out[b, h] = acc / l for every query head of one item (zeros when it saw no key).
+template <typename scalar_t, typename T>
+void write_final(const Problem& p, const Item& item, const Scratch<T>& scratch, at::Tensor& out) {
+  scalar_t* dst = out.data_ptr<scalar_t>() + item.batch * p.q_heads * p.head_dim;
+  for (int64_t h = 0; h < p.q_heads; ++h) {
+    const T l = scratch.l[h];
+    const T inv = l > 0 ? T(1) / l : T(0);
+    for (int64_t d = 0; d < p.head_dim; ++d)
+      dst[h * p.head_dim + d] = static_cast<scalar_t>(scratch.acc[h * p.padded_dim + d] * inv);
+  }
+}
+
+// Partials of every split: ml [B, Hq, splits, 2] and acc [B, Hq, splits, D].
+template <typename T>
+struct Partials {
+  std::vector<T> ml, acc;
+  int64_t q_heads, splits;
+  explicit Partials(const Problem& p)
+      : ml(p.splits > 1 ? p.batch * p.q_heads * p.splits * 2 : 0),
+        acc(p.splits > 1 ? p.batch * p.q_heads * p.splits * p.head_dim : 0),
+        q_heads(p.q_heads), splits(p.splits) {}
+  int64_t index(int64_t b, int64_t h, int64_t s) const { return (b * q_heads + h) * splits + s; }
+};
+
+template <typename T>
+void store_partial(const Problem& p, const Item& item, const Scratch<T>& scratch,
+                   Partials<T>& partials) {
+  for (int64_t h = 0; h < p.q_heads; ++h) {
+    const int64_t i = partials.index(item.batch, h, item.split);
+    partials.ml[2 * i] = scratch.m[h];
+    partials.ml[2 * i + 1] = scratch.l[h];
+    std::copy_n(scratch.acc.data() + h * p.padded_dim, p.head_dim,
+                partials.acc.data() + i * p.head_dim);
+  }
+}
+
+// Second pass of flash-decoding: merge the splits of every (sequence, query head).
+template <typename scalar_t, typename T>
+void merge_partials(const Problem& p, const Partials<T>& partials, at::Tensor& out) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  at::parallel_for(0, p.batch * p.q_heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(p.head_dim);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+      const int64_t used = (p.lengths[b] + p.split_keys - 1) / p.split_keys;
+      T max_m = kNegInf;
+      for (int64_t s = 0; s < used; ++s) {
+        const int64_t i = partials.index(b, h, s);
+        if (partials.ml[2 * i + 1] > 0) max_m = std::max(max_m, partials.ml[2 * i]);
+      }
+      std::fill(sum.begin(), sum.end(), T(0));
+      T total = 0;
+      for (int64_t s = 0; s < used && max_m > kNegInf; ++s) {
+        const int64_t i = partials.index(b, h, s);
+        if (!(partials.ml[2 * i + 1] > 0)) continue;  // a split whose pages were all invalid
+        const T weight = std::exp(partials.ml[2 * i] - max_m);
+        total += weight * partials.ml[2 * i + 1];
+        const T* acc = partials.acc.data() + i * p.head_dim;
+        for (int64_t d = 0; d < p.head_dim; ++d) sum[d] += weight * acc[d];
+      }
+      const T inv = total > 0 ? T(1) / total : T(0);
+      scalar_t* dst = out.data_ptr<scalar_t>() + bh * p.head_dim;
+      for (int64_t d = 0; d < p.head_dim; ++d) dst[d] = static_cast<scalar_t>(sum[d] * inv);
+    }
+  });
+}
+
+// Items (sequence, split) with at least one key, longest first.
+std::vector<Item> plan_items(const Problem& p) {
+  std::vector<Item> items;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t first = 0, s = 0; first < p.lengths[b]; first += p.split_keys, ++s)
+      items.push_back({b, s, first, std::min(first + p.split_keys, p.lengths[b])});
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return a.last_key - a.first_key > b.last_key - b.first_key;
+  });
+  return items;
+}
+
+// Split only when B items leave threads idle, and never below kMinSplitKeys keys.
+void choose_splits(Problem& p) {
+  const int64_t longest = *std::max_element(p.lengths.begin(), p.lengths.end());
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = (kItemsPerThread * threads + p.batch - 1) / p.batch;
+  const int64_t most = std::max<int64_t>(1, longest / kMinSplitKeys);
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, most);
+  const int64_t per_split = (longest + splits - 1) / splits;
+  p.split_keys = std::max<int64_t>(1, (per_split + kTile - 1) / kTile) * kTile;
+  p.splits = std::max<int64_t>(1, (longest + p.split_keys - 1) / p.split_keys);
+}
+
+template <typename scalar_t>
+void decode(Problem& p, const at::Tensor& q, double scale, at::Tensor& out) {
+  using T = compute_t<scalar_t>;
+  choose_splits(p);
+  const std::vector<Item> items = plan_items(p);
+  const auto num_items = static_cast<int64_t>(items.size());
+  Partials<T> partials(p);
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(p);
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t i = next++; i < num_items; i = next++) {
+        run_item<scalar_t>(p, items[i], q, scale, scratch);
+        if (p.splits == 1) {
+          write_final<scalar_t>(p, items[i], scratch, out);
+        } else {
+          store_partial(p, items[i], scratch, partials);
+        }
+      }
+    }
+  });
+  if (p.splits > 1) merge_partials<scalar_t>(p, partials, out);
+}
+
+CacheView view_of(const at::Tensor& cache) {
+  return {cache.const_data_ptr(), cache.stride(0), cache.stride(1), cache.stride(2)};
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                      const at::Tensor& v_cache, const at::Tensor& block_table,
+                                      const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3, "paged_decode_attention (cpu): q must be [B, Hq, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "paged_decode_attention (cpu): caches must be [num_blocks, block_size, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
+                  q.scalar_type() == v_cache.scalar_type(),
+              "paged_decode_attention (cpu): q and the caches must share a dtype");
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache})
+    TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1,
+                "paged_decode_attention (cpu): q and the caches must be contiguous in the last dim");
+  TORCH_CHECK(q.size(2) == k_cache.size(3) && k_cache.size(2) > 0 &&
+                  q.size(1) % k_cache.size(2) == 0,
+              "paged_decode_attention (cpu): head dims differ or Hq is not a multiple of Hkv");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0) &&
+                  seq_lens.dim() == 1 && seq_lens.size(0) == q.size(0),
+              "paged_decode_attention (cpu): block_table must be [B, max_blocks], seq_lens [B]");
+  Problem p;
+  p.batch = q.size(0);
+  p.q_heads = q.size(1);
+  p.kv_heads = k_cache.size(2);
+  p.group = p.q_heads / p.kv_heads;
+  p.head_dim = q.size(2);
+  p.padded_dim = (p.head_dim + kLanes - 1) / kLanes * kLanes;
+  p.num_blocks = k_cache.size(0);
+  p.block_size = k_cache.size(1);
+  p.max_blocks = block_table.size(1);
+  p.k = view_of(k_cache);
+  p.v = view_of(v_cache);
+  const at::Tensor table = block_table.to(at::kInt).contiguous();
+  p.block_table = table.const_data_ptr<int32_t>();
+  const at::Tensor lengths = seq_lens.to(at::kLong).contiguous();
+  const int64_t capacity = p.max_blocks * p.block_size;
+  p.lengths.resize(p.batch);
+  for (int64_t b = 0; b < p.batch; ++b)
+    p.lengths[b] = std::clamp<int64_t>(lengths.const_data_ptr<int64_t>()[b], 0, capacity);
+
+  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (p.batch == 0 || p.q_heads == 0 || p.head_dim == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "paged_decode_attention_cpu",
+                                  [&] { decode<scalar_t>(p, q, scale, out); });
+  return out;
+}
+
+}  // namespace
+}  // namespace metalm_fast::cpu
+
+TORCH_LIBRARY_FRAGMENT(metalm, m) {
+  m.def(
+      "_paged_decode_attention_cpu(Tensor q, Tensor k_cache, Tensor v_cache, "
+      "Tensor block_table, Tensor seq_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(metalm, CPU, m) {
+  m.impl("_paged_decode_attention_cpu", &metalm_fast::cpu::paged_decode_attention_cpu);
+}

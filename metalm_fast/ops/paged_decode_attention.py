@@ -1,0 +1,244 @@
+"""paged_decode_attention: one new query token per sequence over its cached pages.
+
+::
+
+    out[b, h] = sum_p softmax_p(scale * q[b, h] . k_p) v_p,    p < seq_lens[b]
+    k_p = k_cache[block_table[b, p // block_size], p % block_size, h // (Hq // Hkv)]
+
+This is the generation step: each sequence's prompt and earlier tokens are in
+the paged cache (metalm_fast.ops.kv_cache), and only the newest token's query
+is computed. The work is reading K and V (about 2 * seq_len * Hkv * D elements
+per sequence) against a few FLOPs per element, so every backend reads each key
+and value row once for all Hq / Hkv query heads that share it (GQA).
+
+Backends: ``triton`` (kernels/paged_decode_attention.py: flash-decoding, long
+sequences split across programs and merged by a second kernel), ``cpu``
+(csrc/cpu/paged_decode_attention.cpp: the same split-and-merge over threads)
+and ``reference`` (gathers the pages and calls the dense oracle).
+
+Layers: the ``metalm::paged_decode_attention`` custom op with a fake
+implementation (``torch.compile`` traces it) and the public function, which
+validates on the host and picks a backend. Decode is inference: the op has no
+autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metalm_fast import reference
+from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops.kv_cache import check_cache_pair, resolve_with_compiled_op
+from metalm_fast.ops.span_attention import SUPPORTED_HEAD_DIMS
+
+__all__ = ["paged_decode_attention"]
+
+_SUPPORTED = ("triton", "cpu", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_COMPILED_OPS = {"cpu": "_paged_decode_attention_cpu"}
+
+
+# ----------------------------------------------------------------------------- backends
+def _decode_triton(q, k_cache, v_cache, block_table, seq_lens, scale):
+    from metalm_fast.kernels.paged_decode_attention import paged_decode_attention_forward
+
+    return paged_decode_attention_forward(q, k_cache, v_cache, block_table, seq_lens, scale)
+
+
+def _decode_cpu(q, k_cache, v_cache, block_table, seq_lens, scale):
+    cpu_extension()
+    return torch.ops.metalm._paged_decode_attention_cpu(
+        q, k_cache, v_cache, block_table, seq_lens, scale
+    )
+
+
+def _decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale):
+    # The oracle indexes pages directly: clamp as the kernels do, so a garbage
+    # seq_len (possible only with validate=False) reads no page past the table.
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    lengths = seq_lens.to(torch.int64).clamp(0, capacity)
+    return reference.paged_decode_attention(
+        q, k_cache, v_cache, block_table, lengths, scale=scale
+    )
+
+
+_DECODE = {"triton": _decode_triton, "cpu": _decode_cpu, "reference": _decode_reference}
+
+
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("metalm::paged_decode_attention", mutates_args=())
+def _paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """out [B, Hq, D] in q.dtype, contiguous."""
+    return _DECODE[backend](q, k_cache, v_cache, block_table, seq_lens, scale).contiguous()
+
+
+@_paged_decode_attention.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, scale, backend):
+    return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_index(name: str, index, dims: int, shape_text: str) -> None:
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 (or int64), got {index.dtype}")
+    if index.dim() != dims:
+        raise ValueError(f"{name} must be {shape_text}, got shape {tuple(index.shape)}")
+
+
+def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [B, Hq, D], got shape {tuple(q.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    check_cache_pair(k_cache, v_cache)
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"q dtype {q.dtype} must equal k_cache dtype {k_cache.dtype}")
+    if k_cache.device != q.device:
+        raise ValueError(f"q is on {q.device} but k_cache is on {k_cache.device}")
+    if q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(
+            f"q and k_cache must have the same head dim, got {q.shape[-1]} and "
+            f"{k_cache.shape[-1]}"
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head dim {q.shape[-1]} (q.shape[-1]) is not supported: expected a multiple of 8 "
+            "from 16 to 256"
+        )
+    if k_cache.shape[2] == 0 or q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(
+            f"query heads (q.shape[1]={q.shape[1]}) must be a multiple of key/value heads "
+            f"(k_cache.shape[2]={k_cache.shape[2]})"
+        )
+    _check_index("block_table", block_table, 2, "2-D [B, max_blocks]")
+    _check_index("seq_lens", seq_lens, 1, "1-D [B]")
+    batch = q.shape[0]
+    if block_table.shape[0] != batch or seq_lens.shape[0] != batch:
+        raise ValueError(
+            f"block_table and seq_lens need one row per sequence of q (B={batch}), got "
+            f"block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)}"
+        )
+    for name, index in (("block_table", block_table), ("seq_lens", seq_lens)):
+        if index.device != q.device:
+            raise ValueError(f"{name} is on {index.device} but q is on {q.device}")
+    if scale is not None and (
+        not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+
+def _check_index_contents(block_table, seq_lens, num_blocks: int, block_size: int) -> None:
+    """validate=True: lengths fit the table, used pages exist (one device sync)."""
+    lengths = seq_lens.to(torch.int64).cpu()
+    table = block_table.to(torch.int64).cpu()
+    capacity = table.shape[1] * block_size
+    for b, length in enumerate(lengths.tolist()):
+        if length < 0 or length > capacity:
+            raise ValueError(
+                f"seq_lens[{b}] = {length} is beyond the sequence's pages: block_table has "
+                f"{table.shape[1]} pages of {block_size} tokens per sequence ({capacity} tokens)"
+            )
+        used = table[b, : math.ceil(length / block_size)]
+        outside = (used < 0) | (used >= num_blocks)
+        if bool(outside.any()):
+            page = int(torch.nonzero(outside)[0, 0])
+            raise ValueError(
+                f"block_table[{b}, {page}] = {int(used[page])} is outside the pool "
+                f"[0, num_blocks={num_blocks})"
+            )
+
+
+# ----------------------------------------------------------------------------- public API
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    validate: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of one query token per sequence over that sequence's cached pages.
+
+    ::
+
+        out[b, h] = sum_{p < seq_lens[b]} softmax_p(scale * q[b, h] . k_p) v_p
+        k_p, v_p  = cache[block_table[b, p // block_size], p % block_size, h // (Hq // Hkv)]
+
+    Parameters
+    ----------
+    q : [B, Hq, D], float16, bfloat16, float32 (or float64 on the cpu and
+        reference backends); only the last dim must be contiguous.
+    k_cache, v_cache : [num_blocks, block_size, Hkv, D] in q's dtype; Hq must
+        be a multiple of Hkv (GQA / MQA). D is a multiple of 8 from 16 to 256.
+    block_table : int32 [B, max_blocks]: sequence b's pages in order (entries
+        past its last page are never read).
+    seq_lens : int32 [B]: keys per sequence; sequences may differ in length,
+        and a length of 0 gives an output of zeros.
+    scale : softmax scale, default ``1 / sqrt(D)``.
+    validate : check that ``0 <= seq_lens[b] <= max_blocks * block_size`` and
+        that every page a sequence uses is in ``[0, num_blocks)`` (one device
+        sync). Without it, lengths are clamped to that range and keys on pages
+        outside the pool are skipped: nothing is ever read out of bounds.
+    backend : {"auto", "triton", "cpu", "reference"}. "auto" picks triton on
+        CUDA tensors and cpu on CPU tensors.
+
+    Returns
+    -------
+    out : [B, Hq, D] in q's dtype, contiguous. Not differentiable (inference).
+
+    Notes
+    -----
+    Fill the cache with :func:`kv_cache_append` (the new token's own key and
+    value included, so ``seq_lens`` counts it); :class:`PagedKVCache` builds
+    ``block_table``, ``seq_lens`` and the slots.
+
+    Example
+    -------
+    >>> import torch
+    >>> from metalm_fast import paged_decode_attention
+    >>> k_cache, v_cache = torch.randn(8, 16, 2, 64), torch.randn(8, 16, 2, 64)
+    >>> block_table = torch.tensor([[3, 5, 0], [1, 0, 0]], dtype=torch.int32)
+    >>> seq_lens = torch.tensor([20, 7], dtype=torch.int32)
+    >>> q = torch.randn(2, 8, 64)
+    >>> paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens).shape
+    torch.Size([2, 8, 64])
+    """
+    _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale)
+    if validate:
+        _check_index_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+    resolved = resolve_with_compiled_op(
+        "paged_decode_attention", backend, q.device, _SUPPORTED, _COMPILED_OPS
+    )
+    if resolved == "triton" and q.dtype == torch.float64:
+        raise TypeError("the triton backend supports float16, bfloat16 and float32, got float64 (q)")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return _paged_decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_table.to(torch.int32),
+        seq_lens.to(torch.int32),
+        float(scale),
+        resolved,
+    )
