@@ -212,27 +212,38 @@ def criteria(extras: dict[str, dict]) -> list[tuple[bool, str]]:
         fwd = extra["fwd"]
         ratio = fwd["cpu"] / fwd["flex"]
         results.append(
-            (ratio <= 1.0, f"{name}: cpu forward at least as fast as FlexAttention compiled "
-             f"(cpu/flex = {ratio:.2f}, need <= 1.00)")
+            (
+                ratio <= 1.0,
+                f"{name}: cpu forward at least as fast as FlexAttention compiled "
+                f"(cpu/flex = {ratio:.2f}, need <= 1.00)",
+            )
         )
         limit = 1.5 if name == "semi_causal" else 1.3
         ratio = fwd["cpu"] / fwd["sdpa_practical"]
         results.append(
-            (ratio <= limit, f"{name}: cpu forward within {limit}x of the practical limit "
-             f"(cpu/sdpa_practical = {ratio:.2f}, need <= {limit})")
+            (
+                ratio <= limit,
+                f"{name}: cpu forward within {limit}x of the practical limit "
+                f"(cpu/sdpa_practical = {ratio:.2f}, need <= {limit})",
+            )
         )
     if "semi_causal" in extras:
         fb = extras["semi_causal"]["fb"]
         speedup = fb["sdpa_dense"] / fb["cpu"]
         results.append(
-            (speedup >= 4.0, f"semi_causal: cpu forward+backward >= 4x faster than SDPA with a "
-             f"dense mask (speedup = {speedup:.2f}x)")
+            (
+                speedup >= 4.0,
+                f"semi_causal: cpu forward+backward >= 4x faster than SDPA with a "
+                f"dense mask (speedup = {speedup:.2f}x)",
+            )
         )
     for name, extra in extras.items():
         share = extra["mask_build_s"] / extra["fwd"]["cpu"]
         results.append(
-            (share < 0.05, f"{name}: building the SpanMask < 5% of the cpu forward "
-             f"({100 * share:.2f}%)")
+            (
+                share < 0.05,
+                f"{name}: building the SpanMask < 5% of the cpu forward ({100 * share:.2f}%)",
+            )
         )
     return results
 
@@ -306,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(
             f"# {title}\n\n{machine}\n\n{table}\n\n{notes(extras)}\n\n"
             f"## Acceptance criteria\n\n```\n{check_lines}\n```\n\n"
-            f"Command: `python benchmarks/bench_span_attention.py{' --quick' if args.quick else ''}`\n"
+            f"Command: `python benchmarks/bench_span_attention.py{suffix.replace('_', ' --')}`\n"
         )
         print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
     return 0 if all(ok for ok, _ in checks) else 1

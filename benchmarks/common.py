@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from metalm_fast import SpanMask
 
 # Mirrors the planner of csrc/cpu/span_attention_plan.h (kQueryRows, kKeyTile), for tile counts.
-CPU_QUERY_ROWS = 64
+CPU_QUERY_ROWS = 128
 CPU_KEY_TILE = 256
 FLEX_BLOCK = 128
 

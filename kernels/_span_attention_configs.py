@@ -31,12 +31,15 @@ class _Tiles:
 #   * dK/dV holds two fp32 [BLOCK_N, D] accumulators across its whole loop, so
 #     it owns many keys but streams few query rows.
 #   * sm_90 wants 64-row tiles on the M side of each dot for wgmma; where no such
-#     tile is spill-free (16-bit dK/dV at D=256; fp32 dK/dV from D=64 and every
-#     fp32 pass at D=128) the entry is smaller and Triton emits mma.sync, still
-#     on tensor cores (a note in the shipped config says so).
+#     tile is spill-free (16-bit dQ and dK/dV at D=256; fp32 dK/dV at D=64 and
+#     fp32 at D=128) the entry is smaller and Triton emits mma.sync, still on
+#     tensor cores (the shipped config says so: extra["tensor_core"] = "mma").
 #   * tf32x3 keeps hi and lo halves of each operand in registers, so fp32 tiles
-#     are small; at D=256 no tf32x3 tile was spill-free, so fp32 D=256 uses
-#     "ieee" (FMA, exact fp32, no tensor cores; marked uses_matmul=False).
+#     are small; where no tf32x3 tile was spill-free (fp32 dK/dV at BLOCK_D=128,
+#     every fp32 pass at BLOCK_D=256) the entry uses "ieee" (FMA, exact fp32, no
+#     tensor cores; shipped with uses_matmul=False and a note).
+# Registers are those of the cubin Triton ships (ptxas -lineinfo
+# --regAllocOptLevel=2, as metalm_fast.tools.gpu_readiness measures them).
 _TILES: dict[tuple[str, int, str, int], _Tiles] = {
     # ---- forward: q block of BLOCK_M rows owned, key tiles of BLOCK_N streamed
     ("fwd", 80, "16", 32): _Tiles(128, 64, 4, 3),
@@ -52,7 +55,7 @@ _TILES: dict[tuple[str, int, str, int], _Tiles] = {
     ("fwd", 80, "32", 128): _Tiles(16, 16, 4, 2),
     ("fwd", 80, "32", 256): _Tiles(16, 16, 4, 1, "ieee"),
     ("fwd", 90, "32", 32): _Tiles(64, 64, 4, 3),
-    ("fwd", 90, "32", 64): _Tiles(64, 32, 4, 2),
+    ("fwd", 90, "32", 64): _Tiles(64, 16, 4, 2),
     ("fwd", 90, "32", 128): _Tiles(16, 16, 4, 2),
     ("fwd", 90, "32", 256): _Tiles(16, 16, 4, 1, "ieee"),
     # ---- backward dQ: like the forward
@@ -63,7 +66,7 @@ _TILES: dict[tuple[str, int, str, int], _Tiles] = {
     ("bwd_dq", 90, "16", 32): _Tiles(128, 64, 8, 3),
     ("bwd_dq", 90, "16", 64): _Tiles(128, 64, 8, 3),
     ("bwd_dq", 90, "16", 128): _Tiles(128, 64, 8, 2),
-    ("bwd_dq", 90, "16", 256): _Tiles(64, 32, 8, 2),
+    ("bwd_dq", 90, "16", 256): _Tiles(32, 32, 4, 2),
     ("bwd_dq", 80, "32", 32): _Tiles(64, 32, 4, 2),
     ("bwd_dq", 80, "32", 64): _Tiles(32, 32, 4, 2),
     ("bwd_dq", 80, "32", 128): _Tiles(16, 16, 8, 1),
@@ -74,7 +77,7 @@ _TILES: dict[tuple[str, int, str, int], _Tiles] = {
     ("bwd_dq", 90, "32", 256): _Tiles(16, 16, 4, 1, "ieee"),
     # ---- backward dK/dV: key block of BLOCK_N rows owned, query blocks of BLOCK_M streamed
     ("bwd_dkdv", 80, "16", 32): _Tiles(32, 128, 8, 3),
-    ("bwd_dkdv", 80, "16", 64): _Tiles(32, 128, 8, 2),
+    ("bwd_dkdv", 80, "16", 64): _Tiles(16, 128, 8, 2),
     ("bwd_dkdv", 80, "16", 128): _Tiles(32, 64, 8, 2),
     ("bwd_dkdv", 80, "16", 256): _Tiles(16, 32, 8, 1),
     ("bwd_dkdv", 90, "16", 32): _Tiles(64, 128, 8, 2),
@@ -83,12 +86,12 @@ _TILES: dict[tuple[str, int, str, int], _Tiles] = {
     ("bwd_dkdv", 90, "16", 256): _Tiles(16, 32, 8, 1),
     ("bwd_dkdv", 80, "32", 32): _Tiles(16, 64, 4, 2),
     ("bwd_dkdv", 80, "32", 64): _Tiles(16, 32, 4, 2),
-    ("bwd_dkdv", 80, "32", 128): _Tiles(16, 16, 8, 1),
+    ("bwd_dkdv", 80, "32", 128): _Tiles(32, 32, 8, 1, "ieee"),
     ("bwd_dkdv", 80, "32", 256): _Tiles(16, 32, 8, 1, "ieee"),
     ("bwd_dkdv", 90, "32", 32): _Tiles(32, 64, 4, 2),
     ("bwd_dkdv", 90, "32", 64): _Tiles(16, 32, 4, 2),
-    ("bwd_dkdv", 90, "32", 128): _Tiles(16, 16, 8, 1),
-    ("bwd_dkdv", 90, "32", 256): _Tiles(16, 16, 8, 1, "ieee"),
+    ("bwd_dkdv", 90, "32", 128): _Tiles(16, 32, 8, 1, "ieee"),
+    ("bwd_dkdv", 90, "32", 256): _Tiles(16, 32, 8, 1, "ieee"),
 }
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

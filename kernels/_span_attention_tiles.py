@@ -4,8 +4,8 @@ Everything here is a ``@triton.jit`` helper inlined into the three kernels:
 loading row tiles, reading a block's intervals, classifying key tiles as
 empty / full / partial, the monotone binary search of the dK/dV kernel, and
 the three per-tile bodies (forward, dQ, dK/dV). The bodies take ``MASKED`` as a
-constexpr, so a full tile is compiled without any mask arithmetic and a partial
-tile with it, from one source.
+constexpr (or, in the dK/dV partial loop, a uniform runtime flag), so a full
+tile runs without any mask arithmetic and a partial tile with it, from one source.
 
 Conventions shared by all helpers:
 
@@ -197,11 +197,13 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, row_start, row_end, offs_n,
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d,
                row_start, row_end, stride_qt, stride_dot, num_queries, head_dim, qk_scale,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q for one query block, computed transposed ([keys, queries]).
 
     The transposed layout keeps the key tile as the M side of every dot, so k,
-    v and both accumulators stay in registers across the whole query loop.
+    v and both accumulators stay on chip across the whole query loop. MASKED is
+    a constexpr in the full-block loop and a runtime (uniform) flag in the
+    partial-block loop: either way a full block runs no mask arithmetic.
     """
     q = _load_rows(q_base, offs_m, offs_d, stride_qt, num_queries, head_dim, True, EVEN_D)
     do = _load_rows(do_base, offs_m, offs_d, stride_dot, num_queries, head_dim, True, EVEN_D)

@@ -188,9 +188,9 @@ class _Tiles:
 
 def _tiles(block_d: int, dtype: torch.dtype) -> _Tiles:
     """Key tile per head-dim bucket: a K and a V tile of BLOCK_N x BLOCK_D per stage."""
-    if block_d >= 256:
-        return _Tiles(block_n=32, num_warps=4, num_stages=2)
-    if dtype == torch.float32 and block_d >= 128:
+    if dtype == torch.float32 and block_d >= 256:
+        return _Tiles(block_n=32, num_warps=8, num_stages=2)
+    if block_d >= 256 or (dtype == torch.float32 and block_d >= 128):
         return _Tiles(block_n=32, num_warps=4, num_stages=2)
     return _Tiles(block_n=64, num_warps=4, num_stages=2)
 
@@ -231,10 +231,6 @@ def _aligned_attrs(kernel) -> dict[tuple[int], list]:
     return {(index,): [["tt.divisibility", 16]] for index in aligned}
 
 
-def _merge_block_s() -> int:
-    return MAX_SPLITS
-
-
 def shipped_configs() -> list[KernelConfig]:
     """Split and merge kernels for fp16, bf16, fp32 x BLOCK_D in {16..256} x sm_80, sm_90.
 
@@ -254,11 +250,12 @@ def shipped_configs() -> list[KernelConfig]:
                     arch=arch, signature=_signature(_decode_split_kernel, dtype),
                     constexprs=split_constexprs, num_warps=tiles.num_warps,
                     num_stages=tiles.num_stages, uses_matmul=True,
-                    label=f"{name} BLOCK_D={block_d} BH={BLOCK_H} BN={tiles.block_n}",
+                    label=(f"{name} BLOCK_D={block_d} BH={BLOCK_H} BN={tiles.block_n} "
+                           f"w{tiles.num_warps} s{tiles.num_stages}"),
                     extra={"attrs": _aligned_attrs(_decode_split_kernel), "tensor_core": "mma",
                            "note": "mma: 16-row decode dots are below wgmma's 64-row tile"},
                 ))
-                merge_constexprs = {"BLOCK_S": _merge_block_s(), "BLOCK_D": block_d}
+                merge_constexprs = {"BLOCK_S": MAX_SPLITS, "BLOCK_D": block_d}
                 configs.append(KernelConfig(
                     kernel=_merge_splits_kernel, op="paged_decode_attention", pass_name="merge",
                     arch=arch, signature=_signature(_merge_splits_kernel, dtype),
@@ -345,6 +342,6 @@ def paged_decode_attention_forward(
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             out, part_out, part_lse, out.stride(0), out.stride(1), num_heads, head_dim,
-            num_splits, BLOCK_S=_merge_block_s(), BLOCK_D=block_d, num_warps=4, num_stages=1,
+            num_splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d, num_warps=4, num_stages=1,
         )
     return out

@@ -62,8 +62,9 @@ as fp32 in practice (in an emulation over 30 problems its error against
 float64 was a median 1.2x, at most 2.6x, the fp32 reference's own; exact fp32
 dots gave 1.0x and 3.2x) at three times the tf32 cost, still on mma / wgmma.
 The price is registers (hi and lo of each operand), so fp32 tiles are small,
-and at D > 128 no tf32x3 tile compiled without spills: those configs use
-"ieee" and say so (``uses_matmul=False`` and a note in ``extra``). The
+and where no tf32x3 tile compiled without spills (dK/dV at 64 < D <= 128,
+every pass at D > 128) the fp32 config uses "ieee" and says so
+(``uses_matmul=False`` and a note in ``extra``). The
 interpreter ignores input_precision (it multiplies in fp32), so
 tests/kernels checks a bit-level emulation of tf32x3 against the rule.
 
@@ -245,9 +246,9 @@ def _bwd_dkdv_kernel(
 
     The sum over the `group` query heads sharing this kv head and over query
     blocks happens in registers, in a fixed order: deterministic, no atomics.
-    Query blocks come in three runs like the forward's key tiles: partial
-    ones (tested one by one: empty -> skipped, full -> unmasked, otherwise
-    masked) and one branch-free run of full ones.
+    Query blocks come in runs like the forward's key tiles: partial ones
+    (tested one by one: empty -> skipped, full -> unmasked, otherwise masked)
+    and one branch-free run of full ones.
     """
     block_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -293,16 +294,17 @@ def _bwd_dkdv_kernel(
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
             row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m,
                                                             num_queries)
-            if _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N):
+            # Only a non-monotone mask puts full blocks in this loop; they skip
+            # the mask through a uniform runtime branch inside the body, since a
+            # third inlined copy of the body costs registers (spills) on sm_90.
+            if _tile_is_seen(row_start, row_end, n0, BLOCK_N):
+                masked = _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N) == 0
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
                                     offs_n, offs_d, row_start, row_end, stride_qt, stride_dot,
-                                    num_queries, head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)
-            elif _tile_is_seen(row_start, row_end, n0, BLOCK_N):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
-                                    offs_n, offs_d, row_start, row_end, stride_qt, stride_dot,
-                                    num_queries, head_dim, qk_scale, True, EVEN_D, DOT_PRECISION)
+                                    num_queries, head_dim, qk_scale, masked, EVEN_D, DOT_PRECISION)
         for q_block in range(full_lo, full_hi):
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            # Unmasked: the interval arguments (here offs_m twice) are never read.
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
                                 offs_n, offs_d, offs_m, offs_m, stride_qt, stride_dot,
                                 num_queries, head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)

@@ -5,6 +5,9 @@ Public API (see ../shared/DESIGN.md):
     SpanMask            the interval attention mask over packed tokens
     span_attention      fused span-masked attention, forward and backward
     embed_scatter       token embeddings with encoder features scattered in, one pass
+    PagedKVCache        a paged key/value pool for generation, with its allocator
+    kv_cache_append     write new keys and values into their cache slots, in place
+    paged_decode_attention  one query token per sequence over its cached pages
 
 Compiled extensions (metalm_fast._C, metalm_fast._cuda) and Triton are loaded
 lazily, so this import never fails because a build is missing.
@@ -12,7 +15,16 @@ lazily, so this import never fails because a build is missing.
 
 from metalm_fast.masks import SpanMask
 from metalm_fast.ops.embed_scatter import embed_scatter
+from metalm_fast.ops.kv_cache import PagedKVCache, kv_cache_append
+from metalm_fast.ops.paged_decode_attention import paged_decode_attention
 from metalm_fast.ops.span_attention import span_attention
 
-__all__ = ["SpanMask", "span_attention", "embed_scatter"]
+__all__ = [
+    "SpanMask",
+    "span_attention",
+    "embed_scatter",
+    "PagedKVCache",
+    "kv_cache_append",
+    "paged_decode_attention",
+]
 __version__ = "0.1.0"

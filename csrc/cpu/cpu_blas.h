@@ -6,15 +6,13 @@
 // libtorch, so we call the Fortran BLAS symbols (sgemm_/dgemm_) that libtorch
 // re-exports from its statically linked MKL (or OpenBLAS). They are declared
 // weak: a torch build that does not export them still links and loads, and the
-// portable loop below takes over (correct, slower). METALM_FAST_CPU_BLAS=0
-// forces the portable path, which is how the tests cover it.
+// portable loop below takes over (correct, slower; METALM_FAST_CPU_GEMM=portable
+// forces it, which is how the tests cover it).
 #pragma once
 
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 #include <algorithm>
@@ -31,15 +29,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace metalm_fast::cpu {
 
-// True when the exported BLAS is present and not disabled by METALM_FAST_CPU_BLAS=0.
-inline bool blas_enabled() {
-  static const bool enabled = [] {
-    const char* flag = std::getenv("METALM_FAST_CPU_BLAS");
-    const bool disabled = flag != nullptr && std::strcmp(flag, "0") == 0;
-    return !disabled && sgemm_ != nullptr && dgemm_ != nullptr;
-  }();
-  return enabled;
-}
+// True when libtorch exports the Fortran BLAS symbols.
+inline bool blas_enabled() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
 // The portable fallback: same column-major semantics as BLAS gemm. Each column
 // sums into a fresh buffer, then C = beta C + alpha sum: blocked like BLAS, so

@@ -67,7 +67,8 @@ void kv_cache_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Ten
               "kv_cache_append (cpu): cache and new rows must share a dtype (a bit-exact copy)");
   TORCH_CHECK(k_cache.size(2) == k_new.size(1) && k_cache.size(3) == k_new.size(2),
               "kv_cache_append (cpu): [Hkv, D] of the cache and of the new rows differ");
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &k_new, &v_new})
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &k_new, &v_new})
     TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1,
                 "kv_cache_append (cpu): every tensor must be contiguous in its last dim");
   const int64_t tokens = k_new.size(0);

@@ -8,31 +8,38 @@
 //
 //   out[b, h] = sum_p softmax_p(scale * q[b, h] . k_p) v_p     (0 when seq_lens[b] == 0)
 //
-// Work items are (sequence, kv head, split). An item serves all Hq / Hkv query
-// heads of its kv head, so each key and value row is read from memory once per
-// item, not once per query head (GQA), and walks its keys in tiles of kTile:
+// Work items are (sequence, split of its keys). An item walks its keys in tiles
+// of kTile and serves every head, so each key and value row is read from
+// memory once, for all Hq / Hkv query heads that share it (GQA):
 //
-//   1. gather the tile's row pointers through the block table (any block size;
-//      a page id outside [0, num_blocks) is skipped, never dereferenced);
-//   2. scores S[g, j] = q_g . k_j, with q pre-scaled, four query heads per pass
-//      over a key row so the four dot products share its loads;
+//   1. copy the tile's rows through the block table into head-major scratch
+//      tiles [Hkv, kTile, dp] (dp = D rounded up to 16, zero-padded; half types
+//      widened to fp32). A page is read front to back, all heads of a key at
+//      once, and the next tile's rows are prefetched (pages are in arbitrary
+//      order, which defeats the hardware prefetcher). Any block size works; a
+//      page id outside [0, num_blocks) is skipped, never dereferenced;
+//   2. per kv head: scores S[g, j] = q_g . k_j (q pre-scaled), four query heads
+//      per pass over a key row, their lanes reduced together by a shuffle tree;
 //   3. online softmax per query head (running max m, sum l; acc rescaled by
 //      exp(m_old - m_new)); exp is the vectorisable polynomial of
 //      span_attention_rows.h;
-//   4. acc[g] += sum_j P[g, j] v_j.
+//   4. acc[g] += sum_j P[g, j] v_j, each value vector loaded once for four heads.
 //
-// Flash-decoding on CPU: when B * Hkv items cannot keep every thread busy (one
-// long sequence during generation), each sequence is also split into chunks of
-// keys; items write (m, l, acc) partials and a second pass merges them:
+// Threads: one per kMinElementsPerThread cached elements (a small step runs on
+// the calling thread: a parallel region costs more than it saves there, and
+// stalls when another process holds a core). Flash-decoding on CPU: when B
+// items cannot keep the workers busy (one long sequence during generation),
+// each sequence is also split into chunks of >= kMinSplitKeys keys; items write
+// (m, l, acc) partials and a second pass merges them:
 //   M = max_s m_s,  out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s.
-// With one split the item writes out directly.
+// With one split an item writes out directly. Workers pull items longest first
+// from an atomic counter.
 //
-// Accumulation is fp32 for fp32/fp16/bf16 (half rows are widened into a scratch
-// tile) and fp64 for fp64. The float tile step is compiled for AVX-512,
-// AVX2+FMA and baseline x86-64 (target_clones) and the loader picks one.
-// Threads pull items longest first from an atomic counter. Lengths are clamped
-// to [0, max_blocks * block_size], so no index is ever read past the block
-// table, whatever seq_lens holds.
+// Accumulation is fp32 for fp32/fp16/bf16 and fp64 for fp64. The float tile
+// step is compiled for AVX-512, AVX2+FMA and baseline x86-64 (target_clones)
+// and the loader picks one. Lengths are clamped to [0, max_blocks *
+// block_size], so no index is ever read past the block table, whatever
+// seq_lens holds.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -44,8 +51,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
-#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -57,7 +64,8 @@ namespace {
 constexpr int64_t kTile = 64;           // keys per online-softmax step
 constexpr int64_t kLanes = 16;          // floats per vector (AVX-512); tiles pad D to this
 constexpr int64_t kMinSplitKeys = 256;  // a split shorter than this is not worth a merge
-constexpr int64_t kItemsPerThread = 4;  // splits are added until items >= this * threads
+constexpr int64_t kItemsPerThread = 4;  // splits are added until items >= this * workers
+constexpr int64_t kMinElementsPerThread = 1 << 18;  // K + V elements (1 MiB of fp32) per thread
 
 template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -210,8 +218,10 @@ static void tile_step(const double* q, int64_t group, int64_t dp, const double* 
     }
   softmax_update(scores, group, rows, m, l, acc, dp);
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t d = 0; d < dp; ++d) acc[g * dp + d] += scores[g * kTile + j] * values[j * dp + d];
+    for (int64_t j = 0; j < rows; ++j) {
+      const double p = scores[g * kTile + j];
+      for (int64_t d = 0; d < dp; ++d) acc[g * dp + d] += p * values[j * dp + d];
+    }
 }
 
 // ----------------------------------------------------------------------------- problem
@@ -238,11 +248,21 @@ struct Item {
 template <typename T>
 struct Scratch {
   std::vector<T> q, keys, values, scores, m, l, acc;
-  Scratch(const Problem& p)
+  explicit Scratch(const Problem& p)
       : q(p.q_heads * p.padded_dim), keys(p.kv_heads * kTile * p.padded_dim),
         values(p.kv_heads * kTile * p.padded_dim), scores(p.group * kTile), m(p.q_heads),
         l(p.q_heads), acc(p.q_heads * p.padded_dim) {}
 };
+
+// dst[0, n) = src[0, n) in the compute type: a memcpy when the types match.
+template <typename T, typename scalar_t>
+inline void widen_row(T* dst, const scalar_t* src, int64_t n) {
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]);
+  }
+}
 
 // Ask for the next tile's rows while this one is computed: page order is
 // arbitrary, so the hardware prefetcher cannot guess where they are.
@@ -267,10 +287,10 @@ void prefetch_rows(const Problem& p, const int32_t* pages, int64_t first, int64_
 }
 
 // Copy the rows of keys [first, last) of one sequence into head-major tiles
-// [Hkv, kTile, dp] (widening half types). A page is read front to back, all
-// heads of a key at once, which the hardware prefetcher streams; reading one
-// head's rows straight from the cache (a 1 KiB stride for Hkv = 4, D = 64)
-// was 5-8x slower. Keys on an invalid page are left out.
+// [Hkv, kTile, dp] (widening half types). Within a page the rows are read front
+// to back, all heads of a key at once; computing on one head's rows straight
+// from the cache (a 1 KiB stride for Hkv = 4, D = 64) measured 5-8x slower.
+// Keys on an invalid page are left out.
 template <typename scalar_t, typename T>
 int64_t gather_tile(const Problem& p, const Item& item, int64_t first, int64_t last,
                     Scratch<T>& scratch) {
@@ -291,10 +311,8 @@ int64_t gather_tile(const Problem& p, const Item& item, int64_t first, int64_t l
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       const scalar_t* k_src = k_row + h * p.k.head_stride;
       const scalar_t* v_src = v_row + h * p.v.head_stride;
-      for (int64_t d = 0; d < p.head_dim; ++d) {
-        k_dst[h * head_tile + d] = static_cast<T>(k_src[d]);
-        v_dst[h * head_tile + d] = static_cast<T>(v_src[d]);
-      }
+      widen_row(k_dst + h * head_tile, k_src, p.head_dim);
+      widen_row(v_dst + h * head_tile, v_src, p.head_dim);
     }
     ++rows;
   }
@@ -408,11 +426,22 @@ std::vector<Item> plan_items(const Problem& p) {
   return items;
 }
 
-// Split only when B items leave threads idle, and never below kMinSplitKeys keys.
-void choose_splits(Problem& p) {
+// Threads worth waking: one per kMinElementsPerThread cached elements read. A
+// decode step of a small model reads a few hundred KiB; a parallel region
+// costs more than that when a core is busy elsewhere (the barrier then waits
+// for a descheduled thread), so small steps run on the calling thread.
+int64_t choose_workers(const Problem& p) {
+  int64_t keys = 0;
+  for (const int64_t length : p.lengths) keys += length;
+  const int64_t elements = 2 * keys * p.kv_heads * p.head_dim;
+  const int64_t wanted = (elements + kMinElementsPerThread - 1) / kMinElementsPerThread;
+  return std::clamp<int64_t>(wanted, 1, at::get_num_threads());
+}
+
+// Split only when B items leave workers idle, and never below kMinSplitKeys keys.
+void choose_splits(Problem& p, int64_t workers) {
   const int64_t longest = *std::max_element(p.lengths.begin(), p.lengths.end());
-  const int64_t threads = at::get_num_threads();
-  const int64_t wanted = (kItemsPerThread * threads + p.batch - 1) / p.batch;
+  const int64_t wanted = workers == 1 ? 1 : (kItemsPerThread * workers + p.batch - 1) / p.batch;
   const int64_t most = std::max<int64_t>(1, longest / kMinSplitKeys);
   const int64_t splits = std::clamp<int64_t>(wanted, 1, most);
   const int64_t per_split = (longest + splits - 1) / splits;
@@ -420,28 +449,38 @@ void choose_splits(Problem& p) {
   p.splits = std::max<int64_t>(1, (longest + p.split_keys - 1) / p.split_keys);
 }
 
+// Each worker pulls items (longest first) until none is left; with one split
+// an item writes its rows of out, otherwise its partials, merged afterwards.
+template <typename scalar_t, typename T>
+void run_items(const Problem& p, const std::vector<Item>& items, const at::Tensor& q,
+               double scale, Partials<T>& partials, std::atomic<int64_t>& next, at::Tensor& out) {
+  Scratch<T> scratch(p);
+  const auto num_items = static_cast<int64_t>(items.size());
+  for (int64_t i = next++; i < num_items; i = next++) {
+    run_item<scalar_t>(p, items[i], q, scale, scratch);
+    if (p.splits == 1) {
+      write_final<scalar_t>(p, items[i], scratch, out);
+    } else {
+      store_partial(p, items[i], scratch, partials);
+    }
+  }
+}
+
 template <typename scalar_t>
 void decode(Problem& p, const at::Tensor& q, double scale, at::Tensor& out) {
   using T = compute_t<scalar_t>;
-  choose_splits(p);
+  const int64_t workers = choose_workers(p);
+  choose_splits(p, workers);
   const std::vector<Item> items = plan_items(p);
-  const auto num_items = static_cast<int64_t>(items.size());
   Partials<T> partials(p);
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> scratch(p);
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t i = next++; i < num_items; i = next++) {
-        run_item<scalar_t>(p, items[i], q, scale, scratch);
-        if (p.splits == 1) {
-          write_final<scalar_t>(p, items[i], scratch, out);
-        } else {
-          store_partial(p, items[i], scratch, partials);
-        }
-      }
-    }
-  });
+  if (workers == 1) {
+    run_items<scalar_t>(p, items, q, scale, partials, next, out);
+  } else {
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      run_items<scalar_t>(p, items, q, scale, partials, next, out);
+    });
+  }
   if (p.splits > 1) merge_partials<scalar_t>(p, partials, out);
 }
 
@@ -460,7 +499,7 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
               "paged_decode_attention (cpu): q and the caches must share a dtype");
   for (const at::Tensor* t : {&q, &k_cache, &v_cache})
     TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1,
-                "paged_decode_attention (cpu): q and the caches must be contiguous in the last dim");
+                "paged_decode_attention (cpu): q and the caches need a contiguous last dim");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && k_cache.size(2) > 0 &&
                   q.size(1) % k_cache.size(2) == 0,
               "paged_decode_attention (cpu): head dims differ or Hq is not a multiple of Hkv");

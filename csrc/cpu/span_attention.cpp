@@ -43,7 +43,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -62,22 +61,16 @@ namespace {
 using tile::Kernel;
 using tile::Product;
 
-// Tile sizes (tuned on a 2-core AVX-512 EPYC for D = 64; see benchmarks/).
+// Tile sizes, tuned on a 2-core AVX-512 EPYC for D = 64 (benchmarks/): fewer,
+// larger query blocks amortise per-block work better than they lose on the
+// causal diagonal (about rows / 2 wasted keys per row).
 struct TileSizes {
-  int64_t q_rows = 64;        // forward: rows per query block
-  int64_t key_tile = 256;     // forward and dQ items: keys per tile
-  int64_t bwd_q_rows = 64;    // backward: rows per query block
-  int64_t bwd_key_rows = 64;  // backward dK/dV items: keys per key block
+  int64_t q_rows = 128;        // forward: rows per query block
+  int64_t key_tile = 256;      // forward and dQ items: keys per tile
+  int64_t bwd_q_rows = 128;    // backward: rows per query block
+  int64_t bwd_key_rows = 128;  // backward dK/dV items: keys per key block
 };
-TileSizes tile_sizes() {
-  TileSizes t;
-  if (const char* e = std::getenv("METALM_FAST_SPAN_TILES")) {
-    long a, b, c, d;
-    if (std::sscanf(e, "%ld,%ld,%ld,%ld", &a, &b, &c, &d) == 4 && a > 0 && b > 0 && c > 0 && d > 0)
-      t = {a, b, c, d};
-  }
-  return t;
-}
+TileSizes tile_sizes() { return TileSizes{}; }
 
 constexpr int64_t kPad = 16;  // scratch columns beyond a tile (round-up to the vector width)
 
@@ -136,12 +129,13 @@ class Transposed {
  public:
   static constexpr int64_t kChunk = 256;
 
-  Transposed(const Operand<T>& x, int64_t tokens, int64_t heads, int64_t head_dim)
+  // `slot` picks one of the calling thread's cached buffers (K and V need two).
+  Transposed(const Operand<T>& x, int64_t tokens, int64_t heads, int64_t head_dim, int slot)
       : x_(x), tokens_(tokens), head_dim_(head_dim) {
     ld_ = round_up(tokens, kPad) + kPad;
     if ((ld_ * static_cast<int64_t>(sizeof(T))) % 4096 == 0) ld_ += kPad;  // no 4K aliasing
     chunks_ = std::max<int64_t>((tokens + kChunk - 1) / kChunk, 1);
-    data_ = std::make_unique<T[]>(heads * head_dim * ld_);
+    data_ = buffer(slot, heads * head_dim * ld_);
     state_ = std::make_unique<std::atomic<uint8_t>[]>(heads * chunks_);
     for (int64_t i = 0; i < heads * chunks_; ++i) state_[i].store(0, std::memory_order_relaxed);
   }
@@ -152,10 +146,25 @@ class Transposed {
   const T* columns(int64_t head, int64_t begin, int64_t end) {
     const int64_t last = std::min(end, tokens_) - 1;
     for (int64_t c = begin / kChunk; c <= last / kChunk; ++c) ensure(head, c);
-    return data_.get() + head * head_dim_ * ld_ + begin;
+    return data_ + head * head_dim_ * ld_ + begin;
   }
 
  private:
+  // The panels live in a grow-only buffer per calling thread, kept between calls:
+  // a fresh multi-megabyte allocation per call would page-fault on every call
+  // (several % of a forward). Uninitialised on purpose: fill() writes every
+  // column before it is read.
+  static T* buffer(int slot, int64_t size) {
+    thread_local std::unique_ptr<T[]> buffers[2];
+    thread_local int64_t capacity[2] = {0, 0};
+    if (capacity[slot] < size) {
+      buffers[slot].reset();
+      buffers[slot].reset(new T[size]);
+      capacity[slot] = size;
+    }
+    return buffers[slot].get();
+  }
+
   void ensure(int64_t head, int64_t chunk) {
     std::atomic<uint8_t>& state = state_[head * chunks_ + chunk];
     if (state.load(std::memory_order_acquire) == 2) return;
@@ -172,20 +181,15 @@ class Transposed {
     const int64_t begin = chunk * kChunk, end = std::min(begin + kChunk, tokens_);
     // The last chunk also zeroes the padding columns [tokens, ld).
     const int64_t pad_end = end == tokens_ ? ld_ : end;
-    T* panel = data_.get() + head * head_dim_ * ld_;
-    for (int64_t j0 = begin; j0 < end; j0 += 16) {
-      const int64_t j1 = std::min(j0 + 16, end);
-      for (int64_t d = 0; d < head_dim_; ++d) {
-        T* dst = panel + d * ld_;
-        for (int64_t j = j0; j < j1; ++j) dst[j] = x_.at(j, head)[d];
-      }
-    }
-    for (int64_t d = 0; d < head_dim_; ++d) std::fill(panel + d * ld_ + end, panel + d * ld_ + pad_end, T(0));
+    T* panel = data_ + head * head_dim_ * ld_;
+    tile::transpose(x_.at(begin, head), x_.ld, end - begin, head_dim_, panel + begin, ld_);
+    for (int64_t d = 0; d < head_dim_; ++d)
+      std::fill(panel + d * ld_ + end, panel + d * ld_ + pad_end, T(0));
   }
 
   Operand<T> x_;
   int64_t tokens_, head_dim_, ld_, chunks_;
-  std::unique_ptr<T[]> data_;
+  T* data_;
   std::unique_ptr<std::atomic<uint8_t>[]> state_;
 };
 
@@ -332,7 +336,7 @@ void forward(const Shape& shape, const at::Tensor& q_t, const at::Tensor& k_t,
   std::unique_ptr<Transposed<T>> k_transposed;
   if (tile::vector_width(kernel) > 1)
     k_transposed = std::make_unique<Transposed<T>>(k, shape.num_keys, shape.kv_heads,
-                                                   shape.head_dim);
+                                                   shape.head_dim, 0);
   const ForwardInputs<T> in{operand<T>(q_t), operand<T>(v_t), {k, k_transposed.get()}, start, end,
                             static_cast<T>(scale), kernel, sizes.key_tile};
   T* out = out_t.data_ptr<T>();
@@ -471,9 +475,9 @@ void backward(const Shape& shape, const at::Tensor& grad_out, const at::Tensor& 
   std::unique_ptr<Transposed<T>> k_transposed, v_transposed;
   if (tile::vector_width(kernel) > 1) {
     k_transposed =
-        std::make_unique<Transposed<T>>(k, shape.num_keys, shape.kv_heads, shape.head_dim);
+        std::make_unique<Transposed<T>>(k, shape.num_keys, shape.kv_heads, shape.head_dim, 0);
     v_transposed =
-        std::make_unique<Transposed<T>>(v, shape.num_keys, shape.kv_heads, shape.head_dim);
+        std::make_unique<Transposed<T>>(v, shape.num_keys, shape.kv_heads, shape.head_dim, 1);
   }
   const BackwardInputs<T> in{operand<T>(grad_out), operand<T>(q), k, v,
                              {k, k_transposed.get()}, {v, v_transposed.get()}, lse, delta,

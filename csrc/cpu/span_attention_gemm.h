@@ -23,9 +23,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "cpu_blas.h"
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast")
@@ -95,7 +101,7 @@ METALM_INLINE void block(int64_t k, const float* a, int64_t a_row, int64_t a_col
     const float* a_p = a + p * a_col;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V av = V{} + a_p[r * a_row];
+      const V av = a_p[r * a_row] - V{};  // a broadcast (x - 0 folds to x; x + 0 does not)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
@@ -176,18 +182,49 @@ __attribute__((target("avx2,fma"))) inline void run_avx2(const Product& p) {
 }
 #endif  // METALM_HAVE_X86_KERNELS
 
-// The fastest kernel this machine runs for float tiles whose N is a multiple of
-// its width; `head_dim` decides (N = head_dim in half of the products).
-// METALM_FAST_CPU_GEMM=avx512|avx2|blas|portable forces one (tests, benchmarks).
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols (K or V -> K^T, V^T).
+template <typename T>
+void transpose(const T* src, int64_t src_ld, int64_t rows, int64_t cols, T* dst, int64_t dst_ld) {
+  int64_t r0 = 0;
+#if defined(__SSE2__)
+  if constexpr (sizeof(T) == sizeof(float)) {
+    // 4 x 4 blocks in SSE registers (x86-64 baseline): 4 loads, 8 shuffles, 4 stores.
+    for (; r0 + 4 <= rows; r0 += 4) {
+      int64_t c0 = 0;
+      for (; c0 + 4 <= cols; c0 += 4) {
+        __m128 a = _mm_loadu_ps(src + (r0 + 0) * src_ld + c0);
+        __m128 b = _mm_loadu_ps(src + (r0 + 1) * src_ld + c0);
+        __m128 c = _mm_loadu_ps(src + (r0 + 2) * src_ld + c0);
+        __m128 d = _mm_loadu_ps(src + (r0 + 3) * src_ld + c0);
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        _mm_storeu_ps(dst + (c0 + 0) * dst_ld + r0, a);
+        _mm_storeu_ps(dst + (c0 + 1) * dst_ld + r0, b);
+        _mm_storeu_ps(dst + (c0 + 2) * dst_ld + r0, c);
+        _mm_storeu_ps(dst + (c0 + 3) * dst_ld + r0, d);
+      }
+      for (; c0 < cols; ++c0)
+        for (int64_t r = r0; r < r0 + 4; ++r) dst[c0 * dst_ld + r] = src[r * src_ld + c0];
+    }
+  }
+#endif
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = src[r * src_ld + c];
+}
+
+// The fastest kernel this machine runs for float tiles: AVX-512 when head_dim is a
+// multiple of 16 (N = head_dim in half of the products), else AVX2+FMA when it is
+// a multiple of 8, else BLAS. float64 always takes BLAS (or the portable loop when
+// libtorch exports no BLAS). METALM_FAST_CPU_GEMM=avx512|avx2|blas|portable
+// forces a choice (read per call: tests and benchmarks cover every path); a
+// forced micro-kernel the CPU lacks falls back to the next one.
 inline Kernel pick_kernel(bool is_float, int64_t head_dim) {
-  const char* forced = std::getenv("METALM_FAST_CPU_GEMM");
-  const bool portable = !blas_enabled() || (forced != nullptr && !std::strcmp(forced, "portable"));
-  const Kernel fallback = portable ? Kernel::kPortable : Kernel::kBlas;
-  if (!is_float || (forced != nullptr && (!std::strcmp(forced, "blas") || !std::strcmp(forced, "portable"))))
-    return fallback;
+  const char* env = std::getenv("METALM_FAST_CPU_GEMM");
+  const std::string forced = env == nullptr ? "" : env;
+  const Kernel fallback =
+      (!blas_enabled() || forced == "portable") ? Kernel::kPortable : Kernel::kBlas;
+  if (!is_float || forced == "blas" || forced == "portable") return fallback;
 #if METALM_HAVE_X86_KERNELS
-  const bool want_avx2 = forced != nullptr && !std::strcmp(forced, "avx2");
-  if (!want_avx2 && head_dim % 16 == 0 && __builtin_cpu_supports("avx512f") &&
+  if (forced != "avx2" && head_dim % 16 == 0 && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
     return Kernel::kAvx512;

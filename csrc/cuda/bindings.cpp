@@ -117,3 +117,62 @@ PyMODINIT_FUNC PyInit__cuda(void) {
                                nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
+
+// ----------------------------------------------------------------------------- kv_cache_append
+#include <initializer_list>
+
+#include "kv_cache_append.h"
+
+namespace metalm_fast::cuda {
+namespace {
+
+// Copies k_new / v_new ([T, Hkv, D]) into their slots of the paged caches
+// ([num_blocks, block_size, Hkv, D]); the op layer validated shapes and dtypes.
+void kv_cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_new,
+                          const at::Tensor& v_new, const at::Tensor& slot_mapping) {
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&k_cache, &v_cache, &k_new, &v_new})
+    TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1,
+                "kv_cache_append (cuda): every tensor must be contiguous in its last dim");
+  TORCH_CHECK(k_cache.scalar_type() == k_new.scalar_type() &&
+                  v_cache.scalar_type() == v_new.scalar_type(),
+              "kv_cache_append (cuda): cache and new rows must share a dtype");
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t element = k_cache.element_size();
+  MetalmKvAppendArgs args{};
+  args.k_cache = k_cache.data_ptr();
+  args.v_cache = v_cache.data_ptr();
+  args.k_new = k_new.const_data_ptr();
+  args.v_new = v_new.const_data_ptr();
+  args.slots = slots.const_data_ptr<int64_t>();
+  args.num_tokens = k_new.size(0);
+  args.kv_heads = k_new.size(1);
+  args.row_bytes = k_new.size(2) * element;
+  args.num_slots = k_cache.size(0) * k_cache.size(1);
+  args.block_size = k_cache.size(1);
+  args.k_block_stride = k_cache.stride(0) * element;
+  args.k_slot_stride = k_cache.stride(1) * element;
+  args.k_head_stride = k_cache.stride(2) * element;
+  args.v_block_stride = v_cache.stride(0) * element;
+  args.v_slot_stride = v_cache.stride(1) * element;
+  args.v_head_stride = v_cache.stride(2) * element;
+  args.k_new_token_stride = k_new.stride(0) * element;
+  args.k_new_head_stride = k_new.stride(1) * element;
+  args.v_new_token_stride = v_new.stride(0) * element;
+  args.v_new_head_stride = v_new.stride(1) * element;
+  check(metalm_kv_cache_append(&args, c10::cuda::getCurrentCUDAStream()), "kv_cache_append");
+}
+
+}  // namespace
+}  // namespace metalm_fast::cuda
+
+TORCH_LIBRARY_FRAGMENT(metalm, m) {
+  m.def(
+      "_kv_cache_append_cuda(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, "
+      "Tensor v_new, Tensor slot_mapping) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(metalm, CUDA, m) {
+  m.impl("_kv_cache_append_cuda", &metalm_fast::cuda::kv_cache_append_cuda);
+}

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from metalm_fast.masks import SpanMask
+from metalm_fast.nn.kv_cache_attention import cached_attention
 from metalm_fast.nn.rotary import RotaryEmbedding
+from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 from metalm_fast.ops.span_attention import span_attention
 
 __all__ = ["SpanSelfAttention"]
@@ -28,6 +30,13 @@ class SpanSelfAttention(nn.Module):
     Shapes: ``forward(x [T, Dm], mask, positions int [T] | None) -> [T, Dm]``.
     q, k and v are views into one fused projection, so without rotary the
     kernel reads them strided from the [T, (Hq + 2 Hkv) D] buffer, uncopied.
+
+    With a paged KV cache (generation): ``forward(x [T_new, Dm], mask | None,
+    cache=cache, layer_idx=i, step=step)`` where ``step = cache.step(seq_ids,
+    num_new_tokens)`` is built once per forward pass and shared by all layers.
+    The new tokens' keys and values are appended to layer ``i``'s pages and
+    the tokens attend to their whole cached prefix (see
+    metalm_fast.nn.kv_cache_attention); positions default to ``step.positions``.
     """
 
     def __init__(
@@ -74,8 +83,24 @@ class SpanSelfAttention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, mask: SpanMask, positions: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: SpanMask | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        cache: PagedKVCache | None = None,
+        layer_idx: int | None = None,
+        step: CacheStep | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, positions)
-        attended = span_attention(q, k, v, mask, backend=self.backend)
+        if cache is None:
+            if mask is None:
+                raise ValueError("mask is required when no cache is given")
+            q, k, v = self.project_qkv(x, positions)
+            attended = span_attention(q, k, v, mask, backend=self.backend)
+        else:
+            if step is None or layer_idx is None:
+                raise ValueError("with a cache, step (cache.step(...)) and layer_idx are required")
+            q, k, v = self.project_qkv(x, step.positions if positions is None else positions)
+            attended = cached_attention(q, k, v, cache=cache, layer_idx=layer_idx, step=step,
+                                        mask=mask, backend=self.backend)
         return self.out(attended.reshape(x.shape[0], self.num_heads * self.head_dim))

@@ -61,6 +61,8 @@ def compiled_op_missing(backend: str, op_name: str) -> str | None:
     return None
 
 
+# Eager under torch.compile (imports, environment, warnings), as resolve_backend is.
+@torch.compiler.assume_constant_result
 def resolve_with_compiled_op(
     op: str, backend: str, device: torch.device, supported: tuple[str, ...], ops: dict[str, str]
 ) -> str:
@@ -75,8 +77,8 @@ def resolve_with_compiled_op(
     reason = compiled_op_missing(resolved, ops[resolved])
     if reason is None:
         return resolved
-    explicit = backend != "auto" or os.environ.get("METALM_FAST_BACKEND", "auto") not in ("", "auto")
-    if explicit:
+    from_environment = os.environ.get("METALM_FAST_BACKEND", "auto") not in ("", "auto")
+    if backend != "auto" or from_environment:
         raise ValueError(f"{op}: backend {resolved!r} is not available: {reason}")
     fallback = "triton" if resolved == "cuda" and "triton" in supported else "reference"
     warnings.warn(f"metalm_fast.{op}: using the {fallback} backend because {reason}",
@@ -213,8 +215,8 @@ def _check_slots(slot_mapping: torch.Tensor, num_blocks: int, block_size: int) -
     if bool(outside.any()):
         index = int(torch.nonzero(outside)[0, 0])
         raise ValueError(
-            f"slot_mapping[{index}] = {int(slots[index])} is outside the pool: slots must be "
-            f"< num_blocks * block_size = {num_blocks} * {block_size} = {num_slots} (or < 0 to skip)"
+            f"slot_mapping[{index}] = {int(slots[index])} is outside the pool: slots must be < "
+            f"num_blocks * block_size = {num_blocks} * {block_size} = {num_slots} (or < 0 to skip)"
         )
     used = slots[slots >= 0]
     if used.numel() != torch.unique(used).numel():

@@ -230,7 +230,9 @@ def paged_decode_attention(
         "paged_decode_attention", backend, q.device, _SUPPORTED, _COMPILED_OPS
     )
     if resolved == "triton" and q.dtype == torch.float64:
-        raise TypeError("the triton backend supports float16, bfloat16 and float32, got float64 (q)")
+        raise TypeError(
+            "the triton backend supports float16, bfloat16 and float32, got float64 (q)"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _paged_decode_attention(

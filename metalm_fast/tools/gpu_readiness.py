@@ -718,6 +718,23 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def _config_notes(results: Sequence[Result]) -> list[str]:
+    """The configs' own remarks (extra["note"]), each once, with the kernels it covers."""
+    covered: dict[str, dict[str, set]] = {}
+    for result in results:
+        if result.note:
+            archs = covered.setdefault(result.note, {}).setdefault(result.kernel, set())
+            archs.add(f"sm_{result.arch}")
+    if not covered:
+        return []
+    lines = ["notes from shipped_configs():"]
+    for note, kernels in covered.items():
+        where = ", ".join(f"{kernel} ({'/'.join(sorted(archs))})"
+                          for kernel, archs in kernels.items())
+        lines.append(f"  {note}  [{where}]")
+    return [*lines, ""]
+
+
 def format_report(report: Report, command: str) -> str:
     failed = sum(not r.ok for r in report.results)
     header = [
@@ -731,8 +748,7 @@ def format_report(report: Report, command: str) -> str:
         f"wall time: {report.seconds:.1f} s",
         "",
     ]
-    remarks = [f"  {r.kernel} {r.label} sm_{r.arch}: {r.note}" for r in report.results if r.note]
-    footer = ["", *(["notes from shipped_configs():", *remarks, ""] if remarks else []),
+    footer = ["", *_config_notes(report.results),
               *(f"note: {note}" for note in report.notes),
               *(f"FAIL: {error}" for error in report.errors),
               f"{len(report.results)} configurations, {len(report.results) - failed} OK, "
