@@ -14,11 +14,14 @@
 // accumulation type (float32 for float32 inputs, float64 for float64 ones).
 //
 // Forward (flash-attention style, tile-sparse from the intervals): work items are
-// (head, query block) with blocks from span_attention_plan.h. An item walks its
-// key range in tiles of kKeyTile keys: S = scale Q K^T (BLAS), an online-softmax
-// step on each row's allowed columns (span_attention_rows.h; masked entries are
-// written as 0, never exponentiated), acc += P V (BLAS). out = acc / l and
-// lse = m + log l; a query with an empty interval gets out 0 and lse -inf.
+// (head, query block) with blocks that follow the mask (span_attention_plan.h).
+// An item walks its key range in tiles of `key_tile` keys: S = scale Q K^T, an
+// online-softmax step on each row's allowed columns (span_attention_rows.h;
+// masked entries are written as 0, never exponentiated), acc += P V. Then
+// out = acc / l and lse = m + log l; a query with an empty interval gets out 0
+// and lse -inf. The tile products (span_attention_gemm.h) are register-blocked
+// AVX-512 / AVX2 micro-kernels for float (K^T and V^T transposed once per call,
+// span_attention_parts.h), BLAS for float64 and on other CPUs.
 //
 // Backward recomputes P = exp(S - lse) and, with delta = rowsum(dO * O) - dLSE,
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q.
@@ -29,7 +32,9 @@
 // dynamic queue (outputs are disjoint). Every output element is produced by one
 // item with a summation order fixed by the plan, so results are bit-identical
 // on repeat and for any thread count. The price is recomputing S and dP in both
-// item kinds (7 GEMMs per tile instead of 5).
+// item kinds (7 tile products per tile instead of 5). The micro-kernels sum each
+// element in a fixed order whatever the tile's shape, so the backward's S is
+// bit-identical to the forward's and P = exp(S - lse) is consistent with lse.
 //
 // Threads: at::parallel_for starts one task per thread; each pulls items from an
 // atomic counter, longest first (costs estimated from the plan), and keeps its
@@ -52,6 +57,7 @@
 
 #include "cpu_blas.h"
 #include "span_attention_gemm.h"
+#include "span_attention_parts.h"
 #include "span_attention_plan.h"
 #include "span_attention_rows.h"
 
@@ -72,182 +78,9 @@ struct TileSizes {
 };
 TileSizes tile_sizes() { return TileSizes{}; }
 
-constexpr int64_t kPad = 16;  // scratch columns beyond a tile (round-up to the vector width)
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// 64-byte aligned scratch for one thread's tiles.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t count) {
-    const size_t bytes =
-        (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
-    data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(data_ != nullptr, "span attention (cpu): out of memory for scratch tiles");
-  }
-  T* get() const { return data_.get(); }
-
- private:
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> data_;
-};
-
-// A [tokens, heads, D] operand read through its strides: the rows of one head
-// form a row-major tokens x D matrix with leading dimension `ld`.
-template <typename T>
-struct Operand {
-  const T* data;
-  int64_t ld;
-  int64_t head_stride;
-  const T* at(int64_t token, int64_t head) const { return data + token * ld + head * head_stride; }
-};
-
-// Last dim contiguous and a token stride usable as a leading dimension; else copy.
-at::Tensor row_ready(const at::Tensor& x) {
-  const int64_t head_dim = x.size(2);
-  const bool ok =
-      (head_dim <= 1 || x.stride(2) == 1) && (x.size(0) <= 1 || x.stride(0) >= head_dim);
-  return ok ? x : x.contiguous();
-}
-
-template <typename T>
-Operand<T> operand(const at::Tensor& x) {
-  const int64_t ld = x.size(0) <= 1 ? std::max<int64_t>({x.stride(0), x.size(2), 1})
-                                    : std::max<int64_t>(x.stride(0), 1);
-  return {x.const_data_ptr<T>(), ld, x.stride(1)};
-}
-
-// K (or V) transposed per kv head, panel[h][d][j] = x[j, h, d], so that K^T is a
-// row-contiguous B operand for the micro-kernels. Filled lazily, 256 keys at a
-// time, by whichever thread first needs a chunk (others wait for it): each key
-// is transposed once per call instead of once per tile, with no extra pass.
-template <typename T>
-class Transposed {
- public:
-  static constexpr int64_t kChunk = 256;
-
-  // `slot` picks one of the calling thread's cached buffers (K and V need two).
-  Transposed(const Operand<T>& x, int64_t tokens, int64_t heads, int64_t head_dim, int slot)
-      : x_(x), tokens_(tokens), head_dim_(head_dim) {
-    ld_ = round_up(tokens, kPad) + kPad;
-    if ((ld_ * static_cast<int64_t>(sizeof(T))) % 4096 == 0) ld_ += kPad;  // no 4K aliasing
-    chunks_ = std::max<int64_t>((tokens + kChunk - 1) / kChunk, 1);
-    data_ = buffer(slot, heads * head_dim * ld_);
-    state_ = std::make_unique<std::atomic<uint8_t>[]>(heads * chunks_);
-    for (int64_t i = 0; i < heads * chunks_; ++i) state_[i].store(0, std::memory_order_relaxed);
-  }
-
-  int64_t ld() const { return ld_; }
-
-  // Panel of `head` from key `begin`; keys [begin, end) are ready (end <= tokens + kPad).
-  const T* columns(int64_t head, int64_t begin, int64_t end) {
-    const int64_t last = std::min(end, tokens_) - 1;
-    for (int64_t c = begin / kChunk; c <= last / kChunk; ++c) ensure(head, c);
-    return data_ + head * head_dim_ * ld_ + begin;
-  }
-
- private:
-  // The panels live in a grow-only buffer per calling thread, kept between calls:
-  // a fresh multi-megabyte allocation per call would page-fault on every call
-  // (several % of a forward). Uninitialised on purpose: fill() writes every
-  // column before it is read.
-  static T* buffer(int slot, int64_t size) {
-    thread_local std::unique_ptr<T[]> buffers[2];
-    thread_local int64_t capacity[2] = {0, 0};
-    if (capacity[slot] < size) {
-      buffers[slot].reset();
-      buffers[slot].reset(new T[size]);
-      capacity[slot] = size;
-    }
-    return buffers[slot].get();
-  }
-
-  void ensure(int64_t head, int64_t chunk) {
-    std::atomic<uint8_t>& state = state_[head * chunks_ + chunk];
-    if (state.load(std::memory_order_acquire) == 2) return;
-    uint8_t expected = 0;
-    if (state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
-      fill(head, chunk);
-      state.store(2, std::memory_order_release);
-      return;
-    }
-    while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
-  }
-
-  void fill(int64_t head, int64_t chunk) {
-    const int64_t begin = chunk * kChunk, end = std::min(begin + kChunk, tokens_);
-    // The last chunk also zeroes the padding columns [tokens, ld).
-    const int64_t pad_end = end == tokens_ ? ld_ : end;
-    T* panel = data_ + head * head_dim_ * ld_;
-    tile::transpose(x_.at(begin, head), x_.ld, end - begin, head_dim_, panel + begin, ld_);
-    for (int64_t d = 0; d < head_dim_; ++d)
-      std::fill(panel + d * ld_ + end, panel + d * ld_ + pad_end, T(0));
-  }
-
-  Operand<T> x_;
-  int64_t tokens_, head_dim_, ld_, chunks_;
-  T* data_;
-  std::unique_ptr<std::atomic<uint8_t>[]> state_;
-};
-
-// The B operand of S = X Y^T for keys [key0, key0 + cols) of one kv head: the
-// transposed panel when there is one (micro-kernels), else Y's rows read transposed.
-template <typename T>
-struct KeysT {
-  Operand<T> rows;
-  Transposed<T>* transposed;  // null on the BLAS paths
-  void operand(int64_t kv_head, int64_t key0, int64_t cols, Product& p) const {
-    if (transposed != nullptr) {
-      p.b = transposed->columns(kv_head, key0, key0 + cols);
-      p.b_row = transposed->ld();
-      p.b_col = 1;
-    } else {
-      p.b = rows.at(key0, kv_head);
-      p.b_row = 1;
-      p.b_col = rows.ld;
-    }
-  }
-};
-
-// Run `work(item, scratch)` for every item, dynamically, longest first.
-template <typename MakeScratch, typename Work>
-void run_items(const std::vector<int64_t>& order, MakeScratch&& make_scratch, Work&& work) {
-  const int64_t count = static_cast<int64_t>(order.size());
-  if (count == 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), count);
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) work(order[i], scratch);
-  });
-}
-
-// Row r's allowed columns in the key tile [key0, key0 + cols), as [lo, hi) in the tile.
-inline void clip_rows(const std::vector<int32_t>& start, const std::vector<int32_t>& end,
-                      int64_t row0, int64_t rows, int64_t key0, int64_t cols, int32_t* lo,
-                      int32_t* hi) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t a = std::clamp<int64_t>(start[row0 + r] - key0, 0, cols);
-    const int64_t b = std::clamp<int64_t>(end[row0 + r] - key0, a, cols);
-    lo[r] = static_cast<int32_t>(a);
-    hi[r] = static_cast<int32_t>(b);
-  }
-}
-
 struct Shape {
   int64_t num_queries, num_keys, heads, kv_heads, head_dim, group;
 };
-
-// Row-major C (m x n, ldc) (+)= A B with A rows `a` (ld a_ld) or A^T (`a_transposed`).
-template <typename T>
-Product product(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_ld, bool a_transposed,
-                const T* b, int64_t b_ld, T* c, int64_t ldc, bool accumulate) {
-  return Product{m, n, k, a, a_transposed ? 1 : a_ld, a_transposed ? a_ld : 1, b, b_ld, 1, c,
-                 ldc, accumulate};
-}
 
 // ------------------------------------------------------------------------------ forward
 template <typename T>

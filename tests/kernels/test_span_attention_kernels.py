@@ -30,34 +30,6 @@ from metalm_fast.masks import SpanMask  # noqa: E402
 from tests.tolerance import assert_within_tolerance  # noqa: E402
 
 
-def _patch_interpreter_bf16_dot() -> None:
-    """Triton 3.9's interpreter keeps bf16 as raw uint16 bits and feeds them to
-    np.matmul as integers. Widen bf16 dot operands to fp32 (exact) first; this
-    only touches the interpreter, never compiled kernels."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_metalm_bf16_dot", False):
-        return
-    original = builder.create_dot
-
-    def widen(handle):
-        if handle.dtype.scalar != triton.language.bfloat16:
-            return handle
-        bits = handle.data.astype(np.uint32) << np.uint32(16)
-        return interpreter.TensorHandle(bits.view(np.float32), triton.language.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    builder.create_dot = create_dot
-    builder._metalm_bf16_dot = True
-
-
-_patch_interpreter_bf16_dot()
-
-
 # ----------------------------------------------------------------------------- helpers
 def _qkv(num_q, num_k, heads, kv_heads, head_dim, dtype, *, fused=False, seed=0):
     """q [Tq, Hq, D], k, v [Tk, Hkv, D] in ``dtype``; fused: slices of one qkv tensor."""
