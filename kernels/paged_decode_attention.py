@@ -18,8 +18,10 @@ to read K and V exactly once.
   BLOCK_H = 16 rows (masked) because tensor-core dots need 16 rows; Hq / Hkv
   above 16 takes several head blocks.
 * Flash-decoding: a batch of few long sequences gives too few (sequence, kv
-  head) programs to fill a GPU, so each sequence's keys are also split into
-  ``num_splits`` chunks of ``split_keys`` keys (grid axis 2). A split program
+  head) programs to fill a GPU, and one long sequence among short ones leaves
+  its programs running alone at the end; so each sequence's keys are also
+  split into ``num_splits`` chunks of ``split_keys`` keys (grid axis 2; see
+  ``choose_splits``, which needs no device sync). A split program
   runs the online softmax over its chunk (base 2: log2(e) is folded into the
   scale) and writes its normalised partial output and its log-sum-exp::
 
@@ -29,7 +31,10 @@ to read K and V exactly once.
 
       M = max_s lse_s,   out = sum_s exp2(lse_s - M) o_s / sum_s exp2(lse_s - M)
 
-  With a single split the first kernel writes ``out`` directly (no second pass).
+  With a single split the first kernel writes ``out`` directly (no second
+  pass). A split that starts past its sequence's end computes nothing and
+  writes nothing; the merge reads only the ``cdiv(seq_len, split_keys)`` splits
+  that were written.
 * Pages: a tile of BLOCK_N consecutive key positions looks up each position's
   page in the block table (one int32 gather, cached), so any block size works
   (1, 8, 16, 128, ...) and a tile may span pages. Rows are addressed with
@@ -64,6 +69,7 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 BLOCK_H = 16  # query rows per program (the tensor-core minimum); Hq / Hkv > 16 tiles it
 MAX_SPLITS = 64  # the merge kernel reads every split's lse in one vector
 MIN_SPLIT_KEYS = 256  # a split shorter than this costs more to merge than it saves
+MAX_SPLIT_KEYS = 4096  # longer sequences are split even on a full device (stragglers)
 HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
 
 
@@ -134,7 +140,13 @@ def _decode_split_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     result = acc / l_safe[:, None]
-    store_mask = row_valid[:, None] & d_valid[None, :]
+    # A split past its sequence's end writes nothing: the merge never reads it.
+    # With one split a sequence of length 0 must still write its zeros, so the
+    # bound is then at least 1 (2 - min(num_splits, 2) is 1 for one split, else 0).
+    # (Compared per row, as a vector: the interpreter rejects scalar-and-tensor masks.)
+    bound = tl.maximum(seq_len, 2 - tl.minimum(num_splits, 2))
+    row_written = row_valid & (rows * 0 + start < bound)
+    store_mask = row_written[:, None] & d_valid[None, :]
     if num_splits == 1:
         tl.store(out_ptr + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  result.to(out_ptr.dtype.element_ty), mask=store_mask)
@@ -143,39 +155,43 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], result,
                  mask=store_mask)
         lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-        tl.store(part_lse_ptr + slot, lse, mask=row_valid)
+        tl.store(part_lse_ptr + slot, lse, mask=row_written)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr,
-    stride_ob, stride_oh, num_heads, head_dim, num_splits,
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr,
+    stride_ob, stride_oh, num_heads, head_dim, num_splits, split_keys, max_keys,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, h] from the num_splits partials of (b, h); grid (B, Hq).
+    """out[b, h] from the partials of (b, h); grid (B, Hq).
 
-    Splits with lse = -inf (no keys) get weight 0; when every split is empty the
-    output is 0.
+    Only the splits that start inside the sequence were written and are read.
+    A split with lse = -inf (all its pages invalid) gets weight 0; a sequence
+    with no keys gets an output of 0.
     """
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + batch)
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_keys)
+    used = tl.cdiv(seq_len, split_keys)
     first = (batch * num_heads + head) * num_splits
     splits = tl.arange(0, BLOCK_S)
-    lse = tl.load(part_lse_ptr + first + splits, mask=splits < num_splits, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + first + splits, mask=splits < used, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     weights = tl.math.exp2(lse - lse_max)
     total = tl.sum(weights, 0)
     offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in range(0, num_splits):
+    for s in range(0, used):
         weight = tl.math.exp2(tl.load(part_lse_ptr + first + s) - lse_max)
-        partial = tl.load(part_out_ptr + (first + s) * BLOCK_D + offs_d, mask=offs_d < head_dim,
-                          other=0.0)
+        partial = tl.load(part_out_ptr + (first + s) * BLOCK_D + offs_d, mask=d_valid, other=0.0)
         acc += tl.where(weight > 0.0, weight * partial, 0.0)
     result = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d,
-             result.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+             result.to(out_ptr.dtype.element_ty), mask=d_valid)
 
 
 # --------------------------------------------------------------------------- configs
@@ -189,7 +205,7 @@ class _Tiles:
 def _tiles(block_d: int, dtype: torch.dtype) -> _Tiles:
     """Key tile per head-dim bucket: a K and a V tile of BLOCK_N x BLOCK_D per stage."""
     if dtype == torch.float32 and block_d >= 256:
-        return _Tiles(block_n=32, num_warps=8, num_stages=2)
+        return _Tiles(block_n=16, num_warps=8, num_stages=2)
     if block_d >= 256 or (dtype == torch.float32 and block_d >= 128):
         return _Tiles(block_n=32, num_warps=4, num_stages=2)
     return _Tiles(block_n=64, num_warps=4, num_stages=2)
@@ -205,7 +221,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # Pointers that are not in the input dtype; every other *_ptr is.
 _POINTER_TYPES = {"block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "part_out_ptr": "*fp32",
-                  "part_lse_ptr": "*fp32"}
+                  "part_lse_ptr": "*fp32"}  # every other *_ptr is in the input dtype
 
 
 def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
@@ -279,14 +295,16 @@ def choose_splits(batch: int, kv_programs: int, max_keys: int, block_n: int,
     """(num_splits, split_keys) for a launch; host-side, with no device sync.
 
     ``max_keys`` is the block table's capacity (max_blocks * block_size), an
-    upper bound on every seq_len; splits past a sequence's end exit at once.
-    Split only while B * kv_programs programs leave the device idle, never
-    below MIN_SPLIT_KEYS keys per split, at most MAX_SPLITS splits.
+    upper bound on every seq_len. Split while B * kv_programs programs leave the
+    device idle, and so that no program walks more than MAX_SPLIT_KEYS keys (one
+    long sequence among short ones would otherwise run alone at the end); never
+    below MIN_SPLIT_KEYS keys per split, at most MAX_SPLITS splits. Splits that
+    start past their sequence's end exit at once and write nothing.
     """
     programs = max(1, batch * kv_programs)
-    wanted = min(math.ceil(target_programs / programs), MAX_SPLITS,
-                 max(1, max_keys // MIN_SPLIT_KEYS))
-    split_keys = math.ceil(max(max_keys, 1) / max(wanted, 1) / block_n) * block_n
+    wanted = max(math.ceil(target_programs / programs), math.ceil(max_keys / MAX_SPLIT_KEYS))
+    wanted = min(wanted, MAX_SPLITS, max(1, max_keys // MIN_SPLIT_KEYS))
+    split_keys = math.ceil(max(max_keys, 1) / wanted / block_n) * block_n
     return max(1, math.ceil(max_keys / split_keys)), split_keys
 
 
@@ -341,7 +359,8 @@ def paged_decode_attention_forward(
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
-            out, part_out, part_lse, out.stride(0), out.stride(1), num_heads, head_dim,
-            num_splits, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d, num_warps=4, num_stages=1,
+            out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1), num_heads, head_dim,
+            num_splits, split_keys, max_keys, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d, num_warps=4,
+            num_stages=1,
         )
     return out

@@ -30,9 +30,15 @@ Without a CUDA device it prints a message and exits 0. ``--dry-run`` builds the
 cases at a tiny size on CPU and runs the CPU-capable parts (ours with the
 ``reference`` backend, FlexAttention eager, SDPA) to prove the plumbing.
 
+Suites (``--suites``, in order): ``attention`` (above), ``decode`` (paged
+decode attention and KV-cache append against their peers, in GB/s:
+benchmarks/gpu/decode_cases.py) and ``embed_scatter`` (GB/s against HBM and the
+ratio to the eager paths: benchmarks/gpu/embed_scatter_cases.py), all under the
+same deadline and written into the same files.
+
 Extending: a case is a function in ``CASES`` (name -> builder of a Case); an
 implementation is a function in ``IMPLEMENTATIONS`` (name -> runner factory).
-Later ops add their own registries and a loop like ``run_attention``.
+Another op adds a suite as a module beside this script, named in ``EXTRA_SUITES``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -502,6 +509,29 @@ def run_attention(settings: Settings, deadline: Deadline, on_case_done,
     return reports
 
 
+#: Suites beyond attention: name -> file beside this script. Each module has
+#: run(deadline, device=, dtype=) -> rows (dataclasses) and to_markdown(rows).
+EXTRA_SUITES = {"decode": "decode_cases.py", "embed_scatter": "embed_scatter_cases.py"}
+
+
+def run_extra_suite(name: str, settings: Settings, deadline: Deadline, results: dict) -> None:
+    """Run one EXTRA_SUITES suite under the shared deadline; results[name] = (module, rows)."""
+    module = load_suite(EXTRA_SUITES[name])
+    if module is None:
+        print(f"{name} suite: benchmarks/gpu/{EXTRA_SUITES[name]} not found, skipped")
+        return
+    if not deadline.has_room():
+        print(f"{name} suite: skipped (deadline)")
+        return
+    print(f"{name} suite (benchmarks/gpu/{EXTRA_SUITES[name]})")
+    results[name] = (module, [])
+    results[name] = (module, module.run(deadline, device=settings.device, dtype=settings.dtype))
+
+
+#: Benchmark suites, run in the order given by --suites.
+SUITES = ("attention", *EXTRA_SUITES)
+
+
 # ----------------------------------------------------------------------------- output
 def environment(settings: Settings) -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -559,17 +589,40 @@ def to_markdown(env: dict, settings: Settings, reports: list[CaseReport]) -> str
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, env: dict, settings: Settings, reports, tag: str) -> list[Path]:
+def write_results(out_dir: Path, env: dict, settings: Settings, reports, tag: str,
+                  extra=None) -> list[Path]:
+    """Write the .json and .md; ``extra`` maps suite name -> (module, its rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = env.get("gpu", "cpu-dry-run")
     slug = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
     stem = out_dir / f"gpu_bench_{slug}_{env['date'][:10]}{tag}"
     payload = {"environment": env, "settings": {**asdict(settings), "dtype": str(settings.dtype)},
                "cases": [asdict(report) for report in reports]}
+    markdown = to_markdown(env, settings, reports)
+    for name, (module, rows) in (extra or {}).items():
+        if rows:
+            payload[name] = [asdict(row) for row in rows]
+            markdown += "\n" + module.to_markdown(rows) + "\n"
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(payload, indent=2, default=str))
-    paths[1].write_text(to_markdown(env, settings, reports))
+    paths[1].write_text(markdown)
     return paths
+
+
+def load_suite(filename: str):
+    """A suite module beside this script, loaded by path; None if absent.
+
+    By path, so it works however this script is started (as a file or a module).
+    """
+    path = Path(__file__).with_name(filename)
+    if not path.exists():
+        return None
+    name = path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses resolve their module through this
+    spec.loader.exec_module(module)
+    return module
 
 
 def _start_watchdog(budget_s: float, deadline: Deadline, flush: Callable[[], None]) -> None:
@@ -598,6 +651,10 @@ def main(argv=None) -> int:
                         help="cases to run, in this order (default: all)")
     parser.add_argument("--head-dims", nargs="+", type=int, default=None,
                         help="head dims (default 64 128; 32 for --dry-run)")
+    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES),
+                        help="attention (span attention vs peers), decode (paged decode and "
+                             "KV append, decode_cases.py), embed_scatter (embed_scatter_cases.py);"
+                             " run in this order")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
 
@@ -612,17 +669,22 @@ def main(argv=None) -> int:
     env = environment(settings)
     tag = "_dry_run" if args.dry_run else ""
     reports: list[CaseReport] = []
+    extra: dict = {}  # suite name -> (module, rows), filled as each extra suite runs
 
     def flush():
-        return write_results(out_dir, env, settings, reports, tag)
+        return write_results(out_dir, env, settings, reports, tag, dict(extra))
 
     def on_case_done(_reports):
         flush()
 
     _start_watchdog(args.budget_s, deadline, flush)
-    print(f"span attention benchmarks on {env.get('gpu', 'CPU (dry run)')}, "
-          f"budget {args.budget_s:.0f} s")
-    run_attention(settings, deadline, on_case_done, args.cases, reports)
+    print(f"GPU benchmarks on {env.get('gpu', 'CPU (dry run)')}, budget {args.budget_s:.0f} s")
+    for suite in args.suites:
+        if suite == "attention":
+            run_attention(settings, deadline, on_case_done, args.cases, reports)
+        else:
+            run_extra_suite(suite, settings, deadline, extra)
+        flush()
     paths = flush()
     print(f"done in {deadline.elapsed():.0f} s; wrote {', '.join(map(str, paths))}")
     return 0

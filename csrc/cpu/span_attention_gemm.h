@@ -11,8 +11,9 @@
 //   b_col == 1 and N a multiple of the vector width. They need no packing: the
 //   callers keep B row-contiguous (K^T and V^T are transposed once per call, V,
 //   K, Q and dO rows are used in place) and A is read by scalar broadcasts, so
-//   a tile costs only its FMAs. Each C element sums over p in order: results
-//   do not depend on threads or on where a tile starts.
+//   a tile costs only its FMAs. Each C element sums over p in a fixed order
+//   (chunks of 64 terms added to C in turn): results do not depend on threads,
+//   on the tile's shape or on where it starts.
 // - BLAS (sgemm_/dgemm_, see cpu_blas.h), which packs both operands per call;
 // - the portable loop of cpu_blas.h.
 //
@@ -65,6 +66,10 @@ struct Product {
 };
 
 #if METALM_HAVE_X86_KERNELS
+// The vector helpers are always inlined into target-specific functions, so the
+// ABI note GCC gives for passing wide vectors in baseline code does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 namespace micro {
 
 #define METALM_INLINE inline __attribute__((always_inline))
@@ -180,6 +185,7 @@ __attribute__((target("avx2,fma"))) inline void run_avx2(const Product& p) {
   typedef float V __attribute__((vector_size(32)));
   micro::run<V, 8, 6, 2>(p);
 }
+#pragma GCC diagnostic pop
 #endif  // METALM_HAVE_X86_KERNELS
 
 // dst[c * dst_ld + r] = src[r * src_ld + c] for r < rows, c < cols (K or V -> K^T, V^T).

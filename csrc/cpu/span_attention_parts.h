@@ -98,19 +98,26 @@ class Transposed {
   }
 
  private:
-  // The panels live in a grow-only buffer per calling thread, kept between calls:
-  // a fresh multi-megabyte allocation per call would page-fault on every call
-  // (several % of a forward). Uninitialised on purpose: fill() writes every
-  // column before it is read.
-  static T* buffer(int slot, int64_t size) {
-    thread_local std::unique_ptr<T[]> buffers[2];
+  // The panels live in a buffer per calling thread kept between calls (up to
+  // kKeepBytes each for K and V; larger ones are allocated per call): a fresh
+  // multi-megabyte allocation per call page-faults on every call, ~10% of an
+  // encoder-span forward. Uninitialised on purpose: fill() writes every column
+  // before it is read.
+  static constexpr int64_t kKeepBytes = int64_t{64} << 20;
+
+  T* buffer(int slot, int64_t size) {
+    thread_local std::unique_ptr<T[]> kept[2];
     thread_local int64_t capacity[2] = {0, 0};
+    if (size * static_cast<int64_t>(sizeof(T)) > kKeepBytes) {
+      owned_.reset(new T[size]);
+      return owned_.get();
+    }
     if (capacity[slot] < size) {
-      buffers[slot].reset();
-      buffers[slot].reset(new T[size]);
+      kept[slot].reset();
+      kept[slot].reset(new T[size]);
       capacity[slot] = size;
     }
-    return buffers[slot].get();
+    return kept[slot].get();
   }
 
   void ensure(int64_t head, int64_t chunk) {
@@ -137,6 +144,7 @@ class Transposed {
 
   Operand<T> x_;
   int64_t tokens_, head_dim_, ld_, chunks_;
+  std::unique_ptr<T[]> owned_;  // a panel set too large to keep
   T* data_;
   std::unique_ptr<std::atomic<uint8_t>[]> state_;
 };

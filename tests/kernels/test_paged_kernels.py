@@ -49,9 +49,10 @@ def test_query_heads_beyond_one_head_block():
     _check_decode(_decode_problem([70, 9], 8, 40, 2, 16), num_splits=2)
 
 
-def test_fp16_splits():
-    # (bf16 is left to the AOT check: Triton 3.9's interpreter mishandles bf16 dots.)
-    _check_decode(_decode_problem([90, 17], 16, 4, 1, 64, torch.float16), num_splits=3)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_split(dtype):
+    # bf16 dots run through tests/conftest.py's interpreter patch.
+    _check_decode(_decode_problem([90, 17], 16, 4, 1, 64, dtype), num_splits=3)
 
 
 def test_choose_splits():
