@@ -137,12 +137,16 @@ def median_ms(fn: Callable[[], object], device: str, warmup: int = 5, repeats: i
 
 # ----------------------------------------------------------------------------- inputs
 def paged_kv(lengths, kv_heads, head_dim, page, dtype, device, generator):
-    """Caches over twice the pages needed and a block table of randomly drawn pages."""
+    """Caches over twice the pages needed and a block table of randomly drawn pages.
+
+    The caches (up to ~1 GB) are drawn on the device; ``generator`` (CPU) draws the pages.
+    """
     needed = [math.ceil(n / page) for n in lengths]
     num_blocks = 2 * sum(needed)
     shape = (num_blocks, page, kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=generator).to(device, dtype)
-    v_cache = torch.randn(shape, generator=generator).to(device, dtype)
+    on_device = torch.Generator(device=device).manual_seed(int(generator.initial_seed()))
+    k_cache = torch.randn(shape, generator=on_device, device=device, dtype=dtype)
+    v_cache = torch.randn(shape, generator=on_device, device=device, dtype=dtype)
     order = torch.randperm(num_blocks, generator=generator)
     table = torch.zeros(len(lengths), max(needed), dtype=torch.int32)
     used = 0
