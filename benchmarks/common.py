@@ -44,14 +44,19 @@ class Case:
 
 
 def random_lengths(total: int, low: int, high: int, generator: torch.Generator) -> list[int]:
-    """Lengths in [low, high] summing to ``total`` (the last one takes the remainder)."""
+    """Lengths in [low, high] summing to ``total`` (the last one is cut to fit, then
+    topped up to ``low`` from its neighbour when that keeps both in range)."""
     lengths: list[int] = []
     while sum(lengths) < total:
         lengths.append(int(torch.randint(low, high + 1, (1,), generator=generator)))
     lengths[-1] -= sum(lengths) - total
-    if lengths[-1] < low and len(lengths) > 1 and lengths[-2] + lengths[-1] <= high:
-        last = lengths.pop()
-        lengths[-1] += last
+    if lengths[-1] < low and len(lengths) > 1:
+        if lengths[-2] + lengths[-1] <= high:
+            last = lengths.pop()
+            lengths[-1] += last
+        elif lengths[-2] - (low - lengths[-1]) >= low:
+            lengths[-2] -= low - lengths[-1]
+            lengths[-1] = low
     return lengths
 
 
