@@ -65,6 +65,8 @@ METALM_ALWAYS_INLINE void zero_outside(T* row, int64_t lo, int64_t hi, int64_t c
   for (int64_t j = hi; j < cols; ++j) row[j] = T(0);
 }
 
+constexpr int64_t kLanes = 16;
+
 // Online-softmax step of the forward pass. On entry S holds scaled scores; on
 // exit S holds exp(S - m_new) (0 where masked), the running max m and sum l are
 // updated and the output accumulator rows acc (rows x head_dim) are rescaled by
@@ -85,13 +87,27 @@ METALM_ALWAYS_INLINE void softmax_step_impl(T* scores, int64_t rows, int64_t col
     for (int64_t j = a; j < b; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
     const T old_max = row_max[r];
     const T new_max = old_max > tile_max ? old_max : tile_max;
-    T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = a; j < b; ++j) {
+    // 16 running sums (lane l takes columns a + l, a + l + 16, ...) added pairwise at
+    // the end: the same rounding on every ISA and optimisation level, and more
+    // accurate than one sequential sum.
+    T lanes[kLanes] = {};
+    int64_t j = a;
+    for (; j + kLanes <= b; j += kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const T p = exp_of(s[j + l] - new_max);
+        s[j + l] = p;
+        lanes[l] += p;
+      }
+    }
+    for (int64_t l = 0; j < b; ++j, ++l) {
       const T p = exp_of(s[j] - new_max);
       s[j] = p;
-      sum += p;
+      lanes[l] += p;
     }
+    for (int64_t width = kLanes / 2; width > 0; width /= 2)
+      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    const T sum = lanes[0];
     zero_outside(s, a, b, cols);
     if (new_max != old_max) {
       // old_max == -inf on the row's first keys: acc and l are 0, so multiply by 0.
