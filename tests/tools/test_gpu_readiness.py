@@ -24,10 +24,11 @@ import importlib.util
 import pytest
 
 from metalm_fast.tools import gpu_readiness as gr
+from metalm_fast.tools import ptx_tools
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_toolchain = pytest.mark.skipif(
-    not _HAS_TRITON or gr._triton_bin("ptxas-blackwell") is None,
+    not _HAS_TRITON or ptx_tools._triton_bin("ptxas-blackwell") is None,
     reason="needs triton with its bundled ptxas-blackwell (triton/backends/nvidia/bin)",
 )
 TINY = f"{__name__}:tiny_configs"
@@ -120,7 +121,7 @@ ptxas info    : Used 255 registers, used 1 barriers, 356 bytes cmem[0]
 
 
 def test_parse_ptxas_verbose_triton():
-    usage = gr.parse_ptxas_verbose(CANNED_TRITON_PTXAS)
+    usage = ptx_tools.parse_ptxas_verbose(CANNED_TRITON_PTXAS)
     assert list(usage) == ["attn_fwd"]
     entry = usage["attn_fwd"]
     assert (entry.registers, entry.static_smem, entry.arch) == (168, 1024, "sm_90a")
@@ -128,7 +129,7 @@ def test_parse_ptxas_verbose_triton():
 
 
 def test_parse_ptxas_verbose_nvcc_many_functions():
-    usage = gr.parse_ptxas_verbose(CANNED_NVCC_PTXAS)
+    usage = ptx_tools.parse_ptxas_verbose(CANNED_NVCC_PTXAS)
     # The device function _Z6helperv is not an entry, so it is not a kernel row.
     assert sorted(usage) == ["_Z13scatter_rowsPKfPfi", "_Z9big_tilesv"]
     scatter, big = usage["_Z13scatter_rowsPKfPfi"], usage["_Z9big_tilesv"]
@@ -137,7 +138,7 @@ def test_parse_ptxas_verbose_nvcc_many_functions():
 
 
 def test_sass_tensor_core_counts():
-    sass = gr.sass_tensor_core_counts(
+    sass = ptx_tools.sass_tensor_core_counts(
         "\tcode for sm_90a\n\t\tFunction : attn_fwd\n"
         "        /*0a00*/  HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;\n"
         "        /*0a10*/  HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n"
@@ -147,9 +148,10 @@ def test_sass_tensor_core_counts():
 
 
 def test_ptx_tensor_core():
-    assert gr.ptx_tensor_core("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16") == "wgmma"
-    assert gr.ptx_tensor_core("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16") == "mma"
-    assert gr.ptx_tensor_core("fma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
+    wgmma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"
+    assert ptx_tools.ptx_tensor_core(wgmma) == "wgmma"
+    assert ptx_tools.ptx_tensor_core("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16") == "mma"
+    assert ptx_tools.ptx_tensor_core("fma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
 
 
 def test_checks():
@@ -270,7 +272,7 @@ def test_cli_exit_status_and_output_file(tmp_path, capsys):
     assert f"> {gr.SMEM_LIMIT_BYTES[80]} B limit" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(gr.find_nvcc() is None, reason="needs nvcc (CUDA toolkit)")
+@pytest.mark.skipif(ptx_tools.find_nvcc() is None, reason="needs nvcc (CUDA toolkit)")
 def test_nvcc_cuda_source(tmp_path):
     source = tmp_path / "scale_rows.cu"
     source.write_text(
