@@ -21,10 +21,9 @@ def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
     [0, 1, 2, 0, 1]
     """
     cu = cu_seqlens.to(torch.int64)
-    lengths = cu[1:] - cu[:-1]
-    total = int(cu[-1])
-    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
-    return torch.arange(total, device=cu.device) - starts
+    positions = torch.arange(int(cu[-1]), device=cu.device)
+    sequence = torch.searchsorted(cu, positions, right=True) - 1
+    return positions - cu[sequence]
 
 
 class RotaryEmbedding(nn.Module):
