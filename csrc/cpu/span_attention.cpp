@@ -237,6 +237,7 @@ int64_t backward_tile(const Shape& shape, const BackwardInputs<T>& in,
   // dP = dO V^T, then dS = P * (dP - delta) in place.
   Product dov = product<T>(rows, ld, head_dim, grad_out_rows, in.grad_out.ld, false, nullptr, 0,
                            dscores, ld, false);
+  dov.depth = 16;  // |dP| >> |dP - delta| on rows with few keys: keep dP's rounding small
   in.values.operand(kv_head, key0, ld, dov);
   tile::matmul<T>(in.kernel, dov);
   rows::dscores(probs, dscores, rows, cols, ld, s.lo.get(), s.hi.get(), in.delta + row_offset);

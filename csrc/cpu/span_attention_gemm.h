@@ -63,6 +63,10 @@ struct Product {
   int64_t ldc;
   bool accumulate;
   double alpha = 1.0;
+  // Sums over p run in chunks of `depth` terms, each added to C in turn (blocked
+  // summation). Short chunks cut the rounding of a long dot product; the
+  // backward's dP = dO V^T needs that, since dS = P * (dP - delta) cancels.
+  int64_t depth = 64;
 };
 
 #if METALM_HAVE_X86_KERNELS
@@ -139,11 +143,11 @@ METALM_INLINE void panel(const Product& p, int64_t n0) {
   const float* a = static_cast<const float*>(p.a);
   const float* b = static_cast<const float*>(p.b) + n0;
   float* c = static_cast<float*>(p.c) + n0;
-  // Sums run over p in chunks of kDepth added to C in turn (blocked summation,
-  // as BLAS does): long sums (dQ over 256 keys) round like the reference's.
-  constexpr int64_t kDepth = 64;
-  for (int64_t k0 = 0; k0 < std::max<int64_t>(p.k, 1); k0 += kDepth) {
-    const int64_t depth = std::min<int64_t>(kDepth, p.k - k0);
+  // Blocked summation over p (see Product::depth): long sums (dQ over 256 keys)
+  // round like the reference's.
+  const int64_t chunk = std::max<int64_t>(p.depth, 1);
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(p.k, 1); k0 += chunk) {
+    const int64_t depth = std::min<int64_t>(chunk, p.k - k0);
     for (int64_t i0 = 0; i0 < p.m; i0 += RMAX) {
       const int64_t rows = std::min<int64_t>(RMAX, p.m - i0);
       rows_of<V, W, RMAX, NV>(rows, depth, a + i0 * p.a_row + k0 * p.a_col, p.a_row, p.a_col,
@@ -267,6 +271,19 @@ void run_blas(const Product& p, bool portable) {
 template <typename T>
 void matmul(Kernel kernel, const Product& p) {
   if (p.m == 0 || p.n == 0) return;
+  if (kernel != Kernel::kAvx512 && kernel != Kernel::kAvx2 && p.depth < p.k) {
+    // BLAS and the portable loop sum over all of K at once: split K instead.
+    for (int64_t k0 = 0; k0 < p.k; k0 += p.depth) {
+      Product part = p;
+      part.k = std::min(p.depth, p.k - k0);
+      part.a = static_cast<const T*>(p.a) + k0 * p.a_col;
+      part.b = static_cast<const T*>(p.b) + k0 * p.b_row;
+      part.accumulate = p.accumulate || k0 > 0;
+      part.depth = part.k;
+      matmul<T>(kernel, part);
+    }
+    return;
+  }
 #if METALM_HAVE_X86_KERNELS
   if constexpr (sizeof(T) == sizeof(float)) {
     if (kernel == Kernel::kAvx512 && p.b_col == 1 && p.n % 16 == 0) return run_avx512(p);

@@ -151,8 +151,10 @@ def _span_attention_bwd(
         return tuple(g.contiguous() for g in grads)
     # delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dLSE[h, t]: with it,
     # dS = P * (dP - delta) covers gradients reaching both out and lse.
-    accumulate = lse.dtype
-    delta = (grad_out.to(accumulate) * out.to(accumulate)).sum(-1).transpose(0, 1) - grad_lse
+    # Summed in float64, then rounded once: the backward kernels subtract delta from
+    # dP, and on rows with few keys the two nearly cancel.
+    products = grad_out.to(torch.float64) * out.to(torch.float64)
+    delta = (products.sum(-1).transpose(0, 1) - grad_lse.to(torch.float64)).to(lse.dtype)
     delta = delta.contiguous()
     if backend == "triton":
         grads = _backward_triton(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone)
