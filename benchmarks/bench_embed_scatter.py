@@ -15,7 +15,8 @@ subprocess (ru_maxrss above the process's baseline after building inputs).
 Prints PASS/FAIL for the acceptance criteria: forward and forward+backward at
 least 1.5x the faster eager path, peak memory no higher.
 
-Usage: python benchmarks/bench_embed_scatter.py [--quick] [--out FILE.md]
+Usage: python benchmarks/bench_embed_scatter.py [--quick] [--no-write] [--out FILE.md]
+(writes benchmarks/results/cpu_embed_scatter_<date>.md unless --no-write or --quick).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,7 @@ def measure_times(args) -> dict[str, dict[str, float]]:
     )
     results = {}
     for path in PATHS:
+
         def forward(path=path):
             with torch.no_grad():
                 run_path(path, token_ids, weight, features, feature_index, args.scale)
@@ -113,8 +116,18 @@ def peak_memory_child(args) -> None:
 def measure_peaks(args) -> dict[str, float]:
     peaks = {}
     for path in PATHS:
-        command = [sys.executable, __file__, "--child-peak", path, "--tokens", str(args.tokens),
-                   "--width", str(args.width), "--vocab", str(args.vocab)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child-peak",
+            path,
+            "--tokens",
+            str(args.tokens),
+            "--width",
+            str(args.width),
+            "--vocab",
+            str(args.vocab),
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         peaks[path] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     return peaks
@@ -171,7 +184,11 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=32.0)  # sqrt(1024), as Kosmos scales
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--out", help="also write the table to this markdown file")
+    parser.add_argument(
+        "--out",
+        help="markdown file for the table (default benchmarks/results/cpu_embed_scatter_<date>.md)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="only print the table")
     parser.add_argument("--child-peak", dest="path", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.path:
@@ -183,9 +200,15 @@ def main(argv=None) -> int:
     peaks = measure_peaks(args)
     table, ok = render(args, times, peaks)
     print(table)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(table + "\n")
+    if not args.no_write and not args.quick:
+        results = Path(__file__).resolve().parent / "results"
+        out = (
+            Path(args.out)
+            if args.out
+            else results / f"cpu_embed_scatter_{datetime.date.today()}.md"
+        )
+        out.write_text(table + f"\n\nCommand: `python benchmarks/bench_embed_scatter.py`\n")
+        print(f"wrote {out}")
     return 0 if ok else 1
 
 
