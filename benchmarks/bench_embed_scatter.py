@@ -207,7 +207,7 @@ def main(argv=None) -> int:
             if args.out
             else results / f"cpu_embed_scatter_{datetime.date.today()}.md"
         )
-        out.write_text(table + f"\n\nCommand: `python benchmarks/bench_embed_scatter.py`\n")
+        out.write_text(table + "\n\nCommand: `python benchmarks/bench_embed_scatter.py`\n")
         print(f"wrote {out}")
     return 0 if ok else 1
 
