@@ -35,17 +35,20 @@ def _info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpu-readiness"]:
+        # The tool parses its own options (argparse.REMAINDER drops leading "--" options).
+        from metalm_fast.tools import gpu_readiness
+
+        return gpu_readiness.main(argv[1:])
     parser = argparse.ArgumentParser(prog="metalm-fast", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and available backends")
-    readiness = commands.add_parser("gpu-readiness", help="AOT compile report (sm_80, sm_90)")
-    readiness.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the tool")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info()
-    from metalm_fast.tools import gpu_readiness
-
-    return gpu_readiness.main(args.rest)
+    commands.add_parser(
+        "gpu-readiness", help="AOT compile report (sm_80, sm_90); options as the tool's --help"
+    )
+    parser.parse_args(argv)
+    return _info()
 
 
 if __name__ == "__main__":
