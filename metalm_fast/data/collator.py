@@ -1,0 +1,151 @@
+"""Semi-causal batches: pack documents, sample spans, build what the model reads.
+
+Which positions carry loss (next-token prediction, position t predicts token
+t + 1 of the same document):
+
+- span positions take encoder features as decoder input (``feature_index``);
+- a target that lies inside a span is not scored: the encoder reads that span,
+  so the decoder is not asked to predict it;
+- the token right after a span *is* scored, predicted from the span's last
+  position;
+- the last token of a document has no target.
+
+Worked example: one document ``[a b c d e f]`` with the span ``[2, 4)`` (c, d)::
+
+    position        0  1  2  3  4  5
+    decoder input   a  b  F0 F1 e  f      (F = encoder features of c, d)
+    target          b  c  d  e  f  -
+    scored          y  n  n  y  y  n      (c, d lie in the span; f ends the document)
+
+so ``labels = [b, -100, -100, e, f, -100]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metalm_fast.data.feature_index import feature_index_from_spans
+from metalm_fast.data.semi_causal import sample_spans
+from metalm_fast.masks import SpanMask
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SemiCausalBatch",
+    "SemiCausalCollator",
+    "build_batch",
+    "pack_documents",
+]
+
+#: Label of positions that carry no loss (as torch.nn.functional.cross_entropy's default).
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SemiCausalBatch:
+    """One packed batch (no padding). T decoder tokens, B documents, S spans, N span tokens.
+
+    input_ids : int64 [T]     decoder token ids (ids at span positions are replaced by features)
+    cu_seqlens : int64 [B + 1] document boundaries in the packed decoder sequence
+    span_starts, span_ends : int64 [S]   absolute packed offsets of the encoder spans
+    encoder_ids : int64 [N]   the span tokens, packed in span order
+    encoder_cu_seqlens : int64 [S + 1]   span boundaries in ``encoder_ids``
+    feature_index : int64 [T] row of the encoder output at span positions, -1 elsewhere
+    labels : int64 [T]        next token where scored, IGNORE_INDEX elsewhere
+    """
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    span_starts: torch.Tensor
+    span_ends: torch.Tensor
+    encoder_ids: torch.Tensor
+    encoder_cu_seqlens: torch.Tensor
+    feature_index: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """bool [T]: positions that carry loss."""
+        return self.labels != IGNORE_INDEX
+
+
+def pack_documents(documents: list[list[int]], token_budget: int) -> list[list[list[int]]]:
+    """Greedy packing into groups of at most ``token_budget`` tokens, without padding.
+
+    Documents longer than the budget are cut into budget-sized pieces (each piece
+    is then its own document); empty documents are dropped.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    pieces = [
+        doc[i : i + token_budget] for doc in documents for i in range(0, len(doc), token_budget)
+    ]
+    groups: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) > token_budget and current:
+            groups.append(current)
+            current, used = [], 0
+        current.append(piece)
+        used += len(piece)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _labels(input_ids: torch.Tensor, cu: torch.Tensor, feature_index: torch.Tensor):
+    """Next-token labels with the semi-causal loss rule of the module docstring."""
+    total = input_ids.numel()
+    labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
+    if total < 2:
+        return labels
+    positions = torch.arange(total - 1)
+    document = torch.searchsorted(cu, positions, right=True) - 1
+    same_document = positions + 1 < cu[document + 1]
+    target_in_span = feature_index[1:] >= 0
+    scored = same_document & ~target_in_span
+    labels[:-1] = torch.where(scored, input_ids[1:], labels[:-1])
+    return labels
+
+
+class SemiCausalCollator:
+    """Turn documents (lists of token ids) into a :class:`SemiCausalBatch`.
+
+    Spans are drawn by :func:`sample_spans` (``span_min``..``span_max`` tokens,
+    about ``fraction`` of each document) from a generator seeded once, so a
+    collator with the same seed yields the same batches.
+    """
+
+    def __init__(self, *, span_min: int = 64, span_max: int = 128, fraction: float = 0.25,
+                 seed: int = 0):
+        self.span_min, self.span_max, self.fraction = span_min, span_max, fraction
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, documents: list[list[int]]) -> SemiCausalBatch:
+        lengths = [len(doc) for doc in documents]
+        starts, ends = sample_spans(lengths, span_min=self.span_min, span_max=self.span_max,
+                                    fraction=self.fraction, generator=self.generator)
+        return build_batch(documents, starts, ends)
+
+
+def build_batch(documents: list[list[int]], span_starts, span_ends) -> SemiCausalBatch:
+    """The batch for given documents and spans (absolute packed offsets, validated)."""
+    lengths = [len(doc) for doc in documents]
+    input_ids = torch.tensor([token for doc in documents for token in doc], dtype=torch.int64)
+    cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
+    starts = torch.as_tensor(span_starts, dtype=torch.int64)
+    ends = torch.as_tensor(span_ends, dtype=torch.int64)
+    SpanMask.semi_causal(cu, starts, ends)  # validates: inside one document, no overlap
+    order = torch.argsort(starts)
+    starts, ends = starts[order], ends[order]
+    feature_index = feature_index_from_spans(input_ids.numel(), starts, ends)
+    span_tokens = [input_ids[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+    encoder_ids = torch.cat(span_tokens) if span_tokens else input_ids[:0]
+    encoder_cu = torch.tensor([0, *(ends - starts).tolist()], dtype=torch.int64).cumsum(0)
+    return SemiCausalBatch(
+        input_ids=input_ids, cu_seqlens=cu, span_starts=starts, span_ends=ends,
+        encoder_ids=encoder_ids, encoder_cu_seqlens=encoder_cu,
+        feature_index=feature_index, labels=_labels(input_ids, cu, feature_index),
+    )
