@@ -1,0 +1,74 @@
+"""A pre-norm transformer over packed tokens: the body of every MetaLM stack.
+
+Each block is ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; attention is
+:class:`SpanSelfAttention` (fused qkv, rotary over packed positions, any
+SpanMask), so the same stack serves the causal decoder (SpanMask.causal), the
+bidirectional encoders (SpanMask.bidirectional) and the single-stack variant
+(SpanMask.semi_causal).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metalm_fast.masks import SpanMask
+from metalm_fast.nn.attention import SpanSelfAttention
+
+__all__ = ["MLP", "TransformerBlock", "TransformerStack"]
+
+
+class MLP(nn.Module):
+    """GELU (``Linear-GELU-Linear``) or SwiGLU (``W2(silu(W1 x) * W3 x)``) feed-forward."""
+
+    def __init__(self, dim: int, hidden: int, kind: str = "gelu"):
+        super().__init__()
+        if kind not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp kind must be 'gelu' or 'swiglu', got {kind!r}")
+        self.kind = kind
+        self.up = nn.Linear(dim, 2 * hidden if kind == "swiglu" else hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.up(x)
+        if self.kind == "swiglu":
+            gate, value = hidden.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * value)
+        return self.down(F.gelu(hidden))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_ratio: float,
+                 mlp_kind: str, backend: str):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim)
+        self.attention = SpanSelfAttention(dim, num_heads, num_kv_heads, backend=backend)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), mlp_kind)
+
+    def forward(self, x: torch.Tensor, mask: SpanMask, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), mask, positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerStack(nn.Module):
+    """``num_layers`` blocks and a final norm.
+
+    ``forward(x [T, Dm], mask, positions [T]) -> [T, Dm]``.
+    """
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int, num_kv_heads: int | None = None,
+                 *, mlp_ratio: float = 4.0, mlp_kind: str = "gelu", backend: str = "auto"):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_heads, num_kv_heads, mlp_ratio, mlp_kind, backend)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: SpanMask, positions: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, mask, positions)
+        return self.norm(x)
