@@ -151,10 +151,14 @@ def _span_attention_bwd(
         return tuple(g.contiguous() for g in grads)
     # delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dLSE[h, t]: with it,
     # dS = P * (dP - delta) covers gradients reaching both out and lse.
-    # Summed in float64, then rounded once: the backward kernels subtract delta from
-    # dP, and on rows with few keys the two nearly cancel.
-    products = grad_out.to(torch.float64) * out.to(torch.float64)
-    delta = (products.sum(-1).transpose(0, 1) - grad_lse.to(torch.float64)).to(lse.dtype)
+    # The backward kernels subtract delta from dP, and on rows with few keys the two
+    # nearly cancel: the CPU kernels (held to the fp32 tolerance rule against their
+    # own fp32 dP) get delta summed in float64 and rounded once. On GPU that would
+    # be two float64 copies of [T, H, D] on the hot path; fp32 sums serve, as in
+    # FlashAttention.
+    accumulate = torch.float64 if backend == "cpu" else lse.dtype
+    products = grad_out.to(accumulate) * out.to(accumulate)
+    delta = (products.sum(-1).transpose(0, 1) - grad_lse.to(accumulate)).to(lse.dtype)
     delta = delta.contiguous()
     if backend == "triton":
         grads = _backward_triton(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone)
