@@ -15,18 +15,15 @@ deterministic segmented reduction (no float atomics): bit-identical on repeat.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from metalm_fast import reference
 from metalm_fast.ops._backend import cpu_extension, cuda_extension, resolve_backend
+from metalm_fast.ops._validation import check_float_tensor, check_index_tensor, check_scale
 
 __all__ = ["embed_scatter"]
 
 _SUPPORTED = ("triton", "cuda", "cpu", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -198,12 +195,7 @@ _embed_scatter_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- validation
 def _check_index(name: str, index, tokens: int | None) -> None:
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
-    if index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
-    if index.dim() != 1:
-        raise ValueError(f"{name} must be 1-D [T], got shape {tuple(index.shape)}")
+    check_index_tensor(name, index, "1-D [T]")
     if tokens is not None and index.shape[0] != tokens:
         raise ValueError(
             f"{name} has {index.shape[0]} entries but token_ids has {tokens} (one per token)"
@@ -211,14 +203,7 @@ def _check_index(name: str, index, tokens: int | None) -> None:
 
 
 def _check_table(name: str, table, rows_name: str) -> None:
-    if not isinstance(table, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
-    if table.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [{rows_name}, Dm], got shape {tuple(table.shape)}")
-    if table.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating dtype, got {table.dtype}")
-    if table.shape[1] > 1 and table.stride(1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim, got strides {table.stride()}")
+    check_float_tensor(name, table, f"2-D [{rows_name}, Dm]", dtype_text="a floating dtype")
 
 
 def _check_inputs(token_ids, weight, features, feature_index, scale, padding_idx) -> None:
@@ -241,8 +226,7 @@ def _check_inputs(token_ids, weight, features, feature_index, scale, padding_idx
             "token_ids, weight, features and feature_index must be on one device, got "
             f"{token_ids.device}, {weight.device}, {features.device}, {feature_index.device}"
         )
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    check_scale(scale, allow_none=False)
     if padding_idx is not None and not (
         isinstance(padding_idx, int) and -weight.shape[0] <= padding_idx < weight.shape[0]
     ):

@@ -34,13 +34,12 @@ import torch
 
 from metalm_fast import reference
 from metalm_fast.ops._backend import cpu_extension, cuda_extension, resolve_backend
+from metalm_fast.ops._validation import FLOAT_DTYPES, check_float_tensor, check_index_tensor
 
 __all__ = ["CacheStep", "KVCacheFullError", "PagedKVCache", "kv_cache_append"]
 
 _SUPPORTED = ("triton", "cuda", "cpu", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _COMPILED_OPS = {"cpu": "_kv_cache_append_cpu", "cuda": "_kv_cache_append_cuda"}
 
 
@@ -130,23 +129,11 @@ def _(k_cache, v_cache, k_new, v_new, slot_mapping, backend):
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_cache(name: str, cache) -> None:
-    if not isinstance(cache, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cache).__name__}")
-    if cache.dim() != 4:
-        raise ValueError(
-            f"{name} must be 4-D [num_blocks, block_size, Hkv, D], got shape {tuple(cache.shape)}"
-        )
-    if cache.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating dtype, got {cache.dtype}")
-    if cache.shape[-1] > 1 and cache.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim, got strides {cache.stride()}")
-
-
 def check_cache_pair(k_cache, v_cache) -> None:
     """Both caches: 4-D, floating, last dim contiguous, one shape, dtype and device."""
-    _check_cache("k_cache", k_cache)
-    _check_cache("v_cache", v_cache)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_float_tensor(name, cache, "4-D [num_blocks, block_size, Hkv, D]",
+                           dtype_text="a floating dtype")
     if k_cache.shape != v_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
@@ -163,10 +150,7 @@ def check_cache_pair(k_cache, v_cache) -> None:
 
 
 def _check_new(name: str, new, cache_name: str, cache: torch.Tensor) -> None:
-    if not isinstance(new, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(new).__name__}")
-    if new.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [T, Hkv, D], got shape {tuple(new.shape)}")
+    check_float_tensor(name, new, "3-D [T, Hkv, D]", dtype_text="a floating dtype")
     if new.shape[1:] != cache.shape[2:]:
         raise ValueError(
             f"{name} has [Hkv, D] = {list(new.shape[1:])} but {cache_name} holds "
@@ -179,8 +163,6 @@ def _check_new(name: str, new, cache_name: str, cache: torch.Tensor) -> None:
         )
     if new.device != cache.device:
         raise ValueError(f"{name} is on {new.device} but {cache_name} is on {cache.device}")
-    if new.shape[-1] > 1 and new.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim, got strides {new.stride()}")
 
 
 def _check_append_inputs(k_cache, v_cache, k_new, v_new, slot_mapping) -> None:
@@ -192,11 +174,8 @@ def _check_append_inputs(k_cache, v_cache, k_new, v_new, slot_mapping) -> None:
             f"k_new and v_new must have the same number of tokens, got {k_new.shape[0]} "
             f"and {v_new.shape[0]}"
         )
-    if not isinstance(slot_mapping, torch.Tensor):
-        raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
-    if slot_mapping.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != k_new.shape[0]:
+    check_index_tensor("slot_mapping", slot_mapping, "1-D [T]")
+    if slot_mapping.shape[0] != k_new.shape[0]:
         raise ValueError(
             f"slot_mapping must be 1-D with one slot per new token ({k_new.shape[0]}), "
             f"got shape {tuple(slot_mapping.shape)}"
@@ -376,7 +355,7 @@ class PagedKVCache:
         for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if dtype not in _FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim

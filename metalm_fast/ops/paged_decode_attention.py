@@ -30,14 +30,18 @@ import torch
 
 from metalm_fast import reference
 from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops._validation import (
+    check_float_tensor,
+    check_gqa_heads,
+    check_head_dim,
+    check_index_tensor,
+    check_scale,
+)
 from metalm_fast.ops.kv_cache import check_cache_pair, resolve_with_compiled_op
-from metalm_fast.ops.span_attention import SUPPORTED_HEAD_DIMS
 
 __all__ = ["paged_decode_attention"]
 
 _SUPPORTED = ("triton", "cpu", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _COMPILED_OPS = {"cpu": "_paged_decode_attention_cpu"}
 
 
@@ -89,24 +93,8 @@ def _(q, k_cache, v_cache, block_table, seq_lens, scale, backend):
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_index(name: str, index, dims: int, shape_text: str) -> None:
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
-    if index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must be int32 (or int64), got {index.dtype}")
-    if index.dim() != dims:
-        raise ValueError(f"{name} must be {shape_text}, got shape {tuple(index.shape)}")
-
-
 def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [B, Hq, D], got shape {tuple(q.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
-        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    check_float_tensor("q", q, "3-D [B, Hq, D]")
     check_cache_pair(k_cache, v_cache)
     if k_cache.dtype != q.dtype:
         raise TypeError(f"q dtype {q.dtype} must equal k_cache dtype {k_cache.dtype}")
@@ -117,18 +105,10 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
             f"q and k_cache must have the same head dim, got {q.shape[-1]} and "
             f"{k_cache.shape[-1]}"
         )
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head dim {q.shape[-1]} (q.shape[-1]) is not supported: expected a multiple of 8 "
-            "from 16 to 256"
-        )
-    if k_cache.shape[2] == 0 or q.shape[1] % k_cache.shape[2] != 0:
-        raise ValueError(
-            f"query heads (q.shape[1]={q.shape[1]}) must be a multiple of key/value heads "
-            f"(k_cache.shape[2]={k_cache.shape[2]})"
-        )
-    _check_index("block_table", block_table, 2, "2-D [B, max_blocks]")
-    _check_index("seq_lens", seq_lens, 1, "1-D [B]")
+    check_head_dim(q.shape[-1], "q.shape[-1]")
+    check_gqa_heads(q.shape[1], k_cache.shape[2], "q.shape[1]", "k_cache.shape[2]")
+    check_index_tensor("block_table", block_table, "2-D [B, max_blocks]")
+    check_index_tensor("seq_lens", seq_lens, "1-D [B]")
     batch = q.shape[0]
     if block_table.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(
@@ -138,10 +118,7 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
     for name, index in (("block_table", block_table), ("seq_lens", seq_lens)):
         if index.device != q.device:
             raise ValueError(f"{name} is on {index.device} but q is on {q.device}")
-    if scale is not None and (
-        not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
-    ):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    check_scale(scale)
 
 
 def _check_index_contents(block_table, seq_lens, num_blocks: int, block_size: int) -> None:

@@ -25,13 +25,17 @@ import torch
 from metalm_fast import reference
 from metalm_fast.masks import SpanMask
 from metalm_fast.ops._backend import cpu_extension, resolve_backend
+from metalm_fast.ops._validation import (
+    SUPPORTED_HEAD_DIMS,
+    check_float_tensor,
+    check_gqa_heads,
+    check_head_dim,
+    check_scale,
+)
 
 __all__ = ["span_attention", "SUPPORTED_HEAD_DIMS"]
 
 _SUPPORTED = ("triton", "cpu", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: Head dims every backend supports: multiples of 8 from 16 to 256.
-SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 8))
 
 
 # ----------------------------------------------------------------------------- backends
@@ -208,24 +212,9 @@ _span_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_tensor(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() != 3:
-        raise ValueError(
-            f"{name} must be 3-D [tokens, heads, head_dim], got shape {tuple(tensor.shape)}"
-        )
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
-    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
-        raise ValueError(
-            f"{name} must be contiguous in its last dim (stride 1), got strides {tensor.stride()}"
-        )
-
-
 def _check_inputs(q, k, v, mask, scale, backend) -> None:
     for name, tensor in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, tensor)
+        check_float_tensor(name, tensor, "3-D [tokens, heads, head_dim]")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -241,16 +230,8 @@ def _check_inputs(q, k, v, mask, scale, backend) -> None:
             f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}"
         )
     head_dim = q.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head dim {head_dim} (q.shape[-1]) is not supported: expected a multiple of 8 "
-            "from 16 to 256"
-        )
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"query heads (q.shape[1]={q.shape[1]}) must be a multiple of key/value heads "
-            f"(k.shape[1]={k.shape[1]})"
-        )
+    check_head_dim(head_dim, "q.shape[-1]")
+    check_gqa_heads(q.shape[1], k.shape[1], "q.shape[1]", "k.shape[1]")
     if q.dtype == torch.float64 and backend == "triton":
         raise TypeError(
             "the triton backend supports float16, bfloat16 and float32, got float64 (q)"
@@ -268,10 +249,7 @@ def _check_inputs(q, k, v, mask, scale, backend) -> None:
         )
     if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}; use mask.to(q.device)")
-    if scale is not None and (
-        not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)
-    ):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    check_scale(scale)
 
 
 # ----------------------------------------------------------------------------- public API
