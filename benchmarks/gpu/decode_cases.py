@@ -45,7 +45,6 @@ import dataclasses
 import datetime
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +53,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# Sibling modules of benchmarks/gpu, however this file is started (script, module, by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import median_ms  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 try:
@@ -111,28 +114,6 @@ def cases(dry_run: bool) -> list:
         AppendCase("append_decode_step", 64, 8, 128),
         AppendCase("append_prefill", 16384, 8, 128),
     ]
-
-
-# ----------------------------------------------------------------------------- timing
-def median_ms(fn: Callable[[], object], device: str, warmup: int = 5, repeats: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -21,11 +21,15 @@ metalm_fast._cuda is built), ``hf`` (F.embedding, scale, masked_scatter) and
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# Sibling modules of benchmarks/gpu, however this file is started (script, module, by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import median_ms  # noqa: E402
 
 HBM_PEAK_GBPS = 4800.0  # H200 SXM datasheet: 4.8 TB/s
 
@@ -81,25 +85,6 @@ def _implementations(device):
     return impls
 
 
-def _time_ms(fn, device, repeats=20):
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
-
-
 def _bytes(tokens, width, vocab, num_features, element, with_backward):
     forward = 2 * tokens * width * element  # read a source row, write the output row
     if not with_backward:
@@ -129,7 +114,7 @@ def _run_case(name, tokens, width, vocab, device, dtype, rows, deadline):
                 w.grad = f.grad = None
                 fn(ids, w, f, feature_index, s=scale).backward(grad)
 
-            timings[impl] = _time_ms(step, device)
+            timings[impl] = median_ms(step, device.type, warmup=3)
         eager = min((timings[k] for k in ("hf", "kosmos") if k in timings), default=None)
         moved = _bytes(tokens, width, vocab, features.shape[0], element, with_backward)
         for impl, ms in timings.items():

@@ -50,7 +50,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import threading
@@ -63,6 +62,10 @@ from pathlib import Path
 _PROCESS_START = time.monotonic()  # the budget counts imports: torch alone takes seconds
 
 import torch  # noqa: E402
+
+# Sibling modules of benchmarks/gpu, however this file is started (script, module, by path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_timing import median_ms  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 try:
@@ -319,27 +322,6 @@ def _sync(settings: Settings) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], settings: Settings) -> float:
-    """Median wall time of ``fn`` in ms (CUDA events on a GPU, perf_counter on CPU)."""
-    for _ in range(settings.warmup):
-        fn()
-    _sync(settings)
-    samples = []
-    for _ in range(settings.repeats):
-        if settings.device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def attention_flops(case: Case, head_dim: int, num_heads: int, backward: bool) -> float:
     """4 * pairs * D * H forward; backward adds 2.5x that (DESIGN.md)."""
     forward = 4.0 * case.pairs * head_dim * num_heads
@@ -401,7 +383,7 @@ def measure(name, fn, case, settings, head_dim, mode, generator, one_off) -> Mea
     grad_out = torch.randn_like(q) if backward else None
     call = (lambda: _forward_backward(fn, q, k, v, grad_out)) if backward else (lambda: fn(q, k, v))
     one_off[f"first_{mode}_call_ms"] = _timed_first_call(call, settings)
-    ms = median_ms(call, settings)
+    ms = median_ms(call, settings.device, settings.warmup, settings.repeats)
     flops = attention_flops(case, head_dim, settings.num_heads, backward)
     return Measurement(case.name, head_dim, name, mode, ms, flops / (ms * 1e9), None, dict(one_off))
 
