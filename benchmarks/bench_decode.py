@@ -38,7 +38,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import time_interleaved  # noqa: E402
+from benchmarks.common import machine_lines, time_interleaved  # noqa: E402
 from metalm_fast import PagedKVCache, SpanMask, paged_decode_attention  # noqa: E402
 from metalm_fast.nn import SpanSelfAttention, packed_positions  # noqa: E402
 
@@ -207,16 +206,6 @@ def bench_generation(sizes: GenerationSizes) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def render(decode: dict, generation: dict, dsizes: DecodeSizes,
            gsizes: GenerationSizes) -> tuple[str, list[tuple[bool, str]]]:
     seconds = decode["seconds"]
@@ -282,11 +271,7 @@ def main(argv=None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / f"cpu_decode_{today}{'_quick' if args.quick else ''}.md"
         machine = (
-            f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores visible, load average "
-            f"{load:.1f} at start)\n"
-            f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
-            f"- Python {platform.python_version()}, {platform.platform()}\n"
+            f"{machine_lines()}\n- load average {load:.1f} at start\n"
             f"- decode: median of {args.repeats} round-robin repeats after {args.warmup} "
             "warm-up rounds; generation: one timed run each after a short warm-up\n"
             "- the machine is shared: compare ratios within this table only"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import metalm_fast
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import metalm_fast  # noqa: E402
+from benchmarks.common import cpu_model  # noqa: E402
 
 PATHS = ("hf", "kosmos", "ours")
 
@@ -140,17 +143,6 @@ def measure_peaks(args) -> dict[str, float]:
     return peaks
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(args, times, peaks) -> tuple[str, bool]:
     eager_fwd = min(times["hf"]["fwd_ms"], times["kosmos"]["fwd_ms"])
     eager_fb = min(times["hf"]["fwd_bwd_ms"], times["kosmos"]["fwd_bwd_ms"])
@@ -160,7 +152,7 @@ def render(args, times, peaks) -> tuple[str, bool]:
         "",
         f"T={args.tokens}, Dm={args.width}, V={args.vocab}, features {args.fraction:.0%}, fp32, "
         f"scale {args.scale}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{_cpu_model()}",
+        f"{cpu_model()}",
         "",
         "| path | fwd ms | fwd+bwd ms | fwd GB/s | peak MiB (fwd+bwd) |",
         "|---|---|---|---|---|",

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     flex_tile_stats,
     forward_flops,
     fwd_bwd,
+    machine_lines,
     make_cases,
     make_qkv,
     time_interleaved,
@@ -59,16 +58,6 @@ from benchmarks.common import (  # noqa: E402
 from metalm_fast import reference, span_attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def single_threaded(fn):
@@ -322,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         suffix = "_quick" if args.quick else ""
         path = RESULTS / f"cpu_span_attention_{today}{suffix}.md"
         machine = (
-            f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores visible)\n"
-            f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
-            f"- Python {platform.python_version()}, {platform.platform()}\n"
+            f"{machine_lines()}\n"
             f"- date: {today}; median of {args.repeats} round-robin repeats after "
             f"{args.warmup} warm-up rounds (reference: {args.reference_repeats})\n"
             "- the machine is shared: compare ratios within this table only"

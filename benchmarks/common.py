@@ -15,11 +15,14 @@ limit, same useful FLOPs), FlexAttention compiled and the dense reference.
 from __future__ import annotations
 
 import math
+import os
+import platform
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -293,3 +296,24 @@ def fwd_bwd(forward: Callable[[], object], leaves: list[torch.Tensor], seed: int
             leaf.grad = None
 
     return step
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_lines() -> str:
+    """Markdown bullet lines naming the machine, for every recorded CPU benchmark."""
+    return (
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores visible)\n"
+        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
+        f"- Python {platform.python_version()}, {platform.platform()}"
+    )
