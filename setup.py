@@ -70,12 +70,15 @@ setup(
         "metalm_fast.nn",
         "metalm_fast.models",
         "metalm_fast.data",
+        "metalm_fast.training",
         "metalm_fast.tools",
         "metalm_fast.kernels",
     ],
     package_dir={"metalm_fast": "metalm_fast", "metalm_fast.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    install_requires=[
+        "torch>=2.4", "triton>=3.0", "numpy", "tokenizers", "safetensors", "scikit-learn", "tqdm",
+    ],
     extras_require={
         "dev": [
             "pytest",

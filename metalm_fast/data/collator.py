@@ -18,6 +18,11 @@ Worked example: one document ``[a b c d e f]`` with the span ``[2, 4)`` (c, d)::
     scored          y  n  n  y  y  n      (c, d lie in the span; f ends the document)
 
 so ``labels = [b, -100, -100, e, f, -100]``.
+
+Images follow the same rule: an image occupies ``tokens_per_image`` placeholder
+positions (token ``image_token_id``) whose decoder input is the vision
+encoder's rows (``image_index``); targets that are placeholders are not scored,
+and the token after an image is predicted from its last placeholder.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from metalm_fast.data.feature_index import feature_index_from_spans
+from metalm_fast.data.feature_index import (
+    feature_index_from_placeholders,
+    feature_index_from_spans,
+)
 from metalm_fast.data.semi_causal import sample_spans
 from metalm_fast.masks import SpanMask
 
@@ -53,6 +61,9 @@ class SemiCausalBatch:
     encoder_cu_seqlens : int64 [S + 1]   span boundaries in ``encoder_ids``
     feature_index : int64 [T] row of the encoder output at span positions, -1 elsewhere
     labels : int64 [T]        next token where scored, IGNORE_INDEX elsewhere
+    images : float [I, C, H, W]  the images, in order of appearance (I may be 0)
+    image_index : int64 [T]   row of the vision features ([I * tokens_per_image]) at
+                              image placeholder positions, -1 elsewhere
     """
 
     input_ids: torch.Tensor
@@ -63,6 +74,14 @@ class SemiCausalBatch:
     encoder_cu_seqlens: torch.Tensor
     feature_index: torch.Tensor
     labels: torch.Tensor
+    images: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.images is None:
+            self.images = torch.zeros(0, 1, 1, 1)
+        if self.image_index is None:
+            self.image_index = torch.full_like(self.input_ids, -1)
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -95,7 +114,7 @@ def pack_documents(documents: list[list[int]], token_budget: int) -> list[list[l
     return groups
 
 
-def _labels(input_ids: torch.Tensor, cu: torch.Tensor, feature_index: torch.Tensor):
+def _labels(input_ids: torch.Tensor, cu: torch.Tensor, is_feature: torch.Tensor):
     """Next-token labels with the semi-causal loss rule of the module docstring."""
     total = input_ids.numel()
     labels = torch.full((total,), IGNORE_INDEX, dtype=torch.int64)
@@ -104,8 +123,7 @@ def _labels(input_ids: torch.Tensor, cu: torch.Tensor, feature_index: torch.Tens
     positions = torch.arange(total - 1)
     document = torch.searchsorted(cu, positions, right=True) - 1
     same_document = positions + 1 < cu[document + 1]
-    target_in_span = feature_index[1:] >= 0
-    scored = same_document & ~target_in_span
+    scored = same_document & ~is_feature[1:]
     labels[:-1] = torch.where(scored, input_ids[1:], labels[:-1])
     return labels
 
@@ -130,8 +148,15 @@ class SemiCausalCollator:
         return build_batch(documents, starts, ends)
 
 
-def build_batch(documents: list[list[int]], span_starts, span_ends) -> SemiCausalBatch:
-    """The batch for given documents and spans (absolute packed offsets, validated)."""
+def build_batch(documents: list[list[int]], span_starts, span_ends, *, images=None,
+                image_token_id: int | None = None, tokens_per_image: int = 1) -> SemiCausalBatch:
+    """The batch for given documents and spans (absolute packed offsets, validated).
+
+    ``images`` (float [I, C, H, W], in order of appearance) go with runs of
+    ``tokens_per_image`` placeholder tokens ``image_token_id`` in the documents;
+    the placeholder count must equal ``I * tokens_per_image`` and spans must not
+    cover a placeholder.
+    """
     lengths = [len(doc) for doc in documents]
     input_ids = torch.tensor([token for doc in documents for token in doc], dtype=torch.int64)
     cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
@@ -141,11 +166,31 @@ def build_batch(documents: list[list[int]], span_starts, span_ends) -> SemiCausa
     order = torch.argsort(starts)
     starts, ends = starts[order], ends[order]
     feature_index = feature_index_from_spans(input_ids.numel(), starts, ends)
+    image_index, images = _image_index(input_ids, images, image_token_id, tokens_per_image)
+    if bool(((feature_index >= 0) & (image_index >= 0)).any()):
+        raise ValueError("span_starts/span_ends cover an image placeholder; spans must not")
     span_tokens = [input_ids[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
     encoder_ids = torch.cat(span_tokens) if span_tokens else input_ids[:0]
     encoder_cu = torch.tensor([0, *(ends - starts).tolist()], dtype=torch.int64).cumsum(0)
     return SemiCausalBatch(
         input_ids=input_ids, cu_seqlens=cu, span_starts=starts, span_ends=ends,
         encoder_ids=encoder_ids, encoder_cu_seqlens=encoder_cu,
-        feature_index=feature_index, labels=_labels(input_ids, cu, feature_index),
+        feature_index=feature_index,
+        labels=_labels(input_ids, cu, (feature_index >= 0) | (image_index >= 0)),
+        images=images, image_index=image_index,
     )
+
+
+def _image_index(input_ids, images, image_token_id, tokens_per_image):
+    if images is None or len(images) == 0:
+        if image_token_id is not None and bool((input_ids == image_token_id).any()):
+            raise ValueError(f"documents hold image_token_id {image_token_id} but no images")
+        return torch.full_like(input_ids, -1), None
+    if image_token_id is None:
+        raise ValueError("images were given without image_token_id")
+    images = torch.as_tensor(images, dtype=torch.float32)
+    if images.dim() != 4:
+        raise ValueError(f"images must be [I, C, H, W], got shape {tuple(images.shape)}")
+    index = feature_index_from_placeholders(input_ids, image_token_id,
+                                            images.shape[0] * tokens_per_image)
+    return index, images

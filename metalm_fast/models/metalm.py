@@ -108,10 +108,14 @@ class MetaLM(nn.Module):
             mask = SpanMask.causal(batch.cu_seqlens)
         return self.lm_head(self.decoder(hidden, mask, positions))
 
-    def forward(self, batch) -> torch.Tensor:
-        """Mean cross-entropy over the scored positions (0 if none is scored)."""
+    def forward(self, batch, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over the scored positions: their mean (0 if none is
+        scored) or, with ``reduction="sum"``, their sum (for exact averaging
+        across micro-batches and ranks)."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         logits = self.logits(batch)
         if not bool((batch.labels != -100).any()):
             return logits.sum() * 0.0
         # labels are -100 (cross_entropy's ignore_index) where no loss is carried
-        return F.cross_entropy(logits, batch.labels)
+        return F.cross_entropy(logits.float(), batch.labels, reduction=reduction)
