@@ -51,6 +51,20 @@ class MetaLMConfig:
     mlp_kind: str = "gelu"
     variant: str = "two_stack"  # or "single_stack"
     backend: str = "auto"
+    # Vision encoder (a ViT over packed patches); vision_layers == 0: no vision encoder.
+    image_size: int = 8
+    image_channels: int = 1
+    patch_size: int = 2
+    vision_dim: int = 0
+    vision_layers: int = 0
+    vision_heads: int = 1
+    vision_connector: str = "mlp"
+    vision_connector_layers: int = 3
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Decoder placeholder positions per image: one per patch."""
+        return (self.image_size // self.patch_size) ** 2
 
 
 #: tiny: tests and the CPU demo; small: CPU benchmarks; paper_language: Hao et al. 2022 sizes.
