@@ -1,5 +1,6 @@
 """Semi-causal collator: the documented loss rule, packing, and batch invariants."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,8 @@ def test_pack_documents_respects_budget_and_keeps_every_token():
     assert flat == [token for doc in documents for token in doc]
 
 
-def _brute_force_labels(documents, starts, ends):
+def _brute_force_labels(documents, starts, ends, placeholder=None):
+    """The loss rule, position by position: a target in a span or a placeholder is not scored."""
     in_span = set()
     for s, e in zip(starts, ends):
         in_span.update(range(s, e))
@@ -37,8 +39,8 @@ def _brute_force_labels(documents, starts, ends):
     for doc in documents:
         for i in range(len(doc)):
             t = offset + i
-            has_target = i + 1 < len(doc)
-            labels.append(doc[i + 1] if has_target and t + 1 not in in_span else IGNORE_INDEX)
+            scored = i + 1 < len(doc) and t + 1 not in in_span and doc[i + 1] != placeholder
+            labels.append(doc[i + 1] if scored else IGNORE_INDEX)
         offset += len(doc)
     return labels
 
@@ -62,3 +64,70 @@ def test_batch_invariants(lengths, seed):
     assert batch.cu_seqlens[-1] == sum(lengths)
     last_tokens = batch.cu_seqlens[1:][batch.cu_seqlens[1:] > batch.cu_seqlens[:-1]] - 1
     assert not batch.loss_mask[last_tokens].any(), "a document's last token has no target"
+
+
+IMAGE_ID = 3
+
+
+@st.composite
+def image_documents(draw):
+    """Documents of text runs and image placeholder runs, with spans inside text runs only.
+
+    Returns (documents, span_starts, span_ends, number of images, tokens_per_image).
+    """
+    tokens_per_image = draw(st.integers(1, 4))
+    documents, starts, ends, images, offset = [], [], [], 0, 0
+    for _ in range(draw(st.integers(1, 4))):
+        doc = []
+        for _ in range(draw(st.integers(0, 5))):
+            if draw(st.booleans()):
+                doc += [IMAGE_ID] * tokens_per_image
+                images += 1
+                continue
+            run = draw(st.lists(st.integers(4, 999), min_size=1, max_size=12))
+            if draw(st.booleans()):  # a span strictly inside this text run
+                a = draw(st.integers(0, len(run) - 1))
+                b = draw(st.integers(a + 1, len(run)))
+                starts.append(offset + len(doc) + a)
+                ends.append(offset + len(doc) + b)
+            doc += run
+        documents.append(doc)
+        offset += len(doc)
+    return documents, starts, ends, images, tokens_per_image
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=image_documents())
+def test_image_path_invariants(case):
+    documents, starts, ends, count, tokens_per_image = case
+    images = torch.rand(count, 1, 2, 2)
+    batch = build_batch(documents, starts, ends, images=images, image_token_id=IMAGE_ID,
+                        tokens_per_image=tokens_per_image)
+    is_image = batch.image_index >= 0
+    assert int(is_image.sum()) == count * tokens_per_image
+    assert torch.equal(is_image, batch.input_ids == IMAGE_ID)
+    # vision rows in position order: the r-th placeholder reads row r
+    assert batch.image_index[is_image].tolist() == list(range(count * tokens_per_image))
+    if count:
+        assert torch.equal(batch.images, images)
+    assert batch.labels.tolist() == _brute_force_labels(documents, starts, ends, IMAGE_ID)
+    assert not bool((batch.labels[batch.loss_mask] == IMAGE_ID).any())
+    assert not bool((is_image & (batch.feature_index >= 0)).any())
+    assert int((batch.feature_index >= 0).sum()) == batch.encoder_ids.numel()
+
+
+def test_image_path_bad_input_raises():
+    doc = [10, IMAGE_ID, IMAGE_ID, 11, 12]
+    two_images = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="placeholder"):
+        build_batch([doc], [], [], images=two_images, image_token_id=IMAGE_ID, tokens_per_image=2)
+    with pytest.raises(ValueError, match="image placeholder"):
+        build_batch([doc], [0], [2], images=two_images[:1], image_token_id=IMAGE_ID,
+                    tokens_per_image=2)
+    with pytest.raises(ValueError, match="image_token_id"):
+        build_batch([doc], [], [], images=two_images[:1], tokens_per_image=2)
+    with pytest.raises(ValueError, match="no images"):
+        build_batch([doc], [], [], image_token_id=IMAGE_ID, tokens_per_image=2)
+    with pytest.raises(ValueError, match="images must be"):
+        build_batch([doc], [], [], images=torch.zeros(1, 2, 2), image_token_id=IMAGE_ID,
+                    tokens_per_image=2)

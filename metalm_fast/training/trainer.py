@@ -1,0 +1,358 @@
+"""The training loop: one process or torchrun (DDP / FSDP2), accumulation, checkpoints, resume.
+
+Data contract
+-------------
+``micro_batches()`` returns the full deterministic stream of micro-batches, the
+same on every rank. Global step ``s`` consumes the micro-batches with index in
+``[p + s*W*A, p + (s+1)*W*A)`` (``W`` ranks, ``A = grad_accum``, ``p`` the
+position a resumed run starts from); rank ``r`` takes those with index
+``= r (mod W)``. A resumed run skips the consumed ones, so it sees exactly the
+batches the uninterrupted run would have seen.
+
+Loss normalisation
+------------------
+Every step divides by the *global* number of scored tokens ``n`` (summed over
+the ``A`` micro-batches of every rank): each micro-batch backpropagates
+``sum_loss * W / n`` (``W`` because DDP and FSDP2 average gradients over ranks),
+so the gradient is that of the global mean loss whatever ``W`` and ``A`` are,
+and a 2-rank run equals a 1-rank run with twice the accumulation. The reported
+loss is the global mean: the all-reduced sum of the losses over ``n``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metalm_fast.models.metalm import MetaLM, MetaLMConfig
+from metalm_fast.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+)
+from metalm_fast.training.distributed import (
+    DEVICES,
+    PARALLEL_MODES,
+    DistributedContext,
+    all_reduce_sum,
+    gradient_sync,
+    init_distributed,
+    shutdown,
+    unwrap_model,
+    wrap_model,
+)
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "accumulate_gradients",
+    "learning_rate",
+    "rank_micro_batches",
+    "train",
+]
+
+IGNORE_INDEX = -100  # labels of unscored positions (the collator's IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``grad_accum`` counts micro-batches per rank per step.
+
+    The learning rate warms up linearly over ``warmup_steps`` to ``lr``, then
+    follows a cosine down to ``lr * min_lr_ratio`` at ``steps``. ``out_dir=None``
+    writes no checkpoint; otherwise one every ``save_every`` steps (0: only at
+    the end) and at the end. ``resume`` continues from ``out_dir``'s latest.
+    """
+
+    steps: int = 200
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    parallel: str = "none"  # "none" | "ddp" | "fsdp"
+    out_dir: str | None = None
+    save_every: int = 0
+    resume: bool = False
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.steps >= 0, "steps", "must be >= 0", self.steps)
+        _check(self.grad_accum >= 1, "grad_accum", "must be >= 1", self.grad_accum)
+        _check(self.lr > 0, "lr", "must be > 0", self.lr)
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]",
+               self.min_lr_ratio)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
+        _check(self.device in DEVICES, "device", f"must be one of {DEVICES}", self.device)
+        _check(self.parallel in PARALLEL_MODES, "parallel", f"must be one of {PARALLEL_MODES}",
+               self.parallel)
+        _check(self.save_every >= 0, "save_every", "must be >= 0", self.save_every)
+        _check(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
+        _check(not self.resume or self.out_dir is not None, "resume",
+               "needs out_dir (the directory to resume from)", self.resume)
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} {rule}, got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``losses`` are the global mean losses of the steps this call ran."""
+
+    losses: list[float]
+    tokens: int  # decoder tokens processed by all ranks in this call
+    tokens_per_second: float
+    step: int  # optimizer steps completed, counting those before a resume
+    model: nn.Module  # unwrapped (under FSDP2: the sharded module, its group destroyed)
+    checkpoint: Path | None = None  # the last checkpoint written, if any
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Learning rate of 0-based ``step``: linear warmup, then cosine to ``lr * min_lr_ratio``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def rank_micro_batches(stream: Iterable, start: int, rank: int, world_size: int) -> Iterator:
+    """This rank's share of ``stream`` from global micro-batch index ``start`` on."""
+    return itertools.islice(stream, start + rank, None, world_size)
+
+
+def scored_tokens(batches: Iterable) -> int:
+    """Positions that carry loss, over ``batches``."""
+    return sum(int((batch.labels != IGNORE_INDEX).sum()) for batch in batches)
+
+
+def accumulate_gradients(model: nn.Module, batches: list, global_scored: int, *,
+                         gradient_scale: float = 1.0,
+                         autocast: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
+    """Backpropagate ``sum_loss * gradient_scale / global_scored`` for each micro-batch.
+
+    Cross-rank gradient sync is skipped on all but the last micro-batch.
+
+    Parameters
+    ----------
+    model : plain, DDP or FSDP2 model; ``model(batch, reduction="sum")`` -> scalar.
+    batches : this rank's micro-batches of the step.
+    global_scored : scored positions over all ranks' micro-batches of the step (>= 1).
+    gradient_scale : world size under DDP/FSDP2 (they average gradients over ranks).
+    autocast : a context-manager factory around each forward (bf16 autocast on CUDA).
+
+    Returns
+    -------
+    float32 scalar: the summed (not normalised) loss of ``batches``, detached.
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    for index, batch in enumerate(batches):
+        with gradient_sync(model, enabled=index == len(batches) - 1):
+            with autocast():
+                loss_sum = model(batch, reduction="sum")
+            (loss_sum * (gradient_scale / global_scored)).backward()
+        total = total.to(loss_sum.device) + loss_sum.detach().float()
+    return total
+
+
+def _to_device(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    moved = {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch)}
+    moved = {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor)
+             else value for name, value in moved.items()}
+    return dataclasses.replace(batch, **moved)
+
+
+def _build_optimizer(model: nn.Module, config: TrainConfig,
+                     device: torch.device) -> torch.optim.Optimizer:
+    # Matrices decay; norms and biases do not (the usual AdamW recipe).
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # fused on CUDA; elsewhere torch's default (foreach where supported).
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
+
+
+def _autocast_for(device: torch.device) -> Callable[[], Any]:
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@dataclass
+class _Run:
+    """Everything the loop carries between steps."""
+
+    context: DistributedContext
+    model: nn.Module  # as driven (wrapped)
+    optimizer: torch.optim.Optimizer
+    stream: Iterator
+    start_step: int
+    data_position: int
+
+
+def _prepare(model_config: MetaLMConfig, config: TrainConfig, micro_batches, model,
+             context: DistributedContext) -> _Run:
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = MetaLM(model_config)
+    elif getattr(model, "config", model_config) != model_config:
+        raise ValueError("model.config differs from model_config")
+    start_step, data_position, optimizer_state = 0, 0, None
+    if config.resume:
+        directory = latest_checkpoint(config.out_dir)
+        model, optimizer_state, meta = load_checkpoint(directory, model)
+        if meta["model_config"] != dataclasses.asdict(model_config):
+            raise ValueError(f"resume: {directory} was written for another model config")
+        start_step, data_position = meta["step"], meta["data_position"]
+    wrapped = wrap_model(model.to(context.device), context)
+    optimizer = _build_optimizer(wrapped, config, context.device)
+    if optimizer_state is not None:
+        load_optimizer_state(wrapped, optimizer, optimizer_state)
+    stream = rank_micro_batches(micro_batches(), data_position, context.rank, context.world_size)
+    return _Run(context, wrapped, optimizer, stream, start_step, data_position)
+
+
+def _next_batches(run: _Run, count: int, step: int) -> list:
+    batches = list(itertools.islice(run.stream, count))
+    if len(batches) < count:
+        raise ValueError(f"micro_batches() ran out at step {step}: it must yield at least "
+                         f"steps * world_size * grad_accum micro-batches")
+    return [_to_device(batch, run.context.device) for batch in batches]
+
+
+def _train_step(run: _Run, config: TrainConfig, step: int) -> tuple[float, int]:
+    """One optimizer step; returns (global mean loss, global decoder tokens)."""
+    context = run.context
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(step, config)
+    batches = _next_batches(run, config.grad_accum, step)
+    counts = torch.tensor([scored_tokens(batches), sum(b.input_ids.numel() for b in batches)],
+                          dtype=torch.int64, device=context.device)
+    global_scored, tokens = all_reduce_sum(counts, context).tolist()
+    scale = float(context.world_size) if context.parallel != "none" else 1.0
+    loss_sum = accumulate_gradients(run.model, batches, max(global_scored, 1),
+                                    gradient_scale=scale, autocast=_autocast_for(context.device))
+    loss_sum = all_reduce_sum(loss_sum.to(context.device), context)
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum) / max(global_scored, 1), int(tokens)
+
+
+def _progress_bar(config: TrainConfig, start_step: int, is_main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start_step, desc="train", unit="step",
+                disable=not (is_main and config.progress), dynamic_ncols=True)
+
+
+def _report(record: dict, config: TrainConfig, bar, is_main: bool) -> None:
+    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:,.0f}")
+    bar.update(1)
+    step = record["step"]
+    if is_main and not config.progress and (step % config.log_every == 0 or step == config.steps):
+        print(f"step {step}/{config.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+              f"tokens/s {record['tokens_per_second']:,.0f}", flush=True)
+
+
+def _due(step: int, config: TrainConfig) -> bool:
+    periodic = config.save_every > 0 and step % config.save_every == 0
+    return config.out_dir is not None and (periodic or step == config.steps)
+
+
+def _loop(run: _Run, model_config: MetaLMConfig, config: TrainConfig, on_log) -> TrainResult:
+    context = run.context
+    losses: list[float] = []
+    tokens, checkpoint = 0, None
+    per_step = context.world_size * config.grad_accum
+    bar = _progress_bar(config, run.start_step, context.is_main)
+    started = time.perf_counter()
+    try:
+        for step in range(run.start_step, config.steps):
+            loss, step_tokens = _train_step(run, config, step)
+            losses.append(loss)
+            tokens += step_tokens
+            done = step + 1
+            position = run.data_position + (done - run.start_step) * per_step
+            if _due(done, config):
+                checkpoint = save_checkpoint(config.out_dir, done, run.model, run.optimizer,
+                                             model_config=model_config, train_config=config,
+                                             data_position=position, is_main=context.is_main)
+            record = {"step": done, "loss": loss, "lr": learning_rate(step, config),
+                      "tokens": tokens,
+                      "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9)}
+            _report(record, config, bar, context.is_main)
+            if on_log is not None:
+                on_log(record)
+    finally:
+        bar.close()
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return TrainResult(losses, tokens, tokens / elapsed, max(run.start_step, config.steps),
+                       unwrap_model(run.model), checkpoint)
+
+
+def train(model_config: MetaLMConfig, train_config: TrainConfig,
+          micro_batches: Callable[[], Iterable], *, model: nn.Module | None = None,
+          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a MetaLM in this process, or as one rank of a torchrun job.
+
+    Parameters
+    ----------
+    model_config : the model to build (seeded with ``train_config.seed``) and to
+        record in checkpoints.
+    train_config : see :class:`TrainConfig`.
+    micro_batches : returns the full deterministic stream of SemiCausalBatch
+        micro-batches, identical on every rank (see the module docstring).
+    model : a plain model to train instead of building one (its ``config`` must
+        equal ``model_config``); with ``resume`` its weights are replaced.
+    on_log : called after every step, on every rank, with ``{"step", "loss",
+        "lr", "tokens", "tokens_per_second"}`` (``step`` counts completed steps).
+
+    Returns
+    -------
+    TrainResult. Under torchrun the process group this call started is
+    destroyed before it returns.
+
+    Example
+    -------
+    >>> from metalm_fast.models import PRESETS
+    >>> from metalm_fast.training.command import synthetic_micro_batches
+    >>> config = PRESETS["tiny"]
+    >>> result = train(config, TrainConfig(steps=2, device="cpu"),  # bar on stderr
+    ...                lambda: synthetic_micro_batches(config.vocab_size, 256, seed=0))
+    >>> len(result.losses)
+    2
+    """
+    context = init_distributed(train_config.parallel, train_config.device)
+    try:
+        run = _prepare(model_config, train_config, micro_batches, model, context)
+        return _loop(run, model_config, train_config, on_log)
+    finally:
+        shutdown(context)

@@ -1,0 +1,93 @@
+"""``metalm-fast train``: flags, default data, 2-rank torchrun (gloo, CPU) == one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import metalm_fast
+from metalm_fast.training.command import main
+
+REPO_ROOT = Path(metalm_fast.__file__).resolve().parent.parent
+# 3 steps of 4 micro-batches of 256 tokens: 2 ranks x grad_accum 2, or 1 process x grad_accum 4.
+COMMON = ["--data", "synthetic", "--preset", "tiny", "--steps", "3", "--micro-batch-tokens",
+          "256", "--device", "cpu", "--no-progress", "--warmup-steps", "1", "--lr", "3e-3"]
+
+
+@pytest.fixture(autouse=True)
+def _outside_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory):
+    metrics = tmp_path_factory.mktemp("single") / "metrics.json"
+    assert main([*COMMON, "--grad-accum", "4", "--metrics-json", str(metrics)]) == 0
+    return json.loads(metrics.read_text())["losses"]
+
+
+def _torchrun(parallel: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    metrics = tmp_path / "metrics.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()), "-m", "metalm_fast.training.command",
+               *COMMON, "--grad-accum", "2", "--parallel", parallel,
+               "--out", str(tmp_path / "run"), "--metrics-json", str(metrics)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(parallel, tmp_path, single_process_losses):
+    """Same global batch (4 micro-batches a step) -> the same per-step losses; the
+    checkpoint written by rank 0 holds the full (gathered) model."""
+    done = _torchrun(parallel, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    losses = json.loads((tmp_path / "metrics.json").read_text())["losses"]
+    assert losses == pytest.approx(single_process_losses, rel=1e-5)
+    from metalm_fast.training.checkpoint import load_model
+
+    model = load_model(tmp_path / "run")
+    assert model.lm_head.weight is model.embedding.weight
+
+
+def test_parallel_outside_torchrun_is_a_clear_error(capsys):
+    assert main(["--parallel", "ddp", "--data", "synthetic"]) == 2
+    assert "needs torchrun" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["--resume", "--out", str(tmp_path / "empty"), "--data", "synthetic"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(["--resume", "--data", "synthetic"]) == 2
+    assert "resume needs out_dir" in capsys.readouterr().err
+
+
+def test_bad_numbers_are_clear_errors(capsys):
+    assert main(["--grad-accum", "0", "--data", "synthetic"]) == 2
+    assert "grad_accum must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse rejects unknown choices itself
+        main(["--parallel", "zero"])
+
+
+def test_default_data_trains_and_saves(tmp_path, capsys):
+    pytest.importorskip("metalm_fast.data.default_data")
+    out = tmp_path / "run"
+    argv = ["--data", "default", "--steps", "1", "--micro-batch-tokens", "512", "--device",
+            "cpu", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "final loss" in printed and str(out / "step-1") in printed
+    assert (out / "latest").read_text().strip() == "step-1"
