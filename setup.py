@@ -71,6 +71,8 @@ setup(
         "metalm_fast.models",
         "metalm_fast.data",
         "metalm_fast.training",
+        "metalm_fast.evaluation",
+        "metalm_fast.commands",
         "metalm_fast.tools",
         "metalm_fast.kernels",
     ],

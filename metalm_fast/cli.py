@@ -2,18 +2,40 @@
 
 Commands
 --------
+demo            the main job: train the tiny MetaLM on the embedded data, show it learn,
+                answer questions about held-out digits, accuracy, end-to-end throughput
+train           train a MetaLM (one process, or torchrun with --parallel ddp|fsdp)
+generate        prompt text and optional images to text, through the paged KV cache
+eval            digit VQA accuracy against chance: zero-shot, k-shot, finetuned
+bench           every CPU benchmark table (ops and end to end) from one command
 info            versions and which backends can run here, with the reason when not
 gpu-readiness   ahead-of-time compile report of every shipped Triton kernel (no GPU needed)
+
+``train`` and ``gpu-readiness`` parse their own options (see ``<command> --help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import torch
 
 from metalm_fast.ops._backend import unavailable_reason
+
+#: commands that own their argument parser: name -> module with main(argv) -> int
+PASS_THROUGH = {
+    "train": "metalm_fast.training.command",
+    "gpu-readiness": "metalm_fast.tools.gpu_readiness",
+}
+#: commands parsed here: name -> (module with add_arguments(parser) and main(args), help)
+COMMANDS = {
+    "demo": ("metalm_fast.commands.demo", "the main job (train tiny, answer, evaluate, measure)"),
+    "generate": ("metalm_fast.commands.generate", "prompts (+ images) to text, paged KV cache"),
+    "eval": ("metalm_fast.commands.evaluate", "digit VQA accuracy: zero-shot, k-shot, finetuned"),
+    "bench": ("metalm_fast.commands.bench", "every CPU benchmark table from one command"),
+}
 
 
 def _info() -> int:
@@ -36,19 +58,24 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["gpu-readiness"]:
-        # The tool parses its own options (argparse.REMAINDER drops leading "--" options).
-        from metalm_fast.tools import gpu_readiness
-
-        return gpu_readiness.main(argv[1:])
+    if argv[:1] and argv[0] in PASS_THROUGH:
+        # argparse.REMAINDER would drop leading "--" options, so these bypass the parser.
+        return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="metalm-fast", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        # modules load lazily: `info` must work even where a command's dependency is missing
+        sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(module=module_name)
+        if argv[:1] == [name]:
+            importlib.import_module(module_name).add_arguments(sub)
     commands.add_parser("info", help="versions and available backends")
-    commands.add_parser(
-        "gpu-readiness", help="AOT compile report (sm_80, sm_90); options as the tool's --help"
-    )
-    parser.parse_args(argv)
-    return _info()
+    for name in PASS_THROUGH:
+        commands.add_parser(name, help=f"see `metalm-fast {name} --help`")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info()
+    return importlib.import_module(args.module).main(args)
 
 
 if __name__ == "__main__":

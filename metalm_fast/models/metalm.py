@@ -1,23 +1,28 @@
-"""MetaLM (language): a bidirectional text encoder docked onto a causal decoder.
+"""MetaLM: bidirectional encoders (text spans, images) docked onto a causal decoder.
 
 Forward on a batch shaped like metalm_fast.data.collator.SemiCausalBatch (the
 model reads its attributes; models/ sits above data/ and does not import it):
 
-1. the encoder reads the span tokens (packed, ``SpanMask.bidirectional`` over
-   the spans) with its own embeddings;
-2. the connector maps its outputs to the decoder width;
-3. ``embed_scatter`` builds the decoder input: token embeddings, with the
-   connector rows at span positions;
+1. the text encoder reads the span tokens (packed, ``SpanMask.bidirectional``
+   over the spans) with its own embeddings, and its connector maps them to the
+   decoder width: ``N`` rows;
+2. the vision encoder (a ViT, metalm_fast.models.vision) reads the images
+   (``SpanMask.bidirectional`` over each image's patches) and the vision
+   connector maps them to the decoder width: ``I * tokens_per_image`` rows;
+3. ``embed_scatter`` builds the decoder input in one pass: token embeddings,
+   with text rows at span positions (``feature_index``) and image rows at image
+   placeholders (``image_index``, offset by ``N`` into the concatenated features);
 4. the causal decoder (``SpanMask.causal`` over packed documents) predicts the
    next tokens; the loss is cross-entropy over the scored positions only.
 
-``variant="single_stack"`` skips the encoder: one transformer reads every
+``variant="single_stack"`` has no text encoder: one transformer reads every
 token with ``SpanMask.semi_causal`` (bidirectional inside spans, causal
-elsewhere), so both designs train on the same batches. Input and output
-embeddings of the decoder are tied.
-
-Vision encoders, generation through the paged KV cache and the training CLI
-are not here yet (issue 5).
+elsewhere), so both designs train on the same batches; images still go
+through the vision encoder. ``encoder_layers=0`` builds no text encoder (a
+vision-language model); ``vision_layers=0`` builds no vision encoder. A batch
+that needs a missing encoder raises ValueError. Input and output embeddings
+of the decoder are tied. Generation through the paged KV cache is
+metalm_fast.models.generation (``MetaLM.generate``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalm_fast.masks import SpanMask
+from metalm_fast.models.generation import generate
 from metalm_fast.models.transformer import TransformerStack
+from metalm_fast.models.vision import VisionEncoder
 from metalm_fast.nn.connector import Connector
 from metalm_fast.nn.embedding import EmbeddingScatter
 from metalm_fast.nn.rotary import packed_positions
@@ -67,20 +74,39 @@ class MetaLMConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-#: tiny: tests and the CPU demo; small: CPU benchmarks; paper_language: Hao et al. 2022 sizes.
+#: tiny: tests and the CPU demo (vision-language: a text encoder and a ViT over 8x8 one-channel
+#: images, 16 tokens per image); small: CPU benchmarks (text); paper_*: Hao et al. 2022 sizes.
 PRESETS = {
-    "tiny": MetaLMConfig(vocab_size=512, decoder_dim=64, decoder_layers=2, decoder_heads=2,
-                         encoder_dim=64, encoder_layers=2, encoder_heads=2),
+    "tiny": MetaLMConfig(vocab_size=1024, decoder_dim=64, decoder_layers=2, decoder_heads=2,
+                         encoder_dim=64, encoder_layers=2, encoder_heads=2,
+                         image_size=8, image_channels=1, patch_size=2, vision_dim=64,
+                         vision_layers=2, vision_heads=2, vision_connector="mlp",
+                         vision_connector_layers=3),
     "small": MetaLMConfig(vocab_size=8192, decoder_dim=256, decoder_layers=4, decoder_heads=8,
                           encoder_dim=256, encoder_layers=4, encoder_heads=8),
     "paper_language": MetaLMConfig(vocab_size=64000, decoder_dim=2048, decoder_layers=24,
                                    decoder_heads=32, encoder_dim=1024, encoder_layers=24,
                                    encoder_heads=16),
+    # The paper's vision-language MetaLM docks a ViT-B/16 (CLIP) through a 3-layer MLP
+    # connector onto a 24-layer, 1024-wide decoder; images are its only bidirectional input
+    # (the text is read by the decoder), so it has no separate text encoder: encoder_layers=0.
+    "paper_vision_language": MetaLMConfig(vocab_size=64000, decoder_dim=1024, decoder_layers=24,
+                                          decoder_heads=16, encoder_dim=0, encoder_layers=0,
+                                          encoder_heads=1, image_size=224, image_channels=3,
+                                          patch_size=16, vision_dim=768, vision_layers=12,
+                                          vision_heads=12, vision_connector="mlp",
+                                          vision_connector_layers=3),
 }
 
 
 class MetaLM(nn.Module):
-    """Encoder-connector-decoder language model; ``forward(batch) -> mean loss``."""
+    """Encoder(s)-connector-decoder language model; ``forward(batch) -> mean loss``.
+
+    Pieces: ``embedding`` / ``decoder`` / ``lm_head`` (tied) always;
+    ``encoder_embedding`` / ``encoder`` / ``connector`` for a two-stack model
+    with ``encoder_layers > 0``; ``vision_encoder`` / ``vision_connector``
+    when ``vision_layers > 0``.
+    """
 
     def __init__(self, config: MetaLMConfig):
         super().__init__()
@@ -88,6 +114,9 @@ class MetaLM(nn.Module):
             raise ValueError(
                 f"variant must be 'two_stack' or 'single_stack', got {config.variant!r}"
             )
+        for name in ("encoder_layers", "vision_layers"):
+            if getattr(config, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
         self.config = config
         self.embedding = EmbeddingScatter(config.vocab_size, config.decoder_dim,
                                           backend=config.backend)
@@ -96,30 +125,113 @@ class MetaLM(nn.Module):
                                         mlp_kind=config.mlp_kind, backend=config.backend)
         self.lm_head = nn.Linear(config.decoder_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied input and output embeddings
-        if config.variant == "two_stack":
+        if config.variant == "two_stack" and config.encoder_layers > 0:
             self.encoder_embedding = nn.Embedding(config.vocab_size, config.encoder_dim)
             self.encoder = TransformerStack(config.encoder_dim, config.encoder_layers,
                                             config.encoder_heads, mlp_kind=config.mlp_kind,
                                             backend=config.backend)
             self.connector = Connector(config.connector, config.encoder_dim, config.decoder_dim)
+        if config.vision_layers > 0:
+            self.vision_encoder = VisionEncoder.from_config(config)
+            self.vision_connector = Connector(
+                config.vision_connector, config.vision_dim, config.decoder_dim,
+                num_layers=config.vision_connector_layers,
+                num_latents=config.tokens_per_image,  # a resampler keeps one row per placeholder
+                num_heads=config.decoder_heads, backend=config.backend,
+            )
 
+    @property
+    def has_text_encoder(self) -> bool:
+        return hasattr(self, "encoder")
+
+    @property
+    def has_vision_encoder(self) -> bool:
+        return hasattr(self, "vision_encoder")
+
+    # ------------------------------------------------------------------ encoders
     def encode_spans(self, batch) -> torch.Tensor:
         """Connector outputs for the span tokens: [N, decoder_dim]."""
+        if not self.has_text_encoder:
+            raise ValueError("this MetaLM has no text encoder (single_stack or encoder_layers=0)")
         mask = SpanMask.bidirectional(batch.encoder_cu_seqlens)
         positions = packed_positions(batch.encoder_cu_seqlens)
         hidden = self.encoder(self.encoder_embedding(batch.encoder_ids), mask, positions)
         return self.connector(hidden, batch.encoder_cu_seqlens)
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Vision connector outputs for images [I, C, H, W]: [I * tokens_per_image, decoder_dim]."""
+        if not self.has_vision_encoder:
+            raise ValueError("this MetaLM has no vision encoder (vision_layers=0)")
+        hidden = self.vision_encoder(images)
+        return self.vision_connector(
+            hidden, self.vision_encoder.cu_seqlens(images.shape[0], hidden.device)
+        )
+
+    def _batch_images(self, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(images, image_index) to encode, or None for a model without a vision encoder.
+
+        With a vision encoder, a batch without images still runs it (on zero
+        images), so every parameter takes part in every step (DDP needs that).
+        """
+        images = getattr(batch, "images", None)
+        image_index = getattr(batch, "image_index", None)
+        count = 0 if images is None else images.shape[0]
+        if not self.has_vision_encoder:
+            if count:
+                raise ValueError(
+                    f"the batch holds {count} images (batch.images) but this MetaLM has no "
+                    "vision encoder (vision_layers=0)"
+                )
+            return None
+        if count and image_index is None:
+            raise ValueError("batch.images is given without batch.image_index")
+        if not count:
+            encoder = self.vision_encoder
+            images = self.embedding.weight.new_zeros(
+                (0, encoder.image_channels, encoder.image_size, encoder.image_size))
+        if image_index is None:
+            image_index = torch.full_like(batch.input_ids, -1)
+        return images, image_index
+
+    # ------------------------------------------------------------------ decoder
+    def decoder_inputs(self, batch) -> tuple[torch.Tensor, SpanMask]:
+        """The decoder's input embeddings [T, decoder_dim] and its mask over the batch.
+
+        Encoder rows are scattered in as in training; generation's prefill uses
+        exactly this (metalm_fast.models.generation).
+        """
+        vision = self._batch_images(batch)
+        image_features = None if vision is None else self.encode_images(vision[0])
+        if self.config.variant == "single_stack":
+            mask = SpanMask.semi_causal(batch.cu_seqlens, batch.span_starts, batch.span_ends)
+            if image_features is None:
+                return self.embedding(batch.input_ids), mask
+            return self.embedding(batch.input_ids, image_features, vision[1]), mask
+        mask = SpanMask.causal(batch.cu_seqlens)
+        text_features = None
+        if self.has_text_encoder:
+            text_features = self.encode_spans(batch)
+        elif batch.encoder_ids.numel():
+            raise ValueError(
+                f"the batch has {batch.encoder_ids.numel()} span tokens (batch.encoder_ids) but "
+                "this MetaLM has no text encoder (encoder_layers=0); build the batch without spans"
+            )
+        if image_features is None and text_features is None:
+            return self.embedding(batch.input_ids), mask
+        if image_features is None:
+            return self.embedding(batch.input_ids, text_features, batch.feature_index), mask
+        if text_features is None:
+            return self.embedding(batch.input_ids, image_features, vision[1]), mask
+        image_index = vision[1]
+        features = torch.cat((text_features, image_features))
+        index = torch.where(image_index >= 0, image_index + text_features.shape[0],
+                            batch.feature_index)
+        return self.embedding(batch.input_ids, features, index), mask
+
     def logits(self, batch) -> torch.Tensor:
         """[T, vocab] next-token logits."""
+        hidden, mask = self.decoder_inputs(batch)
         positions = packed_positions(batch.cu_seqlens)
-        if self.config.variant == "single_stack":
-            hidden = self.embedding(batch.input_ids)
-            mask = SpanMask.semi_causal(batch.cu_seqlens, batch.span_starts, batch.span_ends)
-        else:
-            features = self.encode_spans(batch)
-            hidden = self.embedding(batch.input_ids, features, batch.feature_index)
-            mask = SpanMask.causal(batch.cu_seqlens)
         return self.lm_head(self.decoder(hidden, mask, positions))
 
     def forward(self, batch, reduction: str = "mean") -> torch.Tensor:
@@ -133,3 +245,7 @@ class MetaLM(nn.Module):
             return logits.sum() * 0.0
         # labels are -100 (cross_entropy's ignore_index) where no loss is carried
         return F.cross_entropy(logits.float(), batch.labels, reduction=reduction)
+
+    def generate(self, prompts, **kwargs) -> list[list[int]]:
+        """New tokens for each prompt; see :func:`metalm_fast.models.generation.generate`."""
+        return generate(self, prompts, **kwargs)

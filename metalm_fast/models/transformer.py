@@ -15,6 +15,7 @@ from torch import nn
 
 from metalm_fast.masks import SpanMask
 from metalm_fast.nn.attention import SpanSelfAttention
+from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 
 __all__ = ["MLP", "TransformerBlock", "TransformerStack"]
 
@@ -40,35 +41,55 @@ class MLP(nn.Module):
 
 class TransformerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_ratio: float,
-                 mlp_kind: str, backend: str):
+                 mlp_kind: str, backend: str, rotary: bool = True):
         super().__init__()
         self.attention_norm = nn.LayerNorm(dim)
-        self.attention = SpanSelfAttention(dim, num_heads, num_kv_heads, backend=backend)
+        self.attention = SpanSelfAttention(dim, num_heads, num_kv_heads, rotary=rotary,
+                                           backend=backend)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), mlp_kind)
 
-    def forward(self, x: torch.Tensor, mask: SpanMask, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), mask, positions)
+    def forward(self, x: torch.Tensor, mask: SpanMask | None, positions: torch.Tensor | None,
+                *, cache: PagedKVCache | None = None, layer_idx: int | None = None,
+                step: CacheStep | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), mask, positions, cache=cache,
+                               layer_idx=layer_idx, step=step)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class TransformerStack(nn.Module):
     """``num_layers`` blocks and a final norm.
 
-    ``forward(x [T, Dm], mask, positions [T]) -> [T, Dm]``.
+    ``forward(x [T, Dm], mask, positions [T]) -> [T, Dm]``. ``rotary=False``
+    (a ViT with learned position embeddings) makes ``positions`` optional.
+
+    With a paged KV cache (generation): ``forward(x [T_new, Dm], mask | None,
+    cache=cache, step=step)``, ``step = cache.step(seq_ids, num_new_tokens)``
+    built once per pass and shared by every layer; layer ``i`` keeps its keys
+    and values in the cache's layer ``i``, positions default to ``step.positions``
+    and ``mask`` (over the new tokens) is needed only for a prefill that is not
+    causal (see metalm_fast.nn.kv_cache_attention).
     """
 
     def __init__(self, dim: int, num_layers: int, num_heads: int, num_kv_heads: int | None = None,
-                 *, mlp_ratio: float = 4.0, mlp_kind: str = "gelu", backend: str = "auto"):
+                 *, mlp_ratio: float = 4.0, mlp_kind: str = "gelu", rotary: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.num_kv_heads, self.head_dim = num_kv_heads, dim // num_heads
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, num_kv_heads, mlp_ratio, mlp_kind, backend)
+            TransformerBlock(dim, num_heads, num_kv_heads, mlp_ratio, mlp_kind, backend, rotary)
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, mask: SpanMask, positions: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, mask, positions)
+    def forward(self, x: torch.Tensor, mask: SpanMask | None = None,
+                positions: torch.Tensor | None = None, *, cache: PagedKVCache | None = None,
+                step: CacheStep | None = None) -> torch.Tensor:
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, mask, positions)
+        else:
+            for layer_idx, block in enumerate(self.blocks):
+                x = block(x, mask, positions, cache=cache, layer_idx=layer_idx, step=step)
         return self.norm(x)

@@ -60,9 +60,19 @@ def test_tiny_model_learns_a_fixed_batch():
     assert float(loss.detach()) < 0.6 * first
 
 
-def test_paper_language_size_builds_on_meta_device():
+@pytest.mark.parametrize(("preset", "low", "high"), [
+    ("paper_language", 1.0e9, 2.0e9),
+    # 24 x 1024 decoder with 64k tied embeddings (~0.37 B) + ViT-B/16 (~86 M) + connector
+    ("paper_vision_language", 0.40e9, 0.50e9),
+])
+def test_paper_sizes_build_on_meta_device(preset, low, high):
     with torch.device("meta"):
-        model = MetaLM(PRESETS["paper_language"])
+        model = MetaLM(PRESETS[preset])
     params = sum(p.numel() for p in model.parameters())
-    print(f"paper language MetaLM: {params / 1e9:.2f} B parameters")
-    assert 1.0e9 < params < 2.0e9
+    print(f"{preset} MetaLM: {params / 1e9:.3f} B parameters")
+    assert low < params < high
+    if preset == "paper_vision_language":
+        vision = sum(p.numel() for p in model.vision_encoder.parameters())
+        print(f"  vision encoder (ViT-B/16): {vision / 1e6:.1f} M parameters")
+        assert 84e6 < vision < 88e6
+        assert PRESETS[preset].tokens_per_image == 196

@@ -1,0 +1,1 @@
+"""Evaluation of trained MetaLM models (digit VQA: zero-shot, k-shot, finetuned)."""
