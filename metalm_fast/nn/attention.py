@@ -79,7 +79,7 @@ class SpanSelfAttention(nn.Module):
         if self.rotary is not None:
             if positions is None:
                 raise ValueError("positions (int [T]) are required when rotary=True")
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
+            q, k = self.rotary.rotate_pair(q, k, positions)
         return q, k, v
 
     def forward(

@@ -37,13 +37,30 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [T, 1, D/2] in ``dtype`` (float32 or wider: angles need the precision)."""
+        inv_freq = self.inv_freq.to(dtype) if dtype == torch.float32 else (
+            self.base ** (-torch.arange(0, self.head_dim, 2, dtype=dtype,
+                                        device=positions.device) / self.head_dim))
+        angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # [T, D/2]
+        return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, H, D], positions int [T] -> rotated x [T, H, D] (dtype of x)."""
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
-        first, second = x.float().chunk(2, dim=-1)
-        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        return rotated.to(x.dtype)
+        return self.rotate_pair(x, None, positions)[0]
+
+    def rotate_pair(self, q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor):
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] with one cos/sin computation."""
+        compute = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = self.cos_sin(positions, compute)
+        return _rotate(q, cos, sin), None if k is None else _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.to(cos.dtype).chunk(2, dim=-1)
+    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return rotated.to(x.dtype)
