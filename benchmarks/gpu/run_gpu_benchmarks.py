@@ -32,9 +32,11 @@ cases at a tiny size on CPU and runs the CPU-capable parts (ours with the
 
 Suites (``--suites``, in order): ``attention`` (above), ``decode`` (paged
 decode attention and KV-cache append against their peers, in GB/s:
-benchmarks/gpu/decode_cases.py) and ``embed_scatter`` (GB/s against HBM and the
-ratio to the eager paths: benchmarks/gpu/embed_scatter_cases.py), all under the
-same deadline and written into the same files.
+benchmarks/gpu/decode_cases.py), ``embed_scatter`` (GB/s against HBM and the
+ratio to the eager paths: benchmarks/gpu/embed_scatter_cases.py) and ``e2e``
+(MetaLM training and generation throughput, fast path vs an HF-style path:
+benchmarks/gpu/e2e_cases.py), all under the same deadline and written into the
+same files.
 
 Extending: a case is a function in ``CASES`` (name -> builder of a Case); an
 implementation is a function in ``IMPLEMENTATIONS`` (name -> runner factory).
@@ -493,7 +495,8 @@ def run_attention(settings: Settings, deadline: Deadline, on_case_done,
 
 #: Suites beyond attention: name -> file beside this script. Each module has
 #: run(deadline, device=, dtype=) -> rows (dataclasses) and to_markdown(rows).
-EXTRA_SUITES = {"decode": "decode_cases.py", "embed_scatter": "embed_scatter_cases.py"}
+EXTRA_SUITES = {"decode": "decode_cases.py", "embed_scatter": "embed_scatter_cases.py",
+                "e2e": "e2e_cases.py"}
 
 
 def run_extra_suite(name: str, settings: Settings, deadline: Deadline, results: dict) -> None:
@@ -635,8 +638,9 @@ def main(argv=None) -> int:
                         help="head dims (default 64 128; 32 for --dry-run)")
     parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES),
                         help="attention (span attention vs peers), decode (paged decode and "
-                             "KV append, decode_cases.py), embed_scatter (embed_scatter_cases.py);"
-                             " run in this order")
+                             "KV append, decode_cases.py), embed_scatter (embed_scatter_cases.py),"
+                             " e2e (MetaLM fast path vs HF-style, e2e_cases.py); run in this "
+                             "order")
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
 

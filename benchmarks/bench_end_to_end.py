@@ -1,0 +1,422 @@
+"""CPU end-to-end throughput: one MetaLM, its fast path against an HF-style path.
+
+The same model object with the same weights runs two ways in one process:
+
+- ``fast``: ``MetaLM.forward`` (span_attention with SpanMasks, embed_scatter,
+  packed tokens) and ``metalm_fast.models.generation.generate`` (paged KV cache);
+- ``hf_style``: benchmarks/hf_style.py, the way a transformers-style model runs
+  it (F.embedding + masked_scatter, dense [1, 1, T, T] boolean masks and SDPA,
+  spans padded into an [S, Lmax] encoder batch; generation over a left-padded
+  batch with a KV cache grown by torch.cat).
+
+Training (preset ``small``: vocab 8192, width 256, 4 + 4 layers, fp32): synthetic
+documents with log-uniform lengths in [200, 2000] tokens (most documents short,
+a long tail, as in web text) are packed greedily into micro-batches of at most
+8192 tokens (several documents each, no padding) and collated by
+SemiCausalCollator (spans of 64..128 tokens, ~25% of each document). A step
+is forward + backward + AdamW; the two paths alternate step by step over the
+same micro-batches (one optimizer, one model) and tokens/s is the median over
+steps of tokens / step time. Peak memory: one steady-state step in a fresh
+process per path (VmHWM from /proc/self/status, reset after setup: weights,
+AdamW state and the batch are the baseline), as growth over that baseline.
+
+Generation: 8 prompts of 200..1000 tokens (uniform), 128 new tokens each,
+greedy. Tokens/s = new tokens / wall time including prefill; decode-only
+tokens/s from the time with 128 new tokens minus the time with 1 (prefill and
+the first token); both paths must produce the same tokens. Runs alternate.
+
+Criteria: training >= 2x the HF-style tokens/s; generation >= 3x; the fast
+path's training peak memory lower; identical greedy tokens. Only ratios
+measured side by side in one run mean anything on a shared machine.
+
+Threads: both paths run with the same intra-op thread count, 1 by default
+(``--threads 0``: torch's default). On a shared machine whose cores are busy
+with other processes, a second OpenMP thread turns every parallel region into
+a wait for a descheduled core, so step time then counts parallel regions rather
+than work. Measured here (2 cores, load average 2..4 from other processes):
+tiny preset greedy decode 1.0 ms/step fast and 0.74 HF-style with 1 thread, 23
+and 13 ms/step with 2; the small preset's full run with 2 threads took 10
+minutes (fast decode ~360 ms/step, against ~10 with 1 thread). On a dedicated
+machine use ``--threads 0``.
+
+Usage: python benchmarks/bench_end_to_end.py [--quick] [--no-write] [--out FILE.md]
+(``--quick``: the tiny preset, small batches, ~15 s; writes
+benchmarks/results/cpu_end_to_end_<date>.md unless --no-write or --quick).
+Importable: ``run(settings) -> list[Row]`` and ``render(rows, settings)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine_lines  # noqa: E402
+from benchmarks.hf_style import hf_style_generate, hf_style_loss  # noqa: E402
+from metalm_fast.data.collator import SemiCausalCollator, build_batch, pack_documents  # noqa: E402
+from metalm_fast.models import PRESETS, MetaLM  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PATHS = ("fast", "hf_style")
+
+
+@dataclass(frozen=True)
+class Settings:
+    preset: str = "small"
+    token_budget: int = 8192
+    doc_min: int = 200
+    doc_max: int = 2000
+    micro_batches: int = 3
+    repeats: int = 3  # timed training rounds (one step per path each)
+    prompts: int = 8
+    prompt_min: int = 200
+    prompt_max: int = 1000
+    new_tokens: int = 128
+    gen_repeats: int = 3
+    lr: float = 1e-5
+    seed: int = 0
+    threads: int = 1  # intra-op threads for both paths; 0: torch's default (see the docstring)
+
+
+QUICK = Settings(preset="tiny", token_budget=2048, doc_min=100, doc_max=800, micro_batches=2,
+                 repeats=2, prompts=4, prompt_min=20, prompt_max=200, new_tokens=16,
+                 gen_repeats=2)
+
+
+@dataclass
+class Row:
+    """One measured quantity for both paths; ``ratio`` is the fast path's advantage."""
+
+    name: str
+    unit: str
+    fast: float
+    hf_style: float
+    ratio: float
+    target: float | None = None  # criterion on ratio, if any
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.target is None else self.ratio >= self.target
+
+
+# ----------------------------------------------------------------------------- inputs
+def build_model(settings: Settings) -> MetaLM:
+    torch.manual_seed(settings.seed)
+    return MetaLM(PRESETS[settings.preset])
+
+
+def document_lengths(count: int, low: int, high: int, generator: torch.Generator) -> list[int]:
+    """Log-uniform lengths in [low, high]: many short documents, a long tail."""
+    draws = torch.rand(count, generator=generator, dtype=torch.float64)
+    return [int(math.exp(math.log(low) + u * (math.log(high) - math.log(low)))) for u in draws]
+
+
+def training_batches(settings: Settings, vocab: int) -> list:
+    """``micro_batches`` packed semi-causal batches of synthetic documents."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    documents: list[list[int]] = []
+    target = (settings.micro_batches + 1) * settings.token_budget
+    while sum(map(len, documents)) < target:
+        for length in document_lengths(16, settings.doc_min, settings.doc_max, generator):
+            documents.append(torch.randint(0, vocab, (length,), generator=generator).tolist())
+    groups = pack_documents(documents, settings.token_budget)[: settings.micro_batches]
+    collator = SemiCausalCollator(seed=settings.seed)
+    return [collator(group) for group in groups]
+
+
+def prompt_batch(settings: Settings, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    lengths = torch.randint(settings.prompt_min, settings.prompt_max + 1, (settings.prompts,),
+                            generator=generator).tolist()
+    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def warm_up_batch(batch, settings: Settings):
+    """One short document (with spans) cut from ``batch``: cheap first calls of every op."""
+    return SemiCausalCollator(seed=settings.seed)([batch.input_ids[:512].tolist()])
+
+
+def loss_fn(path: str):
+    return (lambda model, batch: model(batch)) if path == "fast" else hf_style_loss
+
+
+def train_step(model, optimizer, path: str, batch) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(path)(model, batch).backward()
+    optimizer.step()
+
+
+# ----------------------------------------------------------------------------- training
+def measure_training(settings: Settings, model, log) -> dict:
+    batches = training_batches(settings, model.config.vocab_size)
+    with torch.no_grad():
+        losses = {path: float(loss_fn(path)(model, batches[0])) for path in PATHS}
+    relative = abs(losses["fast"] - losses["hf_style"]) / abs(losses["fast"])
+    log(f"training: {len(batches)} micro-batches, tokens {[b.input_ids.numel() for b in batches]}"
+        f", loss fast {losses['fast']:.6f} hf_style {losses['hf_style']:.6f}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    for path in PATHS:  # first-call costs and the AdamW state, on a short batch
+        train_step(model, optimizer, path, warm_up_batch(batches[0], settings))
+    rates: dict[str, list[float]] = {path: [] for path in PATHS}
+    for round_index in range(settings.repeats):
+        order = PATHS if round_index % 2 == 0 else PATHS[::-1]  # alternate who goes first
+        batch = batches[round_index % len(batches)]
+        for path in order:
+            begin = time.perf_counter()
+            train_step(model, optimizer, path, batch)
+            rates[path].append(batch.input_ids.numel() / (time.perf_counter() - begin))
+        log(f"  round {round_index}: " + ", ".join(
+            f"{path} {rates[path][-1]:.0f} tok/s" for path in PATHS))
+    batch = batches[0]
+    return {
+        "tokens_per_s": {path: statistics.median(values) for path, values in rates.items()},
+        "loss_relative_diff": relative,
+        "tokens": [b.input_ids.numel() for b in batches],
+        "documents": [b.cu_seqlens.numel() - 1 for b in batches],
+        "spans": [b.span_starts.numel() for b in batches],
+        "span_fraction": float((batch.feature_index >= 0).float().mean()),
+    }
+
+
+# ----------------------------------------------------------------------------- memory
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _release_and_reset_peak() -> int:
+    """Return freed heap to the OS, reset VmHWM to the current RSS; the baseline in KiB.
+
+    Not ru_maxrss: that survives fork + exec, so a child started by a large parent
+    would report the parent's peak. Where clear_refs is not writable the baseline
+    is the high-water mark of setup (growth is then under-reported for both paths).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+    return _proc_status_kib("VmHWM")
+
+
+def peak_memory_child(settings: Settings, path: str) -> None:
+    """In a fresh process: peak RSS growth (MiB) of one steady-state training step of ``path``."""
+    model = build_model(settings)
+    batch = training_batches(settings, model.config.vocab_size)[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    # A first step on a short batch creates the AdamW state and one-off allocations.
+    train_step(model, optimizer, path, warm_up_batch(batch, settings))
+    optimizer.zero_grad(set_to_none=True)
+    baseline = _release_and_reset_peak()
+    train_step(model, optimizer, path, batch)
+    print(json.dumps({"peak_mib": (_proc_status_kib("VmHWM") - baseline) / 1024,
+                      "baseline_mib": baseline / 1024}))
+
+
+def measure_peaks(settings: Settings) -> dict[str, dict]:
+    peaks = {}
+    for path in PATHS:
+        command = [sys.executable, str(Path(__file__).resolve()), "--child-peak", path,
+                   "--settings", json.dumps(dataclasses.asdict(settings))]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        peaks[path] = json.loads(output.strip().splitlines()[-1])
+    return peaks
+
+
+# ----------------------------------------------------------------------------- generation
+def fast_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from metalm_fast.models.generation import generate
+
+    return generate(model, build_batch(prompts, [], []), max_new_tokens=new_tokens)
+
+
+def measure_generation(settings: Settings, model, log) -> dict:
+    prompts = prompt_batch(settings, model.config.vocab_size)
+    runners = {"fast": fast_generate,
+               "hf_style": lambda m, p, n: hf_style_generate(m, p, max_new_tokens=n)}
+    model.eval()
+    outputs = {}
+    with torch.no_grad():
+        for path, runner in runners.items():  # warm-up, and the tokens to compare
+            outputs[path] = runner(model, prompts, settings.new_tokens)
+        seconds: dict[tuple[str, int], list[float]] = {}
+        for repeat in range(settings.gen_repeats):
+            order = PATHS if repeat % 2 == 0 else PATHS[::-1]
+            for new_tokens in (settings.new_tokens, 1):
+                for path in order:
+                    begin = time.perf_counter()
+                    runners[path](model, prompts, new_tokens)
+                    seconds.setdefault((path, new_tokens), []).append(time.perf_counter() - begin)
+            log(f"  generation repeat {repeat}: " + ", ".join(
+                f"{path} {seconds[(path, settings.new_tokens)][-1]:.2f} s"
+                f" (1 token: {seconds[(path, 1)][-1]:.2f} s)" for path in PATHS))
+    model.train()
+    median = {key: statistics.median(values) for key, values in seconds.items()}
+    count, new = len(prompts), settings.new_tokens
+    pairs = [(a, b) for fast, hf in zip(outputs["fast"], outputs["hf_style"])
+             for a, b in zip(fast, hf)]
+    lengths_equal = [len(a) for a in outputs["fast"]] == [len(b) for b in outputs["hf_style"]]
+    result = {"matching_tokens": sum(a == b for a, b in pairs) if lengths_equal else 0,
+              "generated_tokens": sum(map(len, outputs["fast"])),
+              "prompt_lengths": [len(p) for p in prompts], "tokens_per_s": {},
+              "decode_tokens_per_s": {}, "prefill_tokens_per_s": {}}
+    for path in PATHS:
+        total, first = median[(path, new)], median[(path, 1)]
+        result["tokens_per_s"][path] = count * new / total
+        result["prefill_tokens_per_s"][path] = sum(map(len, prompts)) / first
+        result["decode_tokens_per_s"][path] = (count * (new - 1) / (total - first)
+                                               if total > first else float("nan"))
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+def _row(name, unit, values: dict, target=None, note="", lower_is_better=False) -> Row:
+    fast, hf = values["fast"], values["hf_style"]
+    ratio = hf / fast if lower_is_better else fast / hf
+    return Row(name, unit, fast, hf, ratio, target, note)
+
+
+def run(settings: Settings | None = None, *, log=print) -> list[Row]:
+    """Measure everything; one Row per quantity (those with a target carry a criterion)."""
+    settings = settings or Settings()
+    threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        model = build_model(settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            training = measure_training(settings, model, log)
+            generation = measure_generation(settings, model, log)
+        peaks = measure_peaks(dataclasses.replace(settings, threads=torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(threads)
+    log(f"peak memory: {peaks}")
+    train_note = (f"{len(training['tokens'])} micro-batches of {min(training['tokens'])}.."
+                  f"{max(training['tokens'])} tokens, {min(training['documents'])}.."
+                  f"{max(training['documents'])} documents; loss abs(fast - hf) / fast = "
+                  f"{training['loss_relative_diff']:.1e}")
+    return [
+        _row("training (fwd+bwd+AdamW)", "tokens/s", training["tokens_per_s"], 2.0, train_note),
+        _row("generation (incl. prefill)", "new tokens/s", generation["tokens_per_s"], 3.0,
+             f"{settings.prompts} prompts, {settings.new_tokens} new tokens each, greedy"),
+        Row("greedy tokens identical", "tokens", generation["generated_tokens"],
+            generation["matching_tokens"],
+            generation["matching_tokens"] / max(generation["generated_tokens"], 1), 1.0,
+            "fast: tokens generated; hf_style: how many equal the fast path's"),
+        _row("training peak memory (one step)", "MiB over baseline",
+             {path: peaks[path]["peak_mib"] for path in PATHS}, 1.0 + 1e-9,
+             "fresh process per path; baseline: weights, AdamW state, batch "
+             f"({peaks['fast']['baseline_mib']:.0f} MiB RSS)", lower_is_better=True),
+        _row("prefill (1 new token)", "prompt tokens/s", generation["prefill_tokens_per_s"],
+             note=f"prompt lengths {generation['prompt_lengths']}"),
+        _row("decode only", "new tokens/s", generation["decode_tokens_per_s"],
+             note=f"time({settings.new_tokens} tokens) - time(1 token)"),
+    ]
+
+
+def render(rows: list[Row], settings: Settings) -> tuple[str, str]:
+    lines = ["| quantity | unit | fast | hf_style | fast vs hf_style | notes |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.name} | {row.unit} | {row.fast:,.1f} | {row.hf_style:,.1f} | "
+                     f"{row.ratio:.2f}x | {row.note} |")
+    config = PRESETS[settings.preset]
+    lines += ["", f"preset {settings.preset} (vocab {config.vocab_size}, decoder "
+              f"{config.decoder_layers}x{config.decoder_dim}, encoder {config.encoder_layers}x"
+              f"{config.encoder_dim}), fp32, intra-op threads: "
+              f"{settings.threads or torch.get_num_threads()}, both paths in one process; "
+              f"token budget {settings.token_budget}, documents "
+              f"{settings.doc_min}..{settings.doc_max} tokens (log-uniform), spans 64..128 "
+              f"(~25%); prompts {settings.prompt_min}..{settings.prompt_max} tokens"]
+    criteria = {
+        "training (fwd+bwd+AdamW)": "training >= 2x the HF-style tokens/s",
+        "generation (incl. prefill)": "generation >= 3x the HF-style tokens/s",
+        "training peak memory (one step)": "fast path training peak memory lower",
+        "greedy tokens identical": "fast and HF-style greedy generation produce the same tokens",
+    }
+    checks = []
+    for row in rows:
+        if row.target is not None:
+            checks.append(f"{'PASS' if row.passed else 'FAIL'}: {criteria[row.name]}: "
+                          f"{row.ratio:.2f}x")
+    return "\n".join(lines), "\n".join(checks)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny preset, ~15 s")
+    parser.add_argument("--repeats", type=int, default=None, help="timed training rounds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for both paths (default 1; 0: torch's default)")
+    parser.add_argument("--no-write", action="store_true", help="only print the table")
+    parser.add_argument("--out", help="markdown file (default benchmarks/results/"
+                                      "cpu_end_to_end_<date>.md)")
+    parser.add_argument("--child-peak", dest="child_path", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_path:
+        settings = Settings(**json.loads(args.settings))
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            peak_memory_child(settings, args.child_path)
+        return 0
+    settings = QUICK if args.quick else Settings()
+    if args.repeats is not None:
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    if args.threads is not None:
+        settings = dataclasses.replace(settings, threads=args.threads)
+    if settings.threads:  # for the whole run, so the machine description states it
+        torch.set_num_threads(settings.threads)
+    today = datetime.date.today().isoformat()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    start = time.perf_counter()
+    rows = run(settings)
+    table, checks = render(rows, settings)
+    title = f"CPU end-to-end MetaLM throughput: fast path vs HF-style ({today})"
+    print(title, table, checks, sep="\n\n")
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if not args.no_write and not args.quick:
+        out = Path(args.out) if args.out else RESULTS / f"cpu_end_to_end_{today}.md"
+        machine = (f"{machine_lines()}\n- load average {load:.1f} at start\n"
+                   f"- training: median over {settings.repeats} alternating steps per path after "
+                   f"a warm-up step on a short batch; generation: median of "
+                   f"{settings.gen_repeats} alternating runs after a warm-up run\n"
+                   "- the machine is shared: compare ratios within this table only")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"# {title}\n\n{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n"
+                       f"{checks}\n```\n\nCommand: `python benchmarks/bench_end_to_end.py`\n")
+        print(f"wrote {out}")
+    return 0 if all(row.passed is not False for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
