@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from metalm_fast.models import PRESETS
 from metalm_fast.models.generation import generate, new_cache, prefill
 from tests.models.test_vision import IMAGE, tiny_model, vision_language_batch
 from tests.tolerance import assert_within_tolerance
@@ -153,5 +154,5 @@ def test_prefill_logits_match_model_logits(variant):
 
 def test_placeholder_prompts_hold_images():
     batch = prompts()
-    assert int((batch.input_ids == IMAGE).sum()) == 2 * 16
+    assert int((batch.input_ids == IMAGE).sum()) == 2 * PRESETS["tiny"].tokens_per_image
     assert batch.images.shape[0] == 2

@@ -99,14 +99,16 @@ def test_zero_image_rows_equal_the_connector_output():
     batch = vision_language_batch()
     batch.images = torch.zeros_like(batch.images)
     model = tiny_model()
+    per_image = model.config.tokens_per_image
     with torch.no_grad():
         hidden, _ = model.decoder_inputs(batch)
         encoder = model.vision_encoder
         patches = encoder.patch_embedding.bias + encoder.position_embedding  # zero pixels
         expected = model.vision_connector(
-            encoder.transformer(patches, SpanMask.bidirectional(torch.tensor([0, 16]))))
+            encoder.transformer(patches, SpanMask.bidirectional(torch.tensor([0, per_image]))))
     for image in range(batch.images.shape[0]):
-        rows = hidden[(batch.image_index >= image * 16) & (batch.image_index < image * 16 + 16)]
+        rows = hidden[(batch.image_index >= image * per_image)
+                      & (batch.image_index < (image + 1) * per_image)]
         torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
 
 
