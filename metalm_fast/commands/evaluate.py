@@ -58,11 +58,11 @@ def run(model, tokenizer, *, shots=(0,), encoder_demos: bool = False, limit: int
 
 
 def format_table(results: list[TaskAccuracy], title: str) -> str:
-    lines = [title, f"  {'task':<14} {'shots':>5} {'demos read by':<14} {'accuracy':>9} "
+    lines = [title, f"  {'task':<18} {'shots':>5} {'demos read by':<14} {'accuracy':>9} "
                     f"{'chance':>7} {'n':>5}"]
     for r in results:
         reader = "encoder" if r.encoder_demos else ("decoder" if r.shots else "-")
-        lines.append(f"  {r.task:<14} {r.shots:>5} {reader:<14} {r.accuracy:>9.1%} "
+        lines.append(f"  {r.task:<18} {r.shots:>5} {reader:<14} {r.accuracy:>9.1%} "
                      f"{r.chance:>7.1%} {r.total:>5}")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ stream, ``synthetic`` a seeded stream of documents with a learnable rule
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Train a MetaLM (one process or torchrun).")
     add = parser.add_argument
     add("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default tiny)")
+    add("--variant", default=None, choices=["two_stack", "single_stack"],
+        help="encoder + connector + decoder, or one semi-causal stack (default: the preset's)")
     add("--steps", type=int, default=200, help="optimizer steps in total (default 200)")
     add("--grad-accum", type=int, default=1, help="micro-batches per rank per step")
     add("--micro-batch-tokens", type=int, default=2048, help="decoder tokens per micro-batch")
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.micro_batch_tokens < 2:
             raise ValueError(f"--micro-batch-tokens must be >= 2, got {args.micro_batch_tokens}")
         model_config = PRESETS[args.preset]
+        if args.variant is not None:
+            model_config = dataclasses.replace(model_config, variant=args.variant)
         data = _data_source(args.data, model_config, args.micro_batch_tokens, args.seed)
         result = train(model_config, train_config, data)
     except (ValueError, FileNotFoundError) as error:

@@ -91,3 +91,12 @@ def test_default_data_trains_and_saves(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "final loss" in printed and str(out / "step-1") in printed
     assert (out / "latest").read_text().strip() == "step-1"
+
+
+def test_variant_flag_trains_the_single_stack_model(tmp_path):
+    from metalm_fast.training.checkpoint import load_model
+
+    out = tmp_path / "single"
+    assert main([*COMMON, "--steps", "1", "--variant", "single_stack", "--out", str(out)]) == 0
+    model = load_model(out)
+    assert model.config.variant == "single_stack" and not model.has_text_encoder
