@@ -51,6 +51,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -62,6 +63,7 @@ namespace metalm_fast::cpu {
 namespace {
 
 constexpr int64_t kTile = 64;           // keys per online-softmax step
+constexpr int64_t kBlock = 16;          // keys per score vector (one lane each)
 constexpr int64_t kLanes = 16;          // floats per vector (AVX-512); tiles pad D to this
 constexpr int64_t kMinSplitKeys = 256;  // a split shorter than this is not worth a merge
 constexpr int64_t kItemsPerThread = 4;  // splits are added until items >= this * workers
@@ -71,9 +73,12 @@ template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // ----------------------------------------------------------------------------- tile math
-// Every tile below is contiguous: row r of a [rows, dp] tile starts at r * dp, and
-// columns [D, dp) are zeros (dp = D rounded up to kLanes), so the float kernels
-// run whole vectors with no tail.
+// A tile is up to kTile keys of one sequence, given as row pointers: key j of kv
+// head h is k_rows[j] + h * k_head_stride (likewise for values), D = dp
+// contiguous elements (dp = D rounded up to kLanes). On the in-place path the
+// pointers point into the cache pages; on the staged path into a zero-padded
+// copy. k_rows is padded to a multiple of kBlock entries with a valid row: the
+// scores of those lanes are computed and never read.
 
 // Online-softmax update for `group` query heads over one tile of scores
 // ([group, kTile]; on exit P = exp(S - m_new)); rescales acc rows ([group, dp]).
@@ -108,11 +113,7 @@ METALM_ALWAYS_INLINE void softmax_update(T* scores, int64_t group, int64_t rows,
 }
 
 // float: GCC vector extensions, which every target_clones clone lowers to its
-// own ISA (one zmm, two ymm or four xmm per f32x16). The dot products keep one
-// vector accumulator per query head and reduce them together with a shuffle
-// tree at the end of each key row: the auto-vectorised `omp simd reduction`
-// form spilled its lanes to the stack and reloaded them one float at a time,
-// which stalled on store forwarding and ran 5-10x slower.
+// own ISA (one zmm, two ymm or four xmm per f32x16).
 using f32x16 = float __attribute__((vector_size(kLanes * sizeof(float))));
 
 METALM_ALWAYS_INLINE f32x16 load16(const float* p) {
@@ -123,104 +124,264 @@ METALM_ALWAYS_INLINE f32x16 load16(const float* p) {
 
 METALM_ALWAYS_INLINE void store16(float* p, f32x16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// out[i * stride] = sum of the lanes of a[i], for i < 4.
-METALM_ALWAYS_INLINE void reduce4(const f32x16* a, float* out, int64_t stride) {
-  const f32x16 b01 =
-      __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-      __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                              31);
-  const f32x16 b23 =
-      __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-      __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                              31);
-  // Lanes 4i .. 4i + 3 now hold four partial sums of a[i].
-  const f32x16 c =
-      __builtin_shufflevector(b01, b23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-      __builtin_shufflevector(b01, b23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  const f32x16 d =
-      c + __builtin_shufflevector(c, c, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  const f32x16 e =
-      d + __builtin_shufflevector(d, d, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  for (int i = 0; i < 4; ++i) out[i * stride] = e[4 * i];
+using i32x16 = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// rows::exp_approx on 16 lanes (the same polynomial and the same results).
+METALM_ALWAYS_INLINE f32x16 exp16(f32x16 x) {
+  const f32x16 lo = f32x16{} - 87.3f, hi = f32x16{} + 88.3f;
+  const f32x16 clamped = x < lo ? lo : (x > hi ? hi : x);
+  const f32x16 n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  f32x16 r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;  // 2^n
+  const f32x16 result = p * reinterpret_cast<const f32x16&>(bits);
+  return x < lo ? f32x16{} : result;
 }
 
-METALM_ALWAYS_INLINE void reduce1(const f32x16* a, float* out, int64_t) {
-  f32x16 v = a[0];
+METALM_ALWAYS_INLINE float max16(f32x16 v) {
+  v = v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+          ? v : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v > __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+          ? v : __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v > __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+          ? v : __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v > __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+          ? v : __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// Lanes summed pairwise (8 + 8, 4 + 4, ...): the same rounding on every ISA.
+METALM_ALWAYS_INLINE float sum16(f32x16 v) {
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  out[0] = v[0];
+  return v[0];
 }
 
-// scores[i, j] = q_i . k_j for NQ query rows (q [NQ, dp]) and the tile's key rows.
-template <int NQ>
-METALM_ALWAYS_INLINE void scores_of(const float* q, int64_t dp, const float* keys, int64_t rows,
-                                    float* scores) {
-  for (int64_t j = 0; j < rows; ++j) {
-    const float* k = keys + j * dp;
-    f32x16 a[NQ] = {};
-    for (int64_t d = 0; d < dp; d += kLanes) {
-      const f32x16 kv = load16(k + d);
-#pragma GCC unroll 4
-      for (int i = 0; i < NQ; ++i) a[i] += load16(q + i * dp + d) * kv;
+// softmax_update for float on whole vectors: lanes at or past `rows` (scores of
+// padding rows) are excluded from the max and get probability 0.
+METALM_ALWAYS_INLINE void softmax_update(float* scores, int64_t group, int64_t rows, float* m,
+                                         float* l, float* acc, int64_t dp) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * kTile;
+    f32x16 block_max = f32x16{} + kNegInf;
+    for (int64_t j = 0; j < rows; j += kBlock) {
+      const f32x16 v = load16(s + j);
+      const f32x16 live = lane < static_cast<int32_t>(rows - j) ? v : f32x16{} + kNegInf;
+      block_max = block_max > live ? block_max : live;
     }
-    if constexpr (NQ == 4) {
-      reduce4(a, scores + j, kTile);
+    const float new_max = std::max(m[g], max16(block_max));
+    f32x16 sums = {};
+    for (int64_t j = 0; j < rows; j += kBlock) {
+      const f32x16 e = exp16(load16(s + j) - new_max);
+      const f32x16 p = lane < static_cast<int32_t>(rows - j) ? e : f32x16{};
+      store16(s + j, p);
+      sums += p;
+    }
+    if (new_max != m[g]) {
+      // m == -inf before the first tile: acc and l are 0, so the factor is 0 (no inf - inf).
+      const float alpha = m[g] == kNegInf ? 0.0f : std::exp(m[g] - new_max);
+      float* a = acc + g * dp;
+      for (int64_t d = 0; d < dp; d += kLanes) store16(a + d, load16(a + d) * alpha);
+      l[g] *= alpha;
+      m[g] = new_max;
+    }
+    l[g] += sum16(sums);
+  }
+}
+
+// The transposing reduction of 16 per-key product vectors into one vector of 16
+// scores (lane j = key j), four levels of "add the two halves of every block of
+// both inputs": 15 two-source shuffle pairs for 16 keys, about 3 instructions
+// per key, against 8 dependent ones for a horizontal sum per key.
+// Level 1: x, y hold one key each (16 partials) -> lanes 0-7 key x, 8-15 key y.
+METALM_ALWAYS_INLINE f32x16 fold1(f32x16 x, f32x16 y) {
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                 31);
+}
+// Level 2: blocks of 8 (two keys each) -> blocks of 4, keys in order.
+METALM_ALWAYS_INLINE f32x16 fold2(f32x16 x, f32x16 y) {
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                 31);
+}
+// Level 3: blocks of 4 -> blocks of 2.
+METALM_ALWAYS_INLINE f32x16 fold3(f32x16 x, f32x16 y) {
+  return __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+         __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                 31);
+}
+// Level 4: blocks of 2 -> one lane per key.
+METALM_ALWAYS_INLINE f32x16 fold4(f32x16 x, f32x16 y) {
+  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                 30) +
+         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// One query row: with ND > 0 its ND vectors stay in registers across a tile
+// (D = 16 * ND); ND == 0 reads them from memory (any dp).
+template <int ND>
+struct QueryRow {
+  f32x16 v[ND > 0 ? ND : 1];
+  const float* q;
+  int64_t dp;
+  METALM_ALWAYS_INLINE QueryRow(const float* q_row, int64_t padded) : q(q_row), dp(padded) {
+    if constexpr (ND > 0)
+      for (int i = 0; i < ND; ++i) v[i] = load16(q_row + i * kLanes);
+  }
+  // Elementwise products q * k summed over the row's vectors (a horizontal sum away
+  // from q . k).
+  METALM_ALWAYS_INLINE f32x16 products(const float* k) const {
+    if constexpr (ND > 0) {
+      f32x16 a = v[0] * load16(k);
+      for (int i = 1; i < ND; ++i) a += v[i] * load16(k + i * kLanes);
+      return a;
     } else {
-      reduce1(a, scores + j, kTile);
+      f32x16 a = load16(q) * load16(k);
+      for (int64_t d = kLanes; d < dp; d += kLanes) a += load16(q + d) * load16(k + d);
+      return a;
     }
   }
+};
+
+// Scores of one query row against keys rows[0, 16) (each + offset), lane j = key j.
+// The tree is built as the products arrive, so few vectors are live at once.
+template <int ND>
+METALM_ALWAYS_INLINE f32x16 scores16(const QueryRow<ND>& q, const float* const* rows,
+                                     int64_t offset) {
+  f32x16 quarter[4];
+  for (int i = 0; i < 4; ++i) {
+    const float* const* r = rows + 4 * i;
+    const f32x16 a = fold1(q.products(r[0] + offset), q.products(r[1] + offset));
+    const f32x16 b = fold1(q.products(r[2] + offset), q.products(r[3] + offset));
+    quarter[i] = fold2(a, b);
+  }
+  return fold4(fold3(quarter[0], quarter[1]), fold3(quarter[2], quarter[3]));
 }
 
-// acc[i] += sum_j P[i, j] v_j for NQ query rows; each value vector is loaded
-// once and feeds NQ accumulators that stay in registers across the tile.
+// acc[i, 0 : 16 NC] += sum_j P[i, j] v_j for NQ query rows: each value vector is
+// loaded once and feeds NQ accumulators that stay in registers across the tile.
+// Keys alternate between U sets of accumulators, so that NQ * NC * U >= 8 FMA
+// chains run side by side (one chain waits 4 cycles per key: latency, not work).
+template <int NQ, int NC>
+METALM_ALWAYS_INLINE void accumulate(const float* probs, const float* const* v_rows,
+                                     int64_t offset, int64_t rows, int64_t dp, float* acc) {
+  constexpr int U = NQ * NC >= 8 ? 1 : 8 / (NQ * NC);
+  f32x16 a[U][NQ][NC] = {};
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < NC; ++c) a[0][i][c] = load16(acc + i * dp + c * kLanes);
+  int64_t j = 0;
+  for (; j + U <= rows; j += U) {
+    for (int u = 0; u < U; ++u) {
+      const float* v_row = v_rows[j + u] + offset;
+      f32x16 v[NC];
+      for (int c = 0; c < NC; ++c) v[c] = load16(v_row + c * kLanes);
+      for (int i = 0; i < NQ; ++i) {
+        const float p = probs[i * kTile + j + u];
+        for (int c = 0; c < NC; ++c) a[u][i][c] += p * v[c];
+      }
+    }
+  }
+  for (; j < rows; ++j) {
+    const float* v_row = v_rows[j] + offset;
+    for (int i = 0; i < NQ; ++i) {
+      const float p = probs[i * kTile + j];
+      for (int c = 0; c < NC; ++c) a[0][i][c] += p * load16(v_row + c * kLanes);
+    }
+  }
+  for (int u = 1; u < U; ++u)
+    for (int i = 0; i < NQ; ++i)
+      for (int c = 0; c < NC; ++c) a[0][i][c] += a[u][i][c];
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < NC; ++c) store16(acc + i * dp + c * kLanes, a[0][i][c]);
+}
+
+// The value pass over columns [0, dp) for NQ query rows, widest register blocks first.
 template <int NQ>
-METALM_ALWAYS_INLINE void accumulate(const float* probs, const float* values, int64_t rows,
-                                     int64_t dp, float* acc) {
-  for (int64_t d = 0; d < dp; d += kLanes) {
-    f32x16 a[NQ];
-#pragma GCC unroll 4
-    for (int i = 0; i < NQ; ++i) a[i] = load16(acc + i * dp + d);
-    for (int64_t j = 0; j < rows; ++j) {
-      const f32x16 v = load16(values + j * dp + d);
-#pragma GCC unroll 4
-      for (int i = 0; i < NQ; ++i) a[i] += probs[i * kTile + j] * v;
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < NQ; ++i) store16(acc + i * dp + d, a[i]);
+METALM_ALWAYS_INLINE void accumulate_row_block(const float* probs, const float* const* v_rows,
+                                               int64_t offset, int64_t rows, int64_t dp,
+                                               float* acc) {
+  constexpr int kWide = NQ == 1 ? 4 : 2;
+  int64_t d = 0;
+  for (; d + kWide * kLanes <= dp; d += kWide * kLanes)
+    accumulate<NQ, kWide>(probs, v_rows, offset + d, rows, dp, acc + d);
+  if (d + 2 * kLanes <= dp) {
+    accumulate<NQ, 2>(probs, v_rows, offset + d, rows, dp, acc + d);
+    d += 2 * kLanes;
   }
+  if (d < dp) accumulate<NQ, 1>(probs, v_rows, offset + d, rows, dp, acc + d);
 }
 
-// One tile for the `group` query heads of one kv head: q [group, dp], keys and
-// values [rows, dp], scores [group, kTile] scratch, m and l [group], acc [group, dp].
-METALM_CPU_CLONES static void tile_step(const float* q, int64_t group, int64_t dp,
-                                        const float* keys, const float* values, int64_t rows,
-                                        float* scores, float* m, float* l, float* acc) {
-  int64_t g = 0;
-  for (; g + 4 <= group; g += 4) scores_of<4>(q + g * dp, dp, keys, rows, scores + g * kTile);
-  for (; g < group; ++g) scores_of<1>(q + g * dp, dp, keys, rows, scores + g * kTile);
+// One tile for the `group` query heads of one kv head: q [group, dp], key and value
+// rows (+ offsets), scores [group, kTile] scratch, m and l [group], acc [group, dp].
+template <int ND>
+METALM_ALWAYS_INLINE void tile_step_impl(const float* q, int64_t group, int64_t dp,
+                                         const float* const* k_rows, int64_t k_offset,
+                                         const float* const* v_rows, int64_t v_offset,
+                                         int64_t rows, float* scores, float* m, float* l,
+                                         float* acc) {
+  for (int64_t g = 0; g < group; ++g) {
+    const QueryRow<ND> q_row(q + g * dp, dp);
+    for (int64_t j = 0; j < rows; j += kBlock)
+      store16(scores + g * kTile + j, scores16(q_row, k_rows + j, k_offset));
+  }
   softmax_update(scores, group, rows, m, l, acc, dp);
-  g = 0;
-  for (; g + 4 <= group; g += 4) accumulate<4>(scores + g * kTile, values, rows, dp, acc + g * dp);
-  for (; g < group; ++g) accumulate<1>(scores + g * kTile, values, rows, dp, acc + g * dp);
+  int64_t g = 0;
+  for (; g + 4 <= group; g += 4)
+    accumulate_row_block<4>(scores + g * kTile, v_rows, v_offset, rows, dp, acc + g * dp);
+  for (; g < group; ++g)
+    accumulate_row_block<1>(scores + g * kTile, v_rows, v_offset, rows, dp, acc + g * dp);
+}
+
+METALM_CPU_CLONES static void tile_step(const float* q, int64_t group, int64_t dp,
+                                        const float* const* k_rows, int64_t k_offset,
+                                        const float* const* v_rows, int64_t v_offset,
+                                        int64_t rows, float* scores, float* m, float* l,
+                                        float* acc) {
+  // Small head dims keep q in registers; the common ones get their own copy.
+  switch (dp / kLanes) {
+    case 1:
+      return tile_step_impl<1>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
+                               m, l, acc);
+    case 2:
+      return tile_step_impl<2>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
+                               m, l, acc);
+    case 4:
+      return tile_step_impl<4>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
+                               m, l, acc);
+    default:
+      return tile_step_impl<0>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
+                               m, l, acc);
+  }
 }
 
 // double (tests and debugging): the same steps as plain loops.
-static void tile_step(const double* q, int64_t group, int64_t dp, const double* keys,
-                      const double* values, int64_t rows, double* scores, double* m, double* l,
-                      double* acc) {
+static void tile_step(const double* q, int64_t group, int64_t dp, const double* const* k_rows,
+                      int64_t k_offset, const double* const* v_rows, int64_t v_offset,
+                      int64_t rows, double* scores, double* m, double* l, double* acc) {
   for (int64_t g = 0; g < group; ++g)
     for (int64_t j = 0; j < rows; ++j) {
+      const double* k = k_rows[j] + k_offset;
       double s = 0;
-      for (int64_t d = 0; d < dp; ++d) s += q[g * dp + d] * keys[j * dp + d];
+      for (int64_t d = 0; d < dp; ++d) s += q[g * dp + d] * k[d];
       scores[g * kTile + j] = s;
     }
   softmax_update(scores, group, rows, m, l, acc, dp);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t j = 0; j < rows; ++j) {
       const double p = scores[g * kTile + j];
-      for (int64_t d = 0; d < dp; ++d) acc[g * dp + d] += p * values[j * dp + d];
+      const double* v = v_rows[j] + v_offset;
+      for (int64_t d = 0; d < dp; ++d) acc[g * dp + d] += p * v[d];
     }
 }
 
@@ -244,15 +405,33 @@ struct Item {
   int64_t batch, split, first_key, last_key;
 };
 
-// Per-thread scratch, allocated once per call; padding columns stay zero.
+// This tile's key and value rows, for every kv head (see tile math).
+template <typename T>
+struct TileRows {
+  std::vector<const T*> k, v;  // [kTile + kBlock]
+  int64_t count = 0;
+  TileRows() : k(kTile + kBlock), v(kTile + kBlock) {}
+};
+
+// Per-thread scratch, allocated once per call. staged_k / staged_v ([kTile, Hkv, dp],
+// padding columns zero) exist only on the staged path.
 template <typename T>
 struct Scratch {
-  std::vector<T> q, keys, values, scores, m, l, acc;
-  explicit Scratch(const Problem& p)
-      : q(p.q_heads * p.padded_dim), keys(p.kv_heads * kTile * p.padded_dim),
-        values(p.kv_heads * kTile * p.padded_dim), scores(p.group * kTile), m(p.q_heads),
-        l(p.q_heads), acc(p.q_heads * p.padded_dim) {}
+  std::vector<T> q, staged_k, staged_v, scores, m, l, acc;
+  TileRows<T> tiles[2];  // the tile being computed and the next one (in place)
+  Scratch(const Problem& p, bool staged)
+      : q(p.q_heads * p.padded_dim),
+        staged_k(staged ? kTile * p.kv_heads * p.padded_dim : 0),
+        staged_v(staged ? kTile * p.kv_heads * p.padded_dim : 0), scores(p.group * kTile),
+        m(p.q_heads), l(p.q_heads), acc(p.q_heads * p.padded_dim) {}
 };
+
+// Reading keys and values straight from the pages needs the compute type and
+// whole vectors (D a multiple of kLanes); anything else is staged.
+template <typename scalar_t>
+bool reads_in_place(const Problem& p) {
+  return std::is_same_v<scalar_t, compute_t<scalar_t>> && p.head_dim == p.padded_dim;
+}
 
 // dst[0, n) = src[0, n) in the compute type: a memcpy when the types match.
 template <typename T, typename scalar_t>
@@ -264,41 +443,45 @@ inline void widen_row(T* dst, const scalar_t* src, int64_t n) {
   }
 }
 
-// Ask for the next tile's rows while this one is computed: page order is
-// arbitrary, so the hardware prefetcher cannot guess where they are.
-template <typename scalar_t>
-void prefetch_rows(const Problem& p, const int32_t* pages, int64_t first, int64_t last) {
-  const int64_t row_bytes = p.kv_heads * p.head_dim * static_cast<int64_t>(sizeof(scalar_t));
-  const bool heads_adjacent = p.k.head_stride == p.head_dim && p.v.head_stride == p.head_dim;
-  if (!heads_adjacent) return;  // an unusual layout: not worth the arithmetic
-  for (int64_t key = first; key < last; ++key) {
-    const int64_t page = pages[key / p.block_size];
-    if (page < 0 || page >= p.num_blocks) continue;
-    const int64_t offset = key % p.block_size;
-    const char* k_row = static_cast<const char*>(p.k.data) +
-                        (page * p.k.block_stride + offset * p.k.row_stride) * sizeof(scalar_t);
-    const char* v_row = static_cast<const char*>(p.v.data) +
-                        (page * p.v.block_stride + offset * p.v.row_stride) * sizeof(scalar_t);
-    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-      __builtin_prefetch(k_row + byte);
-      __builtin_prefetch(v_row + byte);
+static int prefetch_mode() {
+  static const int mode = [] {
+    const char* env = std::getenv("PDA_PREFETCH");
+    return env ? std::atoi(env) : 3;
+  }();
+  return mode;
+}
+
+// Prefetch `bytes` from each row start (+ offset elements) of a tile's rows.
+template <typename T>
+METALM_ALWAYS_INLINE void prefetch_tile(const TileRows<T>& tile, int64_t k_offset,
+                                        int64_t v_offset, int64_t bytes, int level) {
+  for (int64_t j = 0; j < tile.count; ++j) {
+    const char* k = reinterpret_cast<const char*>(tile.k[j] + k_offset);
+    const char* v = reinterpret_cast<const char*>(tile.v[j] + v_offset);
+    for (int64_t byte = 0; byte < bytes; byte += 64) {
+      if (level == 3) {
+        __builtin_prefetch(k + byte, 0, 3);
+        __builtin_prefetch(v + byte, 0, 3);
+      } else {
+        __builtin_prefetch(k + byte, 0, 2);
+        __builtin_prefetch(v + byte, 0, 2);
+      }
     }
   }
 }
 
-// Copy the rows of keys [first, last) of one sequence into head-major tiles
-// [Hkv, kTile, dp] (widening half types). Within a page the rows are read front
-// to back, all heads of a key at once; computing on one head's rows straight
-// from the cache (a 1 KiB stride for Hkv = 4, D = 64) measured 5-8x slower.
-// Keys on an invalid page are left out.
+// Fills `tile` with the rows of keys [first, last) of one sequence (keys on an
+// invalid page are left out). In place, a row pointer is the key's row in its page
+// (all heads; head h at h * head_stride). Staged, the row is widened into
+// [kTile, Hkv, dp] scratch, read front to back. k is padded to a multiple of
+// kBlock with the first row (see tile math).
 template <typename scalar_t, typename T>
-int64_t gather_tile(const Problem& p, const Item& item, int64_t first, int64_t last,
-                    Scratch<T>& scratch) {
+void collect_rows(const Problem& p, const Item& item, int64_t first, int64_t last,
+                  bool in_place, Scratch<T>& scratch, TileRows<T>& tile) {
   const int32_t* pages = p.block_table + item.batch * p.max_blocks;
   const auto* k_base = static_cast<const scalar_t*>(p.k.data);
   const auto* v_base = static_cast<const scalar_t*>(p.v.data);
-  const int64_t head_tile = kTile * p.padded_dim;
-  prefetch_rows<scalar_t>(p, pages, last, std::min(last + kTile, item.last_key));
+  const int64_t staged_row = p.kv_heads * p.padded_dim;
   int64_t rows = 0;
   for (int64_t key = first; key < last; ++key) {
     const int64_t page = pages[key / p.block_size];
@@ -306,24 +489,33 @@ int64_t gather_tile(const Problem& p, const Item& item, int64_t first, int64_t l
     const int64_t offset = key % p.block_size;
     const scalar_t* k_row = k_base + page * p.k.block_stride + offset * p.k.row_stride;
     const scalar_t* v_row = v_base + page * p.v.block_stride + offset * p.v.row_stride;
-    T* k_dst = scratch.keys.data() + rows * p.padded_dim;
-    T* v_dst = scratch.values.data() + rows * p.padded_dim;
-    for (int64_t h = 0; h < p.kv_heads; ++h) {
-      const scalar_t* k_src = k_row + h * p.k.head_stride;
-      const scalar_t* v_src = v_row + h * p.v.head_stride;
-      widen_row(k_dst + h * head_tile, k_src, p.head_dim);
-      widen_row(v_dst + h * head_tile, v_src, p.head_dim);
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      if (in_place) {
+        tile.k[rows] = k_row;
+        tile.v[rows] = v_row;
+        ++rows;
+        continue;
+      }
     }
+    T* k_dst = scratch.staged_k.data() + rows * staged_row;
+    T* v_dst = scratch.staged_v.data() + rows * staged_row;
+    for (int64_t h = 0; h < p.kv_heads; ++h) {
+      widen_row(k_dst + h * p.padded_dim, k_row + h * p.k.head_stride, p.head_dim);
+      widen_row(v_dst + h * p.padded_dim, v_row + h * p.v.head_stride, p.head_dim);
+    }
+    tile.k[rows] = k_dst;
+    tile.v[rows] = v_dst;
     ++rows;
   }
-  return rows;
+  for (int64_t j = rows; j % kBlock != 0; ++j) tile.k[j] = tile.k[0];
+  tile.count = rows;
 }
 
 // Runs one item (a sequence's keys [first_key, last_key), every head); leaves
 // (m, l, acc) of all Hq query heads in the scratch.
 template <typename scalar_t, typename T>
 void run_item(const Problem& p, const Item& item, const at::Tensor& q, double scale,
-              Scratch<T>& scratch) {
+              bool in_place, Scratch<T>& scratch) {
   const int64_t dp = p.padded_dim;
   for (int64_t h = 0; h < p.q_heads; ++h) {
     const scalar_t* q_row =
@@ -334,16 +526,39 @@ void run_item(const Problem& p, const Item& item, const at::Tensor& q, double sc
   std::fill(scratch.m.begin(), scratch.m.end(), -std::numeric_limits<T>::infinity());
   std::fill(scratch.l.begin(), scratch.l.end(), T(0));
   std::fill(scratch.acc.begin(), scratch.acc.end(), T(0));
+  const int64_t k_head_stride = in_place ? p.k.head_stride : dp;
+  const int64_t v_head_stride = in_place ? p.v.head_stride : dp;
+  const int mode = prefetch_mode();
+  const int64_t head_bytes = p.head_dim * static_cast<int64_t>(sizeof(T));
+  int current = 0;
+  if (in_place)
+    collect_rows<scalar_t>(p, item, item.first_key,
+                           std::min(item.first_key + kTile, item.last_key), in_place, scratch,
+                           scratch.tiles[0]);
   for (int64_t first = item.first_key; first < item.last_key; first += kTile) {
     const int64_t last = std::min(first + kTile, item.last_key);
-    const int64_t rows = gather_tile<scalar_t>(p, item, first, last, scratch);
-    if (rows == 0) continue;
+    TileRows<T>& tile = scratch.tiles[current];
+    TileRows<T>& next = scratch.tiles[1 - current];
+    if (in_place) {
+      next.count = 0;
+      if (last < item.last_key)
+        collect_rows<scalar_t>(p, item, last, std::min(last + kTile, item.last_key), in_place,
+                               scratch, next);
+      if (mode == 1 || mode == 4)
+        prefetch_tile(next, 0, 0, p.kv_heads * head_bytes, mode == 1 ? 3 : 2);
+    } else {
+      collect_rows<scalar_t>(p, item, first, last, in_place, scratch, tile);
+    }
+    if (tile.count == 0) { current = 1 - current; continue; }
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       const int64_t g0 = h * p.group;
-      tile_step(scratch.q.data() + g0 * dp, p.group, dp, scratch.keys.data() + h * kTile * dp,
-                scratch.values.data() + h * kTile * dp, rows, scratch.scores.data(),
+      if (in_place && (mode == 2 || mode == 3))
+        prefetch_tile(next, h * k_head_stride, h * v_head_stride, head_bytes, mode == 2 ? 3 : 2);
+      tile_step(scratch.q.data() + g0 * dp, p.group, dp, tile.k.data(), h * k_head_stride,
+                tile.v.data(), h * v_head_stride, tile.count, scratch.scores.data(),
                 scratch.m.data() + g0, scratch.l.data() + g0, scratch.acc.data() + g0 * dp);
     }
+    if (in_place) current = 1 - current;
   }
 }
 
@@ -454,10 +669,11 @@ void choose_splits(Problem& p, int64_t workers) {
 template <typename scalar_t, typename T>
 void run_items(const Problem& p, const std::vector<Item>& items, const at::Tensor& q,
                double scale, Partials<T>& partials, std::atomic<int64_t>& next, at::Tensor& out) {
-  Scratch<T> scratch(p);
+  const bool in_place = reads_in_place<scalar_t>(p);
+  Scratch<T> scratch(p, !in_place);
   const auto num_items = static_cast<int64_t>(items.size());
   for (int64_t i = next++; i < num_items; i = next++) {
-    run_item<scalar_t>(p, items[i], q, scale, scratch);
+    run_item<scalar_t>(p, items[i], q, scale, in_place, scratch);
     if (p.splits == 1) {
       write_final<scalar_t>(p, items[i], scratch, out);
     } else {

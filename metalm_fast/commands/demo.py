@@ -42,7 +42,7 @@ SHADES = " .:-=+*#%@"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--steps", type=int, default=600, help="pretraining steps")
+    parser.add_argument("--steps", type=int, default=1500, help="pretraining steps")
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     parser.add_argument("--shots", type=int, default=4)
