@@ -12,18 +12,23 @@
 // of kTile and serves every head, so each key and value row is read from
 // memory once, for all Hq / Hkv query heads that share it (GQA):
 //
-//   1. copy the tile's rows through the block table into head-major scratch
-//      tiles [Hkv, kTile, dp] (dp = D rounded up to 16, zero-padded; half types
-//      widened to fp32). A page is read front to back, all heads of a key at
-//      once, and the next tile's rows are prefetched (pages are in arbitrary
-//      order, which defeats the hardware prefetcher). Any block size works; a
-//      page id outside [0, num_blocks) is skipped, never dereferenced;
-//   2. per kv head: scores S[g, j] = q_g . k_j (q pre-scaled), four query heads
-//      per pass over a key row, their lanes reduced together by a shuffle tree;
-//   3. online softmax per query head (running max m, sum l; acc rescaled by
-//      exp(m_old - m_new)); exp is the vectorisable polynomial of
-//      span_attention_rows.h;
-//   4. acc[g] += sum_j P[g, j] v_j, each value vector loaded once for four heads.
+//   1. look the tile's rows up through the block table: one pointer per key to
+//      its row in the page (all heads of the key), read in place (fp32 and fp64
+//      with D a multiple of 16). Other dtypes and head dims are staged: widened
+//      and zero-padded into a [kTile, Hkv, dp] scratch row by row. Any block
+//      size works; a page id outside [0, num_blocks) is skipped, never
+//      dereferenced;
+//   2. per kv head, the tile step of paged_decode_tile.h: scores of 16 keys at
+//      a time folded by a transposing shuffle tree, one online-softmax update
+//      per tile and query head, acc += P V with the accumulators in registers.
+//
+// Memory: a decode step reads every cached key and value once, and the cache
+// of a model's layers does not fit in the last-level cache, so the step streams
+// from DRAM. Pages are in arbitrary order and each kv head reads a D-wide slice
+// of every row (a stride of Hkv * D), which the hardware prefetcher does not
+// follow: while kv head h computes tile t, the rows of tile t + 1 that head h
+// will read are prefetched (to L2; prefetching the whole next tile at once, or
+// to L1, measured slower: the requests overflow the miss buffers).
 //
 // Threads: one per kMinElementsPerThread cached elements (a small step runs on
 // the calling thread: a parallel region costs more than it saves there, and
@@ -35,11 +40,9 @@
 // With one split an item writes out directly. Workers pull items longest first
 // from an atomic counter.
 //
-// Accumulation is fp32 for fp32/fp16/bf16 and fp64 for fp64. The float tile
-// step is compiled for AVX-512, AVX2+FMA and baseline x86-64 (target_clones)
-// and the loader picks one. Lengths are clamped to [0, max_blocks *
-// block_size], so no index is ever read past the block table, whatever
-// seq_lens holds.
+// Accumulation is fp32 for fp32/fp16/bf16 and fp64 for fp64. Lengths are
+// clamped to [0, max_blocks * block_size], so no index is ever read past the
+// block table, whatever seq_lens holds.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -51,339 +54,27 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
-#include "span_attention_rows.h"
+#include "paged_decode_tile.h"
 
 namespace metalm_fast::cpu {
 namespace {
 
-constexpr int64_t kTile = 64;           // keys per online-softmax step
-constexpr int64_t kBlock = 16;          // keys per score vector (one lane each)
-constexpr int64_t kLanes = 16;          // floats per vector (AVX-512); tiles pad D to this
+using paged_decode::kBlock;
+using paged_decode::kLanes;
+using paged_decode::kTile;
+using paged_decode::tile_step;
+
 constexpr int64_t kMinSplitKeys = 256;  // a split shorter than this is not worth a merge
 constexpr int64_t kItemsPerThread = 4;  // splits are added until items >= this * workers
 constexpr int64_t kMinElementsPerThread = 1 << 18;  // K + V elements (1 MiB of fp32) per thread
 
 template <typename scalar_t>
 using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// ----------------------------------------------------------------------------- tile math
-// A tile is up to kTile keys of one sequence, given as row pointers: key j of kv
-// head h is k_rows[j] + h * k_head_stride (likewise for values), D = dp
-// contiguous elements (dp = D rounded up to kLanes). On the in-place path the
-// pointers point into the cache pages; on the staged path into a zero-padded
-// copy. k_rows is padded to a multiple of kBlock entries with a valid row: the
-// scores of those lanes are computed and never read.
-
-// Online-softmax update for `group` query heads over one tile of scores
-// ([group, kTile]; on exit P = exp(S - m_new)); rescales acc rows ([group, dp]).
-template <typename T>
-METALM_ALWAYS_INLINE void softmax_update(T* scores, int64_t group, int64_t rows, T* m, T* l,
-                                         T* acc, int64_t dp) {
-  for (int64_t g = 0; g < group; ++g) {
-    T* s = scores + g * kTile;
-    T tile_max = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : tile_max)
-    for (int64_t j = 0; j < rows; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
-    const T new_max = std::max(m[g], tile_max);
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < rows; ++j) {
-      const T p = rows::exp_of(s[j] - new_max);
-      s[j] = p;
-      sum += p;
-    }
-    if (new_max != m[g]) {
-      // m == -inf before the first tile: acc and l are 0, so the factor is 0 (no inf - inf).
-      const T alpha = m[g] == -std::numeric_limits<T>::infinity() ? T(0)
-                                                                  : std::exp(m[g] - new_max);
-      T* a = acc + g * dp;
-#pragma omp simd
-      for (int64_t d = 0; d < dp; ++d) a[d] *= alpha;
-      l[g] *= alpha;
-      m[g] = new_max;
-    }
-    l[g] += sum;
-  }
-}
-
-// float: GCC vector extensions, which every target_clones clone lowers to its
-// own ISA (one zmm, two ymm or four xmm per f32x16).
-using f32x16 = float __attribute__((vector_size(kLanes * sizeof(float))));
-
-METALM_ALWAYS_INLINE f32x16 load16(const float* p) {
-  f32x16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-METALM_ALWAYS_INLINE void store16(float* p, f32x16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-using i32x16 = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-// rows::exp_approx on 16 lanes (the same polynomial and the same results).
-METALM_ALWAYS_INLINE f32x16 exp16(f32x16 x) {
-  const f32x16 lo = f32x16{} - 87.3f, hi = f32x16{} + 88.3f;
-  const f32x16 clamped = x < lo ? lo : (x > hi ? hi : x);
-  const f32x16 n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  f32x16 r = clamped - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;  // 2^n
-  const f32x16 result = p * reinterpret_cast<const f32x16&>(bits);
-  return x < lo ? f32x16{} : result;
-}
-
-METALM_ALWAYS_INLINE float max16(f32x16 v) {
-  v = v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
-          ? v : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v = v > __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
-          ? v : __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v = v > __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
-          ? v : __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v = v > __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
-          ? v : __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return v[0];
-}
-
-// Lanes summed pairwise (8 + 8, 4 + 4, ...): the same rounding on every ISA.
-METALM_ALWAYS_INLINE float sum16(f32x16 v) {
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return v[0];
-}
-
-// softmax_update for float on whole vectors: lanes at or past `rows` (scores of
-// padding rows) are excluded from the max and get probability 0.
-METALM_ALWAYS_INLINE void softmax_update(float* scores, int64_t group, int64_t rows, float* m,
-                                         float* l, float* acc, int64_t dp) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * kTile;
-    f32x16 block_max = f32x16{} + kNegInf;
-    for (int64_t j = 0; j < rows; j += kBlock) {
-      const f32x16 v = load16(s + j);
-      const f32x16 live = lane < static_cast<int32_t>(rows - j) ? v : f32x16{} + kNegInf;
-      block_max = block_max > live ? block_max : live;
-    }
-    const float new_max = std::max(m[g], max16(block_max));
-    f32x16 sums = {};
-    for (int64_t j = 0; j < rows; j += kBlock) {
-      const f32x16 e = exp16(load16(s + j) - new_max);
-      const f32x16 p = lane < static_cast<int32_t>(rows - j) ? e : f32x16{};
-      store16(s + j, p);
-      sums += p;
-    }
-    if (new_max != m[g]) {
-      // m == -inf before the first tile: acc and l are 0, so the factor is 0 (no inf - inf).
-      const float alpha = m[g] == kNegInf ? 0.0f : std::exp(m[g] - new_max);
-      float* a = acc + g * dp;
-      for (int64_t d = 0; d < dp; d += kLanes) store16(a + d, load16(a + d) * alpha);
-      l[g] *= alpha;
-      m[g] = new_max;
-    }
-    l[g] += sum16(sums);
-  }
-}
-
-// The transposing reduction of 16 per-key product vectors into one vector of 16
-// scores (lane j = key j), four levels of "add the two halves of every block of
-// both inputs": 15 two-source shuffle pairs for 16 keys, about 3 instructions
-// per key, against 8 dependent ones for a horizontal sum per key.
-// Level 1: x, y hold one key each (16 partials) -> lanes 0-7 key x, 8-15 key y.
-METALM_ALWAYS_INLINE f32x16 fold1(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                 31);
-}
-// Level 2: blocks of 8 (two keys each) -> blocks of 4, keys in order.
-METALM_ALWAYS_INLINE f32x16 fold2(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                 31);
-}
-// Level 3: blocks of 4 -> blocks of 2.
-METALM_ALWAYS_INLINE f32x16 fold3(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-         __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                 31);
-}
-// Level 4: blocks of 2 -> one lane per key.
-METALM_ALWAYS_INLINE f32x16 fold4(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
-                                 30) +
-         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// One query row: with ND > 0 its ND vectors stay in registers across a tile
-// (D = 16 * ND); ND == 0 reads them from memory (any dp).
-template <int ND>
-struct QueryRow {
-  f32x16 v[ND > 0 ? ND : 1];
-  const float* q;
-  int64_t dp;
-  METALM_ALWAYS_INLINE QueryRow(const float* q_row, int64_t padded) : q(q_row), dp(padded) {
-    if constexpr (ND > 0)
-      for (int i = 0; i < ND; ++i) v[i] = load16(q_row + i * kLanes);
-  }
-  // Elementwise products q * k summed over the row's vectors (a horizontal sum away
-  // from q . k).
-  METALM_ALWAYS_INLINE f32x16 products(const float* k) const {
-    if constexpr (ND > 0) {
-      f32x16 a = v[0] * load16(k);
-      for (int i = 1; i < ND; ++i) a += v[i] * load16(k + i * kLanes);
-      return a;
-    } else {
-      f32x16 a = load16(q) * load16(k);
-      for (int64_t d = kLanes; d < dp; d += kLanes) a += load16(q + d) * load16(k + d);
-      return a;
-    }
-  }
-};
-
-// Scores of one query row against keys rows[0, 16) (each + offset), lane j = key j.
-// The tree is built as the products arrive, so few vectors are live at once.
-template <int ND>
-METALM_ALWAYS_INLINE f32x16 scores16(const QueryRow<ND>& q, const float* const* rows,
-                                     int64_t offset) {
-  f32x16 quarter[4];
-  for (int i = 0; i < 4; ++i) {
-    const float* const* r = rows + 4 * i;
-    const f32x16 a = fold1(q.products(r[0] + offset), q.products(r[1] + offset));
-    const f32x16 b = fold1(q.products(r[2] + offset), q.products(r[3] + offset));
-    quarter[i] = fold2(a, b);
-  }
-  return fold4(fold3(quarter[0], quarter[1]), fold3(quarter[2], quarter[3]));
-}
-
-// acc[i, 0 : 16 NC] += sum_j P[i, j] v_j for NQ query rows: each value vector is
-// loaded once and feeds NQ accumulators that stay in registers across the tile.
-// Keys alternate between U sets of accumulators, so that NQ * NC * U >= 8 FMA
-// chains run side by side (one chain waits 4 cycles per key: latency, not work).
-template <int NQ, int NC>
-METALM_ALWAYS_INLINE void accumulate(const float* probs, const float* const* v_rows,
-                                     int64_t offset, int64_t rows, int64_t dp, float* acc) {
-  constexpr int U = NQ * NC >= 8 ? 1 : 8 / (NQ * NC);
-  f32x16 a[U][NQ][NC] = {};
-  for (int i = 0; i < NQ; ++i)
-    for (int c = 0; c < NC; ++c) a[0][i][c] = load16(acc + i * dp + c * kLanes);
-  int64_t j = 0;
-  for (; j + U <= rows; j += U) {
-    for (int u = 0; u < U; ++u) {
-      const float* v_row = v_rows[j + u] + offset;
-      f32x16 v[NC];
-      for (int c = 0; c < NC; ++c) v[c] = load16(v_row + c * kLanes);
-      for (int i = 0; i < NQ; ++i) {
-        const float p = probs[i * kTile + j + u];
-        for (int c = 0; c < NC; ++c) a[u][i][c] += p * v[c];
-      }
-    }
-  }
-  for (; j < rows; ++j) {
-    const float* v_row = v_rows[j] + offset;
-    for (int i = 0; i < NQ; ++i) {
-      const float p = probs[i * kTile + j];
-      for (int c = 0; c < NC; ++c) a[0][i][c] += p * load16(v_row + c * kLanes);
-    }
-  }
-  for (int u = 1; u < U; ++u)
-    for (int i = 0; i < NQ; ++i)
-      for (int c = 0; c < NC; ++c) a[0][i][c] += a[u][i][c];
-  for (int i = 0; i < NQ; ++i)
-    for (int c = 0; c < NC; ++c) store16(acc + i * dp + c * kLanes, a[0][i][c]);
-}
-
-// The value pass over columns [0, dp) for NQ query rows, widest register blocks first.
-template <int NQ>
-METALM_ALWAYS_INLINE void accumulate_row_block(const float* probs, const float* const* v_rows,
-                                               int64_t offset, int64_t rows, int64_t dp,
-                                               float* acc) {
-  constexpr int kWide = NQ == 1 ? 4 : 2;
-  int64_t d = 0;
-  for (; d + kWide * kLanes <= dp; d += kWide * kLanes)
-    accumulate<NQ, kWide>(probs, v_rows, offset + d, rows, dp, acc + d);
-  if (d + 2 * kLanes <= dp) {
-    accumulate<NQ, 2>(probs, v_rows, offset + d, rows, dp, acc + d);
-    d += 2 * kLanes;
-  }
-  if (d < dp) accumulate<NQ, 1>(probs, v_rows, offset + d, rows, dp, acc + d);
-}
-
-// One tile for the `group` query heads of one kv head: q [group, dp], key and value
-// rows (+ offsets), scores [group, kTile] scratch, m and l [group], acc [group, dp].
-template <int ND>
-METALM_ALWAYS_INLINE void tile_step_impl(const float* q, int64_t group, int64_t dp,
-                                         const float* const* k_rows, int64_t k_offset,
-                                         const float* const* v_rows, int64_t v_offset,
-                                         int64_t rows, float* scores, float* m, float* l,
-                                         float* acc) {
-  for (int64_t g = 0; g < group; ++g) {
-    const QueryRow<ND> q_row(q + g * dp, dp);
-    for (int64_t j = 0; j < rows; j += kBlock)
-      store16(scores + g * kTile + j, scores16(q_row, k_rows + j, k_offset));
-  }
-  softmax_update(scores, group, rows, m, l, acc, dp);
-  int64_t g = 0;
-  for (; g + 4 <= group; g += 4)
-    accumulate_row_block<4>(scores + g * kTile, v_rows, v_offset, rows, dp, acc + g * dp);
-  for (; g < group; ++g)
-    accumulate_row_block<1>(scores + g * kTile, v_rows, v_offset, rows, dp, acc + g * dp);
-}
-
-METALM_CPU_CLONES static void tile_step(const float* q, int64_t group, int64_t dp,
-                                        const float* const* k_rows, int64_t k_offset,
-                                        const float* const* v_rows, int64_t v_offset,
-                                        int64_t rows, float* scores, float* m, float* l,
-                                        float* acc) {
-  // Small head dims keep q in registers; the common ones get their own copy.
-  switch (dp / kLanes) {
-    case 1:
-      return tile_step_impl<1>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
-    case 2:
-      return tile_step_impl<2>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
-    case 4:
-      return tile_step_impl<4>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
-    default:
-      return tile_step_impl<0>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
-  }
-}
-
-// double (tests and debugging): the same steps as plain loops.
-static void tile_step(const double* q, int64_t group, int64_t dp, const double* const* k_rows,
-                      int64_t k_offset, const double* const* v_rows, int64_t v_offset,
-                      int64_t rows, double* scores, double* m, double* l, double* acc) {
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t j = 0; j < rows; ++j) {
-      const double* k = k_rows[j] + k_offset;
-      double s = 0;
-      for (int64_t d = 0; d < dp; ++d) s += q[g * dp + d] * k[d];
-      scores[g * kTile + j] = s;
-    }
-  softmax_update(scores, group, rows, m, l, acc, dp);
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t j = 0; j < rows; ++j) {
-      const double p = scores[g * kTile + j];
-      const double* v = v_rows[j] + v_offset;
-      for (int64_t d = 0; d < dp; ++d) acc[g * dp + d] += p * v[d];
-    }
-}
 
 // ----------------------------------------------------------------------------- problem
 struct CacheView {
@@ -405,10 +96,10 @@ struct Item {
   int64_t batch, split, first_key, last_key;
 };
 
-// This tile's key and value rows, for every kv head (see tile math).
+// One tile's key and value rows, every kv head (see paged_decode_tile.h).
 template <typename T>
 struct TileRows {
-  std::vector<const T*> k, v;  // [kTile + kBlock]
+  std::vector<const T*> k, v;  // kTile entries, k padded to a multiple of kBlock
   int64_t count = 0;
   TileRows() : k(kTile + kBlock), v(kTile + kBlock) {}
 };
@@ -418,7 +109,7 @@ struct TileRows {
 template <typename T>
 struct Scratch {
   std::vector<T> q, staged_k, staged_v, scores, m, l, acc;
-  TileRows<T> tiles[2];  // the tile being computed and the next one (in place)
+  TileRows<T> tiles[2];  // in place: the tile being computed and the next one
   Scratch(const Problem& p, bool staged)
       : q(p.q_heads * p.padded_dim),
         staged_k(staged ? kTile * p.kv_heads * p.padded_dim : 0),
@@ -427,7 +118,7 @@ struct Scratch {
 };
 
 // Reading keys and values straight from the pages needs the compute type and
-// whole vectors (D a multiple of kLanes); anything else is staged.
+// whole vectors (D a multiple of kLanes).
 template <typename scalar_t>
 bool reads_in_place(const Problem& p) {
   return std::is_same_v<scalar_t, compute_t<scalar_t>> && p.head_dim == p.padded_dim;
@@ -443,38 +134,65 @@ inline void widen_row(T* dst, const scalar_t* src, int64_t n) {
   }
 }
 
-static int prefetch_mode() {
-  static const int mode = [] {
-    const char* env = std::getenv("PDA_PREFETCH");
-    return env ? std::atoi(env) : 3;
-  }();
-  return mode;
+// ----------------------------------------------------------------------------- rows
+// Software prefetches, as asm on x86-64: GCC 12's dead-code elimination deleted the
+// __builtin_prefetch calls of this file (nothing else reads their addresses).
+METALM_ALWAYS_INLINE void prefetch_l2(const char* address) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht1 %0" : : "m"(*address));
+#else
+  __builtin_prefetch(address, 0, 2);
+#endif
 }
 
-// Prefetch `bytes` from each row start (+ offset elements) of a tile's rows.
+METALM_ALWAYS_INLINE void prefetch_l1(const char* address) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*address));
+#else
+  __builtin_prefetch(address, 0, 3);
+#endif
+}
+
+// Prefetch (to L2) `bytes` from every row of a tile, starting `offset` elements in:
+// one kv head's slice of the rows it will read next.
 template <typename T>
-METALM_ALWAYS_INLINE void prefetch_tile(const TileRows<T>& tile, int64_t k_offset,
-                                        int64_t v_offset, int64_t bytes, int level) {
+void prefetch_head(const TileRows<T>& tile, int64_t k_offset, int64_t v_offset, int64_t bytes) {
   for (int64_t j = 0; j < tile.count; ++j) {
     const char* k = reinterpret_cast<const char*>(tile.k[j] + k_offset);
     const char* v = reinterpret_cast<const char*>(tile.v[j] + v_offset);
     for (int64_t byte = 0; byte < bytes; byte += 64) {
-      if (level == 3) {
-        __builtin_prefetch(k + byte, 0, 3);
-        __builtin_prefetch(v + byte, 0, 3);
-      } else {
-        __builtin_prefetch(k + byte, 0, 2);
-        __builtin_prefetch(v + byte, 0, 2);
-      }
+      prefetch_l2(k + byte);
+      prefetch_l2(v + byte);
     }
   }
 }
 
-// Fills `tile` with the rows of keys [first, last) of one sequence (keys on an
-// invalid page are left out). In place, a row pointer is the key's row in its page
-// (all heads; head h at h * head_stride). Staged, the row is widened into
-// [kTile, Hkv, dp] scratch, read front to back. k is padded to a multiple of
-// kBlock with the first row (see tile math).
+// Staged path: prefetch the whole rows of keys [first, last) before they are copied.
+template <typename scalar_t>
+void prefetch_rows(const Problem& p, const int32_t* pages, int64_t first, int64_t last) {
+  const int64_t row_bytes = p.kv_heads * p.head_dim * static_cast<int64_t>(sizeof(scalar_t));
+  const bool heads_adjacent = p.k.head_stride == p.head_dim && p.v.head_stride == p.head_dim;
+  if (!heads_adjacent) return;  // an unusual layout: not worth the arithmetic
+  for (int64_t key = first; key < last; ++key) {
+    const int64_t page = pages[key / p.block_size];
+    if (page < 0 || page >= p.num_blocks) continue;
+    const int64_t offset = key % p.block_size;
+    const char* k_row = static_cast<const char*>(p.k.data) +
+                        (page * p.k.block_stride + offset * p.k.row_stride) * sizeof(scalar_t);
+    const char* v_row = static_cast<const char*>(p.v.data) +
+                        (page * p.v.block_stride + offset * p.v.row_stride) * sizeof(scalar_t);
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+      prefetch_l1(k_row + byte);
+      prefetch_l1(v_row + byte);
+    }
+  }
+}
+
+// Fills `tile` with the rows of keys [first, last) of one sequence; keys on an
+// invalid page are left out. In place, a row pointer is the key's row in its page;
+// staged, the row is widened into the [kTile, Hkv, dp] scratch (a page read front
+// to back, all heads of a key at once). k is padded to a multiple of kBlock with
+// the first row.
 template <typename scalar_t, typename T>
 void collect_rows(const Problem& p, const Item& item, int64_t first, int64_t last,
                   bool in_place, Scratch<T>& scratch, TileRows<T>& tile) {
@@ -526,39 +244,36 @@ void run_item(const Problem& p, const Item& item, const at::Tensor& q, double sc
   std::fill(scratch.m.begin(), scratch.m.end(), -std::numeric_limits<T>::infinity());
   std::fill(scratch.l.begin(), scratch.l.end(), T(0));
   std::fill(scratch.acc.begin(), scratch.acc.end(), T(0));
+  const int32_t* pages = p.block_table + item.batch * p.max_blocks;
   const int64_t k_head_stride = in_place ? p.k.head_stride : dp;
   const int64_t v_head_stride = in_place ? p.v.head_stride : dp;
-  const int mode = prefetch_mode();
   const int64_t head_bytes = p.head_dim * static_cast<int64_t>(sizeof(T));
+  auto tile_end = [&](int64_t first) { return std::min(first + kTile, item.last_key); };
   int current = 0;
   if (in_place)
-    collect_rows<scalar_t>(p, item, item.first_key,
-                           std::min(item.first_key + kTile, item.last_key), in_place, scratch,
+    collect_rows<scalar_t>(p, item, item.first_key, tile_end(item.first_key), true, scratch,
                            scratch.tiles[0]);
   for (int64_t first = item.first_key; first < item.last_key; first += kTile) {
-    const int64_t last = std::min(first + kTile, item.last_key);
+    const int64_t last = tile_end(first);
     TileRows<T>& tile = scratch.tiles[current];
     TileRows<T>& next = scratch.tiles[1 - current];
+    next.count = 0;
     if (in_place) {
-      next.count = 0;
       if (last < item.last_key)
-        collect_rows<scalar_t>(p, item, last, std::min(last + kTile, item.last_key), in_place,
-                               scratch, next);
-      if (mode == 1 || mode == 4)
-        prefetch_tile(next, 0, 0, p.kv_heads * head_bytes, mode == 1 ? 3 : 2);
+        collect_rows<scalar_t>(p, item, last, tile_end(last), true, scratch, next);
+      current = 1 - current;
     } else {
-      collect_rows<scalar_t>(p, item, first, last, in_place, scratch, tile);
+      prefetch_rows<scalar_t>(p, pages, last, tile_end(last));
+      collect_rows<scalar_t>(p, item, first, last, false, scratch, tile);
     }
-    if (tile.count == 0) { current = 1 - current; continue; }
+    if (tile.count == 0) continue;
     for (int64_t h = 0; h < p.kv_heads; ++h) {
       const int64_t g0 = h * p.group;
-      if (in_place && (mode == 2 || mode == 3))
-        prefetch_tile(next, h * k_head_stride, h * v_head_stride, head_bytes, mode == 2 ? 3 : 2);
+      prefetch_head(next, h * k_head_stride, h * v_head_stride, head_bytes);
       tile_step(scratch.q.data() + g0 * dp, p.group, dp, tile.k.data(), h * k_head_stride,
                 tile.v.data(), h * v_head_stride, tile.count, scratch.scores.data(),
                 scratch.m.data() + g0, scratch.l.data() + g0, scratch.acc.data() + g0 * dp);
     }
-    if (in_place) current = 1 - current;
   }
 }
 

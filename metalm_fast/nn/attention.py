@@ -67,8 +67,12 @@ class SpanSelfAttention(nn.Module):
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
 
-    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None):
-        """x [T, Dm] -> q [T, Hq, D], k and v [T, Hkv, D] (rotary applied to q and k)."""
+    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                    rotary_memo: dict | None = None):
+        """x [T, Dm] -> q [T, Hq, D], k and v [T, Hkv, D] (rotary applied to q and k).
+
+        ``rotary_memo``: see :meth:`RotaryEmbedding.rotate_pair` (cos/sin shared by layers).
+        """
         tokens = x.shape[0]
         fused = self.qkv(x)
         q_width = self.num_heads * self.head_dim
@@ -79,7 +83,7 @@ class SpanSelfAttention(nn.Module):
         if self.rotary is not None:
             if positions is None:
                 raise ValueError("positions (int [T]) are required when rotary=True")
-            q, k = self.rotary.rotate_pair(q, k, positions)
+            q, k = self.rotary.rotate_pair(q, k, positions, rotary_memo)
         return q, k, v
 
     def forward(
@@ -100,7 +104,11 @@ class SpanSelfAttention(nn.Module):
         else:
             if step is None or layer_idx is None:
                 raise ValueError("with a cache, step (cache.step(...)) and layer_idx are required")
-            q, k, v = self.project_qkv(x, step.positions if positions is None else positions)
+            # With the step's positions, cos/sin are computed once per step, not per layer.
+            if positions is None:
+                q, k, v = self.project_qkv(x, step.positions, step.memo)
+            else:
+                q, k, v = self.project_qkv(x, positions)
             attended = cached_attention(q, k, v, cache=cache, layer_idx=layer_idx, step=step,
                                         mask=mask, backend=self.backend)
         return self.out(attended.reshape(x.shape[0], self.num_heads * self.head_dim))

@@ -32,8 +32,13 @@ from __future__ import annotations
 import torch
 
 from metalm_fast.masks import SpanMask
-from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
-from metalm_fast.ops.paged_decode_attention import paged_decode_attention
+from metalm_fast.ops.kv_cache import (
+    CacheStep,
+    PagedKVCache,
+    append_unchecked,
+    checked_append_backend,
+)
+from metalm_fast.ops.paged_decode_attention import checked_decode_backend, decode_unchecked
 from metalm_fast.ops.span_attention import span_attention
 
 __all__ = ["cached_attention", "gather_cached_kv", "continued_prefill_mask"]
@@ -71,10 +76,9 @@ def cached_attention(
             f"step adds {step.num_tokens} tokens but q has {q.shape[0]} (q.shape[0], step)"
         )
     k_cache, v_cache = cache.key_cache(layer_idx), cache.value_cache(layer_idx)
-    cache.append(layer_idx, k, v, step.slot_mapping, backend=backend)
     if step.is_decode:
-        return paged_decode_attention(q, k_cache, v_cache, step.block_table, step.seq_lens,
-                                      backend=backend)
+        return _decode(q, k, v, k_cache, v_cache, cache, step, backend)
+    cache.append(layer_idx, k, v, step.slot_mapping, backend=backend)
     if mask is None:
         mask = SpanMask.causal(step.cu_seqlens)
     if not any(step.context_lens):
@@ -82,6 +86,36 @@ def cached_attention(
     keys = gather_cached_kv(k_cache, step)
     values = gather_cached_kv(v_cache, step)
     return span_attention(q, keys, values, continued_prefill_mask(mask, step), backend=backend)
+
+
+def _decode(q, k, v, k_cache, v_cache, cache: PagedKVCache, step: CacheStep,
+            backend: str) -> torch.Tensor:
+    """Append, then paged_decode_attention, with the ops' checks run once per step.
+
+    Every layer of a decode step writes the same slots and reads the same block
+    table and lengths, from layer views of one pool, and gets q, k, v of the same
+    shapes, dtypes, devices and strides: kv_cache_append's and
+    paged_decode_attention's checks (and backend choice) give every layer the same
+    answer. They run in full for the first layer with a given signature; the
+    others call the custom ops directly. This is an internal fast path: the public
+    functions still check every call.
+    """
+    signature = ("decode", id(cache), backend, q.device, q.dtype, k.dtype, v.dtype,
+                 tuple(q.shape), tuple(k.shape), tuple(v.shape),
+                 q.stride(-1), k.stride(-1), v.stride(-1))
+    plan = step.memo.get(signature)
+    if plan is None:
+        append_backend = checked_append_backend(k_cache, v_cache, k, v, step.slot_mapping,
+                                                backend=backend)
+        decode_backend, scale = checked_decode_backend(q, k_cache, v_cache, step.block_table,
+                                                       step.seq_lens, backend=backend)
+        # The cache rides along so that id(cache) cannot be reused while the memo lives.
+        plan = step.memo[signature] = (cache, append_backend, decode_backend, scale,
+                                       step.block_table.to(torch.int32),
+                                       step.seq_lens.to(torch.int32))
+    _, append_backend, decode_backend, scale, block_table, seq_lens = plan
+    append_unchecked(k_cache, v_cache, k, v, step.slot_mapping, append_backend)
+    return decode_unchecked(q, k_cache, v_cache, block_table, seq_lens, scale, decode_backend)
 
 
 def gather_cached_kv(cache: torch.Tensor, step: CacheStep) -> torch.Tensor:

@@ -53,14 +53,33 @@ class RotaryEmbedding(nn.Module):
         """x [T, H, D], positions int [T] -> rotated x [T, H, D] (dtype of x)."""
         return self.rotate_pair(x, None, positions)[0]
 
-    def rotate_pair(self, q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor):
-        """Rotate q [T, Hq, D] and k [T, Hkv, D] with one cos/sin computation."""
+    def rotate_pair(self, q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
+                    memo: dict | None = None):
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] with one cos/sin computation.
+
+        ``memo``: a dict tied to ``positions`` (a CacheStep's ``memo`` for its
+        ``positions``), where the tables are kept for every layer that rotates by the
+        same positions, head dim and base.
+        """
         compute = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = self.cos_sin(positions, compute)
-        return _rotate(q, cos, sin), None if k is None else _rotate(k, cos, sin)
+        key = ("rotary", self.head_dim, self.base, compute, positions.device)
+        tables = None if memo is None else memo.get(key)
+        if tables is None:
+            cos, sin = self.cos_sin(positions, compute)
+            # [cos, cos] and [-sin, sin] over the full head dim, for _rotate.
+            tables = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+            if memo is not None:
+                memo[key] = tables
+        return _rotate(q, *tables), None if k is None else _rotate(k, *tables)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.to(cos.dtype).chunk(2, dim=-1)
-    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-    return rotated.to(x.dtype)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * [cos, cos] + [second, first] * [-sin, sin], x = [first, second] halves.
+
+    Bit for bit the rotate-half formula (first cos - second sin, second cos + first
+    sin: a - b is a + (-b) exactly), in four ops instead of eight.
+    """
+    same = x.dtype == cos.dtype
+    y = x if same else x.to(cos.dtype)
+    rotated = y * cos + y.roll(y.shape[-1] // 2, dims=-1) * signed_sin
+    return rotated if same else rotated.to(x.dtype)

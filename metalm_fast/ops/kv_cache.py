@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -252,6 +252,14 @@ def kv_cache_append(
     >>> bool((k_cache[1, 1] == k_new[0]).all())
     True
     """
+    resolved = checked_append_backend(k_cache, v_cache, k_new, v_new, slot_mapping,
+                                      validate=validate, backend=backend)
+    append_unchecked(k_cache, v_cache, k_new, v_new, slot_mapping, resolved)
+
+
+def checked_append_backend(k_cache, v_cache, k_new, v_new, slot_mapping, *,
+                           validate: bool = False, backend: str = "auto") -> str:
+    """Every check of :func:`kv_cache_append`; returns the backend that serves the call."""
     _check_append_inputs(k_cache, v_cache, k_new, v_new, slot_mapping)
     if validate:
         _check_slots(slot_mapping, k_cache.shape[0], k_cache.shape[1])
@@ -263,7 +271,23 @@ def kv_cache_append(
             f"the triton backend supports float16, bfloat16 and float32, got {k_cache.dtype} "
             "(k_cache)"
         )
-    _kv_cache_append(k_cache, v_cache, k_new.detach(), v_new.detach(), slot_mapping, resolved)
+    return resolved
+
+
+def append_unchecked(k_cache, v_cache, k_new, v_new, slot_mapping, backend: str) -> None:
+    """:func:`kv_cache_append` without its checks, on a backend from
+    :func:`checked_append_backend`.
+
+    Internal: for a caller that ran those checks on arguments of the same shapes,
+    dtypes, devices and strides (the layers of one decode step share a pool and a
+    slot mapping; metalm_fast.nn.kv_cache_attention checks the first layer only).
+    """
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        # Eager inference: the custom op's Python wrapper (dispatch, aliasing checks,
+        # ~15 us a call) guards nothing here; torch.compile still traces the custom op.
+        _APPEND[backend](k_cache, v_cache, k_new, v_new, slot_mapping)
+        return
+    _kv_cache_append(k_cache, v_cache, k_new.detach(), v_new.detach(), slot_mapping, backend)
 
 
 # ----------------------------------------------------------------------------- allocator
@@ -288,6 +312,14 @@ class CacheStep:
     cu_seqlens : int32 [B + 1], offsets of each sequence's new tokens.
     block_table : int32 [B, max_blocks], pages of each sequence (0-padded).
     seq_lens : int32 [B], tokens per sequence after this step.
+    is_decode : one new token per sequence (the paged decode kernel serves the step).
+    num_tokens : new tokens in all (T_new).
+    memo : values derived from the step once and reused by every layer (rotary
+        cos/sin, the checked decode ops of metalm_fast.nn.kv_cache_attention);
+        filled by the layers of the forward pass that uses the step.
+
+    ``is_decode`` and ``num_tokens`` are computed once, when the step is built: a
+    decoder reads them in every layer of every step.
     """
 
     seq_ids: tuple[int, ...]
@@ -298,15 +330,14 @@ class CacheStep:
     cu_seqlens: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
+    is_decode: bool = field(init=False)
+    num_tokens: int = field(init=False)
+    memo: dict = field(init=False, repr=False, compare=False)
 
-    @property
-    def is_decode(self) -> bool:
-        """One new token per sequence: the paged decode kernel serves this step."""
-        return all(n == 1 for n in self.query_lens)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.query_lens)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_decode", all(n == 1 for n in self.query_lens))
+        object.__setattr__(self, "num_tokens", sum(self.query_lens))
+        object.__setattr__(self, "memo", {})
 
 
 class PagedKVCache:
@@ -363,12 +394,15 @@ class PagedKVCache:
             (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
             dtype=dtype, device=device,
         )
+        # Each layer's key and value views, made once (every decode step asks for them).
+        self._views = [(self.kv[layer, 0], self.kv[layer, 1]) for layer in range(num_layers)]
         # A stack: pop() hands out the lowest free page first, so a fresh cache
         # fills pages 0, 1, 2, ... (readable slots in tests and debugging).
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._pages: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
+        self._table_cache: tuple[tuple, torch.Tensor] | None = None  # _step_block_table
 
     # ------------------------------------------------------------------ pool views
     @property
@@ -385,11 +419,11 @@ class PagedKVCache:
 
     def key_cache(self, layer: int) -> torch.Tensor:
         """[num_blocks, block_size, Hkv, D] keys of ``layer`` (a view)."""
-        return self.kv[self._layer(layer), 0]
+        return self._views[self._layer(layer)][0]
 
     def value_cache(self, layer: int) -> torch.Tensor:
         """[num_blocks, block_size, Hkv, D] values of ``layer`` (a view)."""
-        return self.kv[self._layer(layer), 1]
+        return self._views[self._layer(layer)][1]
 
     def _layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -470,11 +504,17 @@ class PagedKVCache:
     ) -> torch.Tensor:
         """int64 slots of the last ``num_tokens`` tokens of each sequence, packed in order."""
         ids, counts = self._batch(seq_ids, num_tokens)
+        for seq_id, count in zip(ids, counts, strict=True):
+            if count > self._lengths[seq_id]:
+                raise ValueError(
+                    f"num_tokens: sequence {seq_id} holds only {self._lengths[seq_id]} tokens"
+                )
+        return self._slots(ids, counts)
+
+    def _slots(self, ids: list[int], counts: list[int]) -> torch.Tensor:
         slots = []
         for seq_id, count in zip(ids, counts, strict=True):
             length, pages = self._lengths[seq_id], self._pages[seq_id]
-            if count > length:
-                raise ValueError(f"num_tokens: sequence {seq_id} holds only {length} tokens")
             slots += [pages[p // self.block_size] * self.block_size + p % self.block_size
                       for p in range(length - count, length)]
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
@@ -486,6 +526,19 @@ class PagedKVCache:
         table = [row + [0] * (width - len(row)) for row in rows]
         return torch.tensor(table, dtype=torch.int32, device=self.device).reshape(len(rows), width)
 
+    def _step_block_table(self, ids: list[int]) -> torch.Tensor:
+        """:meth:`block_table` for :meth:`step`, shared by consecutive steps while it holds.
+
+        A sequence's pages only grow (at its end) and ids are never reused, so the ids
+        and their page counts name the table: decode steps reuse it until a sequence
+        takes a new page (every block_size steps) instead of rebuilding it from
+        B x max_blocks host ints every step. Nothing writes into a step's tensors.
+        """
+        key = (tuple(ids), tuple(len(self._pages[seq_id]) for seq_id in ids))
+        if self._table_cache is None or self._table_cache[0] != key:
+            self._table_cache = (key, self.block_table(ids))
+        return self._table_cache[1]
+
     def seq_lens(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """int32 [B]: tokens held by each sequence."""
         lengths = [self._lengths[self._known(seq_id)] for seq_id in seq_ids]
@@ -493,23 +546,24 @@ class PagedKVCache:
 
     def step(self, seq_ids: Sequence[int], num_new_tokens: int | Sequence[int]) -> CacheStep:
         """Extend the sequences by their new tokens and describe the step for every layer."""
-        ids, counts = self._batch(seq_ids, num_new_tokens)
+        ids, counts = self._batch(seq_ids, num_new_tokens)  # checked once, here
         context = [self._lengths[seq_id] for seq_id in ids]
-        slots = self.extend(ids, counts)
+        self._reserve(dict(zip(ids, counts, strict=True)))
         positions = [p for start, n in zip(context, counts, strict=True)
                      for p in range(start, start + n)]
         cu = [0]
         for n in counts:
             cu.append(cu[-1] + n)
+        lengths = [start + n for start, n in zip(context, counts, strict=True)]
         return CacheStep(
             seq_ids=tuple(ids),
             query_lens=tuple(counts),
             context_lens=tuple(context),
-            slot_mapping=slots,
+            slot_mapping=self._slots(ids, counts),
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=self.device),
-            block_table=self.block_table(ids),
-            seq_lens=self.seq_lens(ids),
+            block_table=self._step_block_table(ids),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
         )
 
     def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,

@@ -200,6 +200,16 @@ def paged_decode_attention(
     >>> paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens).shape
     torch.Size([2, 8, 64])
     """
+    resolved, scale = checked_decode_backend(q, k_cache, v_cache, block_table, seq_lens,
+                                             scale=scale, validate=validate, backend=backend)
+    return decode_unchecked(q, k_cache, v_cache, block_table.to(torch.int32),
+                            seq_lens.to(torch.int32), scale, resolved)
+
+
+def checked_decode_backend(q, k_cache, v_cache, block_table, seq_lens, *,
+                           scale: float | None = None, validate: bool = False,
+                           backend: str = "auto") -> tuple[str, float]:
+    """Every check of :func:`paged_decode_attention`; returns (backend, scale) for the call."""
     _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale)
     if validate:
         _check_index_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
@@ -210,14 +220,21 @@ def paged_decode_attention(
         raise TypeError(
             "the triton backend supports float16, bfloat16 and float32, got float64 (q)"
         )
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return _paged_decode_attention(
-        q,
-        k_cache,
-        v_cache,
-        block_table.to(torch.int32),
-        seq_lens.to(torch.int32),
-        float(scale),
-        resolved,
-    )
+    return resolved, float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def decode_unchecked(q, k_cache, v_cache, block_table, seq_lens, scale: float,
+                     backend: str) -> torch.Tensor:
+    """:func:`paged_decode_attention` without its checks: int32 ``block_table`` and
+    ``seq_lens``, ``scale`` and ``backend`` from :func:`checked_decode_backend`.
+
+    Internal: for a caller that ran those checks on arguments of the same shapes,
+    dtypes, devices and strides (the layers of one decode step share a pool, a
+    block table and the lengths; metalm_fast.nn.kv_cache_attention checks the
+    first layer only).
+    """
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        # Eager inference: skip the custom op's Python wrapper (~5 us a call); the
+        # result is the same, and torch.compile still traces the custom op.
+        return _DECODE[backend](q, k_cache, v_cache, block_table, seq_lens, scale).contiguous()
+    return _paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, backend)

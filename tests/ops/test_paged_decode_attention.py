@@ -65,6 +65,38 @@ def test_gqa_and_head_dims(backend, heads, kv_heads, head_dim):
     _check(backend, *_problem([37, 16, 5], 16, heads, kv_heads, head_dim, torch.float32, seed=2))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("block_size", [1, 8, 16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_one_query_head_per_kv_head(backend, block_size, dtype):
+    """Hq = Hkv = 8, D = 32 (the small preset's decoder): the cpu backend reads the pages in
+    place and scores 16 keys per vector; lengths around its 16-key blocks and 32-key tiles."""
+    require_backend(backend, CPU_OP)
+    lengths = [1, 15, 16, 17, 31, 32, 33, 97, 700, 0]
+    problem = _problem(lengths, block_size, 8, 8, 32, dtype, seed=6)
+    if dtype != torch.float64:
+        _check(backend, *problem)
+        return
+    # float64 is its own golden (the rule's bound would be atol alone): compare closely.
+    out = paged_decode_attention(*problem, backend=backend)
+    torch.testing.assert_close(out, reference.paged_decode_attention(*problem))
+    assert torch.all(out[problem[-1] == 0] == 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
+def test_non_contiguous_caches(backend, heads, kv_heads):
+    """Caches sliced from a wider pool (every stride differs from a packed layout)."""
+    require_backend(backend, CPU_OP)
+    q, k_cache, v_cache, table, seq_lens = _problem([45, 130, 3], 8, heads, kv_heads, 32,
+                                                    torch.float32, seed=7)
+    wide = torch.randn(2, k_cache.shape[0], 8, kv_heads, 64)
+    wide[0, :, :, :, 16:48], wide[1, :, :, :, 16:48] = k_cache, v_cache
+    k_view, v_view = wide[0, ..., 16:48], wide[1, ..., 16:48]
+    assert not k_view.is_contiguous()
+    _check(backend, q, k_view, v_view, table, seq_lens)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_non_contiguous_q_and_scale(backend, dtype):
