@@ -421,6 +421,13 @@ def main(argv=None) -> int:
     rows = run(settings)
     table, checks = render(rows, settings)
     title = f"CPU end-to-end MetaLM throughput: fast path vs HF-style ({today})"
+    if args.quick:
+        # The acceptance criteria are stated for the small preset; the tiny quick run is
+        # dominated by per-call overhead and only shows the plumbing and the ratios.
+        same_tokens = [line for line in checks.splitlines() if "same tokens" in line]
+        checks = "\n".join(same_tokens + [
+            "(--quick: tiny preset, speed ratios informational; the speed criteria apply to the "
+            "small preset: run without --quick, recorded in benchmarks/results/)"])
     print(title, table, checks, sep="\n\n")
     print(f"({time.perf_counter() - start:.0f} s)")
     if not args.no_write and not args.quick:
@@ -434,7 +441,8 @@ def main(argv=None) -> int:
         out.write_text(f"# {title}\n\n{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n"
                        f"{checks}\n```\n\nCommand: `python benchmarks/bench_end_to_end.py`\n")
         print(f"wrote {out}")
-    return 0 if all(row.passed is not False for row in rows) else 1
+    judged = [row for row in rows if not args.quick or "identical" in row.name]
+    return 0 if all(row.passed is not False for row in judged) else 1
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_hf_style_generation_stops_at_eos_like_the_fast_path():
 def test_quick_benchmark_runs_end_to_end(capsys):
     status = bench_end_to_end.main(["--quick", "--no-write", "--repeats", "1"])
     out = capsys.readouterr().out
-    assert status in (0, 1)  # 1: a speed criterion failed on this machine; not a test failure
+    assert status == 0  # --quick judges only correctness (identical tokens), not speed
     for line in ("training (fwd+bwd+AdamW)", "generation (incl. prefill)",
                  "training peak memory (one step)"):
         assert line in out
