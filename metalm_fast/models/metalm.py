@@ -75,7 +75,7 @@ class MetaLMConfig:
 
 
 #: tiny: tests and the CPU demo (vision-language: a text encoder and a ViT over 8x8 one-channel
-#: images, 16 tokens per image); small: CPU benchmarks (text); paper_*: Hao et al. 2022 sizes.
+#: images, 4 tokens per image); small: CPU benchmarks (text); paper_*: Hao et al. 2022 sizes.
 PRESETS = {
     "tiny": MetaLMConfig(vocab_size=1024, decoder_dim=64, decoder_layers=2, decoder_heads=2,
                          encoder_dim=64, encoder_layers=2, encoder_heads=2,
