@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["BENCHMARKS", "add_arguments", "main"]
+__all__ = ["BENCHMARKS", "add_arguments", "main", "source_root"]
 
 #: name -> script, in the order they run
 BENCHMARKS = {
@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not write markdown copies to benchmarks/results/")
 
 
-def _source_root() -> Path:
+def source_root() -> Path:
+    """The source checkout holding benchmarks/; FileNotFoundError for an install without it."""
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks").is_dir():
         raise FileNotFoundError(
@@ -46,7 +47,7 @@ def _source_root() -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    root = _source_root()
+    root = source_root()
     names = args.only or list(BENCHMARKS)
     failed = []
     for name in names:

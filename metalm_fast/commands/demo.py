@@ -21,10 +21,10 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from metalm_fast.commands.bench import BENCHMARKS, source_root
 from metalm_fast.commands.evaluate import finetune_on_vqa, format_table
 from metalm_fast.commands.evaluate import run as run_eval
 from metalm_fast.commands.generate import run as run_generate
@@ -94,12 +94,13 @@ def _answer_examples(model, tokenizer, count: int = 4) -> None:
 
 
 def _throughput() -> None:
-    root = Path(__file__).resolve().parents[2]
-    script = root / "benchmarks" / "bench_end_to_end.py"
-    if not script.exists():
-        print(f"skipped: {script} is not here (the benchmarks ship with the source checkout)")
+    try:
+        root = source_root()
+    except FileNotFoundError as error:
+        print(f"skipped: {error}")
         return
-    subprocess.run([sys.executable, str(script), "--quick", "--no-write"], cwd=root, check=False)
+    subprocess.run([sys.executable, BENCHMARKS["end_to_end"], "--quick", "--no-write"],
+                   cwd=root, check=False)
 
 
 def main(args: argparse.Namespace) -> int:
