@@ -1,5 +1,7 @@
 """The command line: `python -m metalm_fast info` and the gpu-readiness pass-through."""
 
+import re
+
 import pytest
 
 from metalm_fast.cli import main
@@ -47,7 +49,8 @@ def test_demo_runs_every_stage_and_leaves_a_checkpoint(demo_run):
     for heading in ("semi-causal pretraining", "before finetuning", "after finetuning",
                     "questions about held-out digits"):
         assert heading in text
-    assert "encoder" in text  # the k-shot run with the demonstrations read by the encoder
+    # the 1-shot runs with the demonstrations read by the decoder and by the encoder
+    assert re.search(r"\s1 decoder\s", text) and re.search(r"\s1 encoder\s", text)
     assert (out / "latest").exists()
 
 
@@ -65,3 +68,10 @@ def test_generate_rejects_a_marker_without_an_image(demo_run):
     _, _, out = demo_run
     with pytest.raises(ValueError, match="'<image>' markers"):
         main(["generate", "--checkpoint", str(out), "--prompt", "<image> what is it?"])
+
+
+def test_generate_rejects_a_bad_image_spec(demo_run):
+    _, _, out = demo_run
+    with pytest.raises(ValueError, match="--image digit:x"):
+        main(["generate", "--checkpoint", str(out), "--prompt", "<image> what?",
+              "--image", "digit:x"])

@@ -48,7 +48,10 @@ def load_image(spec: str, config) -> torch.Tensor:
     """float [C, H, W] from ``digit:N`` or a .npy path, checked against the model's image shape."""
     if spec.startswith("digit:"):
         test = load_digits("test")
-        index = int(spec.split(":", 1)[1])
+        number = spec.split(":", 1)[1]
+        if not number.isdigit():
+            raise ValueError(f"--image {spec}: expected digit:N with N a held-out digit index")
+        index = int(number)
         if not 0 <= index < len(test.labels):
             raise ValueError(f"--image {spec}: held-out digits are 0..{len(test.labels) - 1}")
         image = test.images[index]
