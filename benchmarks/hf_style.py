@@ -29,6 +29,11 @@ encoder features):
   ``_unmask_unattended`` does, so SDPA never sees an empty row), logits for the
   last position only (``logits_to_keep=1``) and greedy decoding.
 
+Every projection is ``F.linear`` on the module's weight and bias (what HF's
+``nn.Linear`` layers run), never the module's own forward: the fast path's
+decoder layers are DecodeLinear, whose few-row calls run metalm_fast's
+decode_linear kernel, which the baseline must not borrow.
+
 Rotary embedding uses HF's ``q * cos + rotate_half(q) * sin`` in the
 activation dtype, with the model's own ``inv_freq``; grouped-query heads are
 repeated (``repeat_kv``). Everything runs in the weights' dtype on their device.
@@ -73,6 +78,20 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
         batch, heads * groups, length, dim)
 
 
+def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """An nn.Linear-style projection: F.linear on the layer's weight and bias."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def mlp(module, x: torch.Tensor) -> torch.Tensor:
+    """The block's MLP (GELU or SwiGLU), HF-style: the weights of models.transformer.MLP."""
+    hidden = linear(module.up, x)
+    if module.kind == "swiglu":
+        gate, value = hidden.chunk(2, dim=-1)
+        return linear(module.down, F.silu(gate) * value)
+    return linear(module.down, F.gelu(hidden))
+
+
 def attention(module, x: torch.Tensor, position_ids: torch.Tensor | None, mask: torch.Tensor | None,
               past: tuple[torch.Tensor, torch.Tensor] | None = None):
     """HF-style self-attention with the weights of a SpanSelfAttention.
@@ -82,7 +101,7 @@ def attention(module, x: torch.Tensor, position_ids: torch.Tensor | None, mask: 
     """
     batch, length, _ = x.shape
     heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_dim
-    fused = module.qkv(x)
+    fused = linear(module.qkv, x)
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
     q = fused[..., :q_width].view(batch, length, heads, head_dim).transpose(1, 2)
     k = fused[..., q_width:q_width + kv_width].view(batch, length, kv_heads, head_dim)
@@ -96,7 +115,7 @@ def attention(module, x: torch.Tensor, position_ids: torch.Tensor | None, mask: 
     groups = heads // kv_heads
     out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
                                          attn_mask=mask)
-    return module.out(out.transpose(1, 2).reshape(batch, length, q_width)), (k, v)
+    return linear(module.out, out.transpose(1, 2).reshape(batch, length, q_width)), (k, v)
 
 
 def stack_forward(stack, x: torch.Tensor, position_ids: torch.Tensor | None,
@@ -107,7 +126,7 @@ def stack_forward(stack, x: torch.Tensor, position_ids: torch.Tensor | None,
         attended, kv = attention(block.attention, block.attention_norm(x), position_ids, mask,
                                  None if past is None else past[index])
         x = x + attended
-        x = x + block.mlp(block.mlp_norm(x))
+        x = x + mlp(block.mlp, block.mlp_norm(x))
         cache.append(kv)
     return stack.norm(x), cache
 
@@ -230,7 +249,7 @@ def hf_style_logits(model, batch) -> torch.Tensor:
         mask = packed_causal_mask(cu, total)
     position_ids = (torch.arange(total, device=device) - cu[document_ids(cu, total)])[None]
     hidden, _ = stack_forward(model.decoder, hidden, position_ids, mask)
-    return model.lm_head(hidden[0])
+    return linear(model.lm_head, hidden[0])
 
 
 def hf_style_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
@@ -282,7 +301,7 @@ def hf_style_generate(model, prompts: list[list[int]], *, max_new_tokens: int,
         if model.embedding.scale != 1.0:
             hidden = hidden * model.embedding.scale
         hidden, past = stack_forward(model.decoder, hidden, position_ids, mask, past)
-        logits = model.lm_head(hidden[:, -1])  # logits_to_keep=1
+        logits = linear(model.lm_head, hidden[:, -1])  # logits_to_keep=1
         next_ids = logits.argmax(dim=-1)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         for row, (token, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):

@@ -8,12 +8,14 @@ Public API (see ../shared/DESIGN.md):
     PagedKVCache        a paged key/value pool for generation, with its allocator
     kv_cache_append     write new keys and values into their cache slots, in place
     paged_decode_attention  one query token per sequence over its cached pages
+    decode_linear       the linear layers of a decode step (few rows, weight streamed)
 
 Compiled extensions (metalm_fast._C, metalm_fast._cuda) and Triton are loaded
 lazily, so this import never fails because a build is missing.
 """
 
 from metalm_fast.masks import SpanMask
+from metalm_fast.ops.decode_linear import decode_linear
 from metalm_fast.ops.embed_scatter import embed_scatter
 from metalm_fast.ops.kv_cache import PagedKVCache, kv_cache_append
 from metalm_fast.ops.paged_decode_attention import paged_decode_attention
@@ -26,5 +28,6 @@ __all__ = [
     "PagedKVCache",
     "kv_cache_append",
     "paged_decode_attention",
+    "decode_linear",
 ]
 __version__ = "0.1.0"

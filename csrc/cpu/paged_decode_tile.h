@@ -1,33 +1,37 @@
 // The tile math of paged decode attention on CPU (paged_decode_attention.cpp).
 //
 // A tile is up to kTile keys of one sequence, given as row pointers, never
-// copied: key j of kv head h is k_rows[j] + h * k_head_stride (values alike), dp
-// contiguous elements (dp = D rounded up to kLanes). On the in-place path the
-// pointers point into the cache pages; on the staged path (half types, D not a
-// multiple of kLanes) into a zero-padded fp32 copy. k_rows holds a multiple of
-// kBlock entries: the caller pads it with a valid row, whose scores are computed
-// and never read.
+// copied: the row of key j holds every kv head (head h at k_rows[j] + h *
+// k_head_stride, values alike, dp contiguous elements each; dp = D rounded up to
+// kLanes). On the in-place path the pointers point into the cache pages; on the
+// staged path (half types, D not a multiple of kLanes) into a zero-padded fp32
+// copy. k_rows holds a multiple of kBlock entries: the caller pads it with a
+// valid row, whose scores are computed and never read.
 //
-// One step serves the `group` query heads of one kv head (GQA) and keeps the
-// online softmax per query head: running max m, sum l, acc [dp] rescaled by
-// exp(m_old - m_new) when the max grows.
+// float: a tile step serves every query head at once and walks each key's row
+// front to back, so the cache is read in memory order (a page is one stream
+// the hardware prefetcher follows). Walking one kv head at a time instead reads
+// a D-wide slice of every row at a stride of Hkv * D: with D = 32 that ran at
+// 12-14 GB/s from DRAM, against ~20-30 GB/s for a plain sequential read.
 //
-//   scores: a query row q (pre-scaled) against 16 keys at a time. Each key gives
-//     one product vector q * k (dp / 16 vector FMAs, q in registers for D <= 64);
-//     a transposing shuffle tree folds the 16 product vectors into one vector of
-//     16 scores, lane j = key j: about 3 instructions per key instead of a
-//     dependent horizontal sum per key (with group size 1 and D = 32 that sum
-//     was most of the work);
-//   softmax: once per tile and query head, on whole vectors;
-//   values: acc += p_j v_j with the accumulators in registers across the tile,
-//     each value vector loaded once for up to four query heads, and keys
-//     alternating between independent accumulator sets so that at least eight
-//     FMA chains are in flight (one chain waits on FMA latency, not throughput).
+//   scores: query heads in blocks of HB (the largest power of two <= 16 that
+//     divides Hq). One score vector holds 16 / HB keys x HB heads, lane
+//     (j - j0) * HB + i; each (key, head) pair gives one product vector
+//     q_i * k_j (dp / 16 vector FMAs) and a transposing shuffle tree folds 16
+//     of them into one vector of 16 scores: about 3 instructions per score
+//     instead of a dependent horizontal sum each. Layout: scores[(b * kTile + j)
+//     * HB + i] for head block b;
+//   softmax: per head block, on whole vectors: the lanes of one head recur
+//     every HB lanes, so a running max (sum) over the vectors followed by
+//     swaps of 8, 4, ... HB lanes gives each head's max (sum) in its lanes;
+//   values: acc[i] += p[j, i] v_j[kv head of i] with up to 16 accumulator
+//     vectors in registers (16 / (dp / 16) query heads per pass), each value
+//     row read in order.
 //
 // The float step is compiled for AVX-512, AVX2+FMA and baseline x86-64
 // (target_clones) through GCC vector extensions, which every clone lowers to its
 // own ISA (one zmm, two ymm or four xmm per f32x16). The double step (tests and
-// debugging) is plain loops.
+// debugging) is plain loops, one kv head at a time.
 #pragma once
 
 #include <algorithm>
@@ -36,167 +40,249 @@
 #include <limits>
 
 #include "span_attention_rows.h"
+#include "vec16.h"
 
 namespace metalm_fast::cpu::paged_decode {
 
+using vec16::f32x16;
+using vec16::fold16;
+using vec16::kLanes;  // floats per vector; dp is D rounded up to this
+using vec16::load16;
+using vec16::max_of;
+using vec16::opaque;
+using vec16::prefetch_l1;
+using vec16::prefetch_l2;
+using vec16::store16;
+using vec16::swap_blocks;
+
 constexpr int64_t kTile = 32;   // keys per online-softmax step
-constexpr int64_t kBlock = 16;  // keys per score vector (one lane each)
-constexpr int64_t kLanes = 16;  // floats per vector; dp is D rounded up to this
+constexpr int64_t kBlock = 16;  // k_rows is padded to a multiple of this
+// ----------------------------------------------------------------------------- float tiles
+// One tile as the caller hands it over: `rows` keys (k_rows padded to kBlock).
+struct RowTile {
+  const float* const* k_rows;
+  int64_t k_head_stride;
+  const float* const* v_rows;
+  int64_t v_head_stride;
+  int64_t rows;
+  // The next tile's rows, prefetched while this one computes (next_rows 0: none).
+  const float* const* next_k_rows;
+  const float* const* next_v_rows;
+  int64_t next_rows, row_bytes;
+};
 
-using f32x16 = float __attribute__((vector_size(kLanes * sizeof(float))));
-using i32x16 = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+// Prefetch row j of the next tile (if it has one): spread over this tile's keys,
+// the requests never pile up beyond the miss buffers.
+METALM_ALWAYS_INLINE void prefetch_next_row(const float* const* next, int64_t next_rows,
+                                            int64_t row_bytes, int64_t j) {
+  if (j >= next_rows) return;
+  const char* row = reinterpret_cast<const char*>(next[j]);
+  for (int64_t byte = 0; byte < row_bytes; byte += 64) prefetch_l2(row + byte);
+}
 
-METALM_ALWAYS_INLINE f32x16 load16(const float* p) {
-  f32x16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
+// The query heads: q [q_heads, dp] pre-scaled; query head i reads kv head i / group.
+struct QueryHeads {
+  const float* q;
+  int64_t q_heads, group, dp;
+};
+
+// The largest power of two <= 16 that divides q_heads: the heads of one score vector.
+inline int head_block(int64_t q_heads) {
+  int hb = 16;
+  while (q_heads % hb != 0) hb /= 2;
+  return hb;
+}
+
+// q . k as a product vector (a horizontal sum away): ND vectors, or dp at run time (ND 0).
+template <int ND>
+METALM_ALWAYS_INLINE f32x16 products(const float* q, const float* k, int64_t dp) {
+  f32x16 a = load16(q) * load16(k);
+  if constexpr (ND > 0) {
+    for (int c = 1; c < ND; ++c) a += load16(q + c * kLanes) * load16(k + c * kLanes);
+  } else {
+    for (int64_t d = kLanes; d < dp; d += kLanes) a += load16(q + d) * load16(k + d);
+  }
+  return a;
+}
+
+// Scores of every (key, query head) pair of the tile, in the head-block layout.
+// kAdjacent (group 1, head strides dp): head i of a row sits i * dp further on,
+// a constant displacement for ND > 0, so no per-head offsets occupy registers.
+template <int ND, int HB, bool kAdjacent>
+METALM_ALWAYS_INLINE void row_scores(const QueryHeads& h, const RowTile& t, float* scores) {
+  constexpr int KB = kLanes / HB;  // keys per score vector
+  const int64_t dp = ND > 0 ? ND * kLanes : h.dp;
+  const int64_t padded = (t.rows + KB - 1) / KB * KB;
+  for (int64_t h0 = 0; h0 < h.q_heads; h0 += HB) {
+    const float* q = h.q + h0 * dp;
+    int64_t k_offset[HB];
+    for (int i = 0; i < HB; ++i)
+      k_offset[i] = kAdjacent ? (h0 + i) * dp : (h0 + i) / h.group * t.k_head_stride;
+    float* s = scores + h0 * kTile;
+    for (int64_t j0 = 0; j0 < padded; j0 += KB) {
+      if (h0 == 0)
+        for (int64_t j = j0; j < j0 + KB; ++j)
+          prefetch_next_row(t.next_k_rows, t.next_rows, t.row_bytes, j);
+      const float* const* k = t.k_rows + j0;
+      store16(s + j0 * HB, fold16([&](int p) {
+                const int i = p % HB;
+                const float* key = kAdjacent ? opaque(k[p / HB] + h0 * dp) + i * dp
+                                             : k[p / HB] + k_offset[i];
+                return products<ND>(q + i * dp, key, dp);
+              }));
+    }
+  }
+}
+
+// Lanes l and l ^ w combined for w = 8, 4, ..., HB: each lane then holds the
+// max (sum) over all lanes of its head (lane l belongs to head l % HB).
+template <int HB, bool kMax>
+METALM_ALWAYS_INLINE f32x16 combine_head_lanes(f32x16 v) {
+  if constexpr (HB <= 8) v = kMax ? max_of(v, swap_blocks<8>(v)) : v + swap_blocks<8>(v);
+  if constexpr (HB <= 4) v = kMax ? max_of(v, swap_blocks<4>(v)) : v + swap_blocks<4>(v);
+  if constexpr (HB <= 2) v = kMax ? max_of(v, swap_blocks<2>(v)) : v + swap_blocks<2>(v);
+  if constexpr (HB <= 1) v = kMax ? max_of(v, swap_blocks<1>(v)) : v + swap_blocks<1>(v);
   return v;
 }
 
-METALM_ALWAYS_INLINE void store16(float* p, f32x16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-METALM_ALWAYS_INLINE f32x16 splat(float x) { return f32x16{} + x; }
-
-// Lane-wise mask ? a : b, with bitwise operations: GCC turned the vector `?:` into
-// one branch per lane in the target_clones build.
-METALM_ALWAYS_INLINE f32x16 select(i32x16 mask, f32x16 a, f32x16 b) {
-  const i32x16 bits =
-      (mask & __builtin_bit_cast(i32x16, a)) | (~mask & __builtin_bit_cast(i32x16, b));
-  return __builtin_bit_cast(f32x16, bits);
-}
-
-METALM_ALWAYS_INLINE f32x16 max_of(f32x16 a, f32x16 b) { return select(a > b, a, b); }
-
-// Swap blocks of `width` lanes (width 8, 4, 2, 1): one step of a horizontal reduction.
-template <int width>
-METALM_ALWAYS_INLINE f32x16 swap_blocks(f32x16 v) {
-  if constexpr (width == 8) {
-    return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  } else if constexpr (width == 4) {
-    return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  } else if constexpr (width == 2) {
-    return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  } else {
-    return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  }
-}
-
-METALM_ALWAYS_INLINE float max16(f32x16 v) {
-  v = max_of(v, swap_blocks<8>(v));
-  v = max_of(v, swap_blocks<4>(v));
-  v = max_of(v, swap_blocks<2>(v));
-  v = max_of(v, swap_blocks<1>(v));
-  return v[0];
-}
-
-// Lanes summed pairwise (8 + 8, 4 + 4, ...): the same rounding on every ISA.
-METALM_ALWAYS_INLINE float sum16(f32x16 v) {
-  v += swap_blocks<8>(v);
-  v += swap_blocks<4>(v);
-  v += swap_blocks<2>(v);
-  v += swap_blocks<1>(v);
-  return v[0];
-}
-
-// ----------------------------------------------------------------------------- scores
-// The transposing reduction: four levels of "add the two halves of every block of
-// both inputs". Level 1 takes two keys' product vectors (16 partials each) to lanes
-// 0-7 (first key) and 8-15 (second); levels 2, 3, 4 halve the blocks again, keys in
-// order, until lane j holds key j's score.
-METALM_ALWAYS_INLINE f32x16 fold1(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                 31);
-}
-METALM_ALWAYS_INLINE f32x16 fold2(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                 31);
-}
-METALM_ALWAYS_INLINE f32x16 fold3(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-         __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                 31);
-}
-METALM_ALWAYS_INLINE f32x16 fold4(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
-                                 30) +
-         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// One query row: with ND > 0 its ND vectors stay in registers (dp = 16 ND);
-// ND == 0 reads them from memory (any dp).
-template <int ND>
-struct QueryRow {
-  f32x16 v[ND > 0 ? ND : 1];
-  const float* q;
-  int64_t dp;
-  METALM_ALWAYS_INLINE QueryRow(const float* q_row, int64_t padded) : q(q_row), dp(padded) {
-    if constexpr (ND > 0)
-      for (int i = 0; i < ND; ++i) v[i] = load16(q_row + i * kLanes);
-  }
-  // q * k summed over the row's vectors: a horizontal sum away from q . k.
-  METALM_ALWAYS_INLINE f32x16 products(const float* k) const {
-    if constexpr (ND > 0) {
-      f32x16 a = v[0] * load16(k);
-      for (int i = 1; i < ND; ++i) a += v[i] * load16(k + i * kLanes);
-      return a;
-    } else {
-      f32x16 a = load16(q) * load16(k);
-      for (int64_t d = kLanes; d < dp; d += kLanes) a += load16(q + d) * load16(k + d);
-      return a;
-    }
-  }
-};
-
-// Scores of one query row against rows[0, 16) (each + offset), lane j = key j. The
-// tree is built as the products arrive, so few vectors are live at once.
-template <int ND>
-METALM_ALWAYS_INLINE f32x16 scores16(const QueryRow<ND>& q, const float* const* rows,
-                                     int64_t offset) {
-  f32x16 quarter[4];
-  for (int i = 0; i < 4; ++i) {
-    const float* const* r = rows + 4 * i;
-    const f32x16 a = fold1(q.products(r[0] + offset), q.products(r[1] + offset));
-    const f32x16 b = fold1(q.products(r[2] + offset), q.products(r[3] + offset));
-    quarter[i] = fold2(a, b);
-  }
-  return fold4(fold3(quarter[0], quarter[1]), fold3(quarter[2], quarter[3]));
-}
-
-// ----------------------------------------------------------------------------- softmax
-// Online-softmax update for `group` query heads over one tile of scores
-// ([group, kTile]; on exit P = exp(S - m_new), 0 past `rows`); rescales the acc rows.
-// float: whole vectors, padding lanes excluded from the max. The exp is
-// rows::exp_approx under `omp simd` (a vector-extension version was scalarised).
-METALM_ALWAYS_INLINE void softmax_update(float* scores, int64_t group, int64_t rows, float* m,
-                                         float* l, float* acc, int64_t dp) {
+// Online-softmax update of every query head over the tile: on exit the scores
+// hold P = exp(S - m_new) (0 for keys past `rows`), m and l are updated and the
+// acc rows rescaled by exp(m_old - m_new) where the max grew.
+template <int HB>
+METALM_ALWAYS_INLINE void row_softmax(const QueryHeads& h, int64_t rows, float* scores,
+                                      float* m, float* l, float* acc) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const int64_t padded = (rows + kBlock - 1) / kBlock * kBlock;
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * kTile;
-    f32x16 tile_max = splat(kNegInf);
-    for (int64_t j = 0; j < rows; j += kBlock)
-      tile_max = max_of(tile_max, select(lane < static_cast<int32_t>(rows - j), load16(s + j),
-                                         splat(kNegInf)));
-    const float new_max = std::max(m[g], max16(tile_max));
+  constexpr int KB = kLanes / HB;
+  const int64_t used = (rows + KB - 1) / KB * KB * HB;  // score entries of the tile
+  for (int64_t h0 = 0; h0 < h.q_heads; h0 += HB) {
+    float* s = scores + h0 * kTile;
+    for (int64_t x = rows * HB; x < used; ++x) s[x] = kNegInf;  // keys past the tile
+    f32x16 tile_max = load16(s);
+    for (int64_t x = kLanes; x < used; x += kLanes) tile_max = max_of(tile_max, load16(s + x));
+    f32x16 old_max;
+    for (int lane = 0; lane < kLanes; ++lane) old_max[lane] = m[h0 + lane % HB];
+    float new_max[kLanes];
+    store16(new_max, max_of(old_max, combine_head_lanes<HB, true>(tile_max)));
+    for (int64_t x = 0; x < used; x += kLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < padded; ++j) s[j] = rows::exp_approx(s[j] - new_max);
-    for (int64_t j = rows; j < padded; ++j) s[j] = 0.0f;
-    f32x16 sums = {};
-    for (int64_t j = 0; j < padded; j += kBlock) sums += load16(s + j);
-    if (new_max != m[g]) {
-      // m == -inf before the first tile: acc and l are 0, so the factor is 0 (no inf - inf).
-      const float alpha = m[g] == kNegInf ? 0.0f : std::exp(m[g] - new_max);
-      float* a = acc + g * dp;
-      for (int64_t d = 0; d < dp; d += kLanes) store16(a + d, load16(a + d) * alpha);
-      l[g] *= alpha;
-      m[g] = new_max;
+      for (int lane = 0; lane < kLanes; ++lane)
+        s[x + lane] = rows::exp_approx(s[x + lane] - new_max[lane]);
     }
-    l[g] += sum16(sums);
+    f32x16 sums = load16(s);
+    for (int64_t x = kLanes; x < used; x += kLanes) sums += load16(s + x);
+    sums = combine_head_lanes<HB, false>(sums);
+    for (int i = 0; i < HB; ++i) {
+      const int64_t head = h0 + i;
+      if (new_max[i] != m[head]) {
+        // m == -inf before the first tile: acc and l are 0, so the factor is 0 (no inf - inf).
+        const float alpha = m[head] == kNegInf ? 0.0f : std::exp(m[head] - new_max[i]);
+        float* a = acc + head * h.dp;
+        for (int64_t d = 0; d < h.dp; d += kLanes) store16(a + d, load16(a + d) * alpha);
+        l[head] *= alpha;
+        m[head] = new_max[i];
+      }
+      l[head] += sums[i];
+    }
   }
 }
 
+// acc[h0 + i, c0 : c0 + 16 NC] += sum_j P[j, h0 + i] v_j for CH query heads of one
+// head block (CH divides HB), the CH * NC accumulators in registers across the tile.
+template <int ND, int HB, int NC, int CH, bool kAdjacent>
+METALM_ALWAYS_INLINE void row_values(const QueryHeads& h, const RowTile& t,
+                                     const float* scores, int64_t h0, int64_t c0, float* acc) {
+  const int64_t dp = ND > 0 ? ND * kLanes : h.dp;
+  const float* probs = scores + (h0 - h0 % HB) * kTile + h0 % HB;  // P[j, h0 + i]: + j * HB + i
+  int64_t v_offset[CH];
+  for (int i = 0; i < CH; ++i)
+    v_offset[i] = kAdjacent ? (h0 + i) * h.dp + c0 : (h0 + i) / h.group * t.v_head_stride + c0;
+  f32x16 a[CH][NC];
+  for (int i = 0; i < CH; ++i)
+    for (int c = 0; c < NC; ++c) a[i][c] = load16(acc + (h0 + i) * h.dp + c0 + c * kLanes);
+  for (int64_t j = 0; j < t.rows; ++j) {
+    if (h0 == 0 && c0 == 0) prefetch_next_row(t.next_v_rows, t.next_rows, t.row_bytes, j);
+    const float* v = opaque(t.v_rows[j] + (kAdjacent ? v_offset[0] : 0));
+    const float* p = probs + j * HB;
+    for (int i = 0; i < CH; ++i) {
+      const float* v_head = kAdjacent ? v + i * dp : v + v_offset[i];
+      for (int c = 0; c < NC; ++c) a[i][c] += p[i] * load16(v_head + c * kLanes);
+    }
+  }
+  for (int i = 0; i < CH; ++i)
+    for (int c = 0; c < NC; ++c) store16(acc + (h0 + i) * h.dp + c0 + c * kLanes, a[i][c]);
+}
+
+// The value pass: query heads in register-sized groups (at most 16 accumulator
+// vectors, never across a head block); with ND = 0 (dp not 16, 32, 64 or 128)
+// columns go four vectors at a time, then one.
+template <int ND, int HB, bool kAdjacent>
+METALM_ALWAYS_INLINE void row_value_pass(const QueryHeads& h, const RowTile& t,
+                                         const float* scores, float* acc) {
+  if constexpr (ND > 0) {
+    constexpr int CH = std::min<int>(kLanes / ND, HB);
+    for (int64_t h0 = 0; h0 < h.q_heads; h0 += CH)
+      row_values<ND, HB, ND, CH, kAdjacent>(h, t, scores, h0, 0, acc);
+  } else {
+    constexpr int CH = std::min<int>(4, HB);
+    for (int64_t h0 = 0; h0 < h.q_heads; h0 += CH) {
+      int64_t c0 = 0;
+      for (; c0 + 4 * kLanes <= h.dp; c0 += 4 * kLanes)
+        row_values<ND, HB, 4, CH, kAdjacent>(h, t, scores, h0, c0, acc);
+      for (; c0 < h.dp; c0 += kLanes) row_values<ND, HB, 1, CH, kAdjacent>(h, t, scores, h0, c0, acc);
+    }
+  }
+}
+
+template <int ND, int HB>
+METALM_ALWAYS_INLINE void row_tile_step_impl(const QueryHeads& h, const RowTile& t,
+                                             float* scores, float* m, float* l, float* acc) {
+  if (h.group == 1 && t.k_head_stride == h.dp && t.v_head_stride == h.dp) {
+    row_scores<ND, HB, true>(h, t, scores);
+    row_softmax<HB>(h, t.rows, scores, m, l, acc);
+    row_value_pass<ND, HB, true>(h, t, scores, acc);
+  } else {
+    row_scores<ND, HB, false>(h, t, scores);
+    row_softmax<HB>(h, t.rows, scores, m, l, acc);
+    row_value_pass<ND, HB, false>(h, t, scores, acc);
+  }
+}
+
+template <int ND>
+METALM_ALWAYS_INLINE void row_tile_step_nd(const QueryHeads& h, const RowTile& t,
+                                           float* scores, float* m, float* l, float* acc) {
+  switch (head_block(h.q_heads)) {
+    case 16:
+      return row_tile_step_impl<ND, 16>(h, t, scores, m, l, acc);
+    case 8:
+      return row_tile_step_impl<ND, 8>(h, t, scores, m, l, acc);
+    case 4:
+      return row_tile_step_impl<ND, 4>(h, t, scores, m, l, acc);
+    case 2:
+      return row_tile_step_impl<ND, 2>(h, t, scores, m, l, acc);
+    default:
+      return row_tile_step_impl<ND, 1>(h, t, scores, m, l, acc);
+  }
+}
+
+// One tile for every query head: scores [q_heads * kTile] scratch, m and l
+// [q_heads], acc [q_heads, dp].
+METALM_CPU_CLONES static void tile_step(const QueryHeads& h, const RowTile& t, float* scores,
+                                        float* m, float* l, float* acc) {
+  switch (h.dp / kLanes) {  // compile-time head dims for the common sizes
+    case 1:
+      return row_tile_step_nd<1>(h, t, scores, m, l, acc);
+    case 2:
+      return row_tile_step_nd<2>(h, t, scores, m, l, acc);
+    case 4:
+      return row_tile_step_nd<4>(h, t, scores, m, l, acc);
+    case 8:
+      return row_tile_step_nd<8>(h, t, scores, m, l, acc);
+    default:
+      return row_tile_step_nd<0>(h, t, scores, m, l, acc);
+  }
+}
+
+// ----------------------------------------------------------------------------- double tiles
 // double: plain loops.
 METALM_ALWAYS_INLINE void softmax_update(double* scores, int64_t group, int64_t rows, double* m,
                                          double* l, double* acc, int64_t dp) {
@@ -218,102 +304,6 @@ METALM_ALWAYS_INLINE void softmax_update(double* scores, int64_t group, int64_t 
       m[g] = new_max;
     }
     l[g] += sum;
-  }
-}
-
-// ----------------------------------------------------------------------------- values
-// acc[i, 0 : 16 NC] += sum_j P[i, j] v_j for NQ query rows (row stride dp): each value
-// vector is loaded once and feeds NQ accumulators. Keys alternate between U
-// accumulator sets, so that NQ * NC * U >= 8 FMA chains run side by side.
-template <int NQ, int NC>
-METALM_ALWAYS_INLINE void accumulate(const float* probs, const float* const* v_rows,
-                                     int64_t offset, int64_t rows, int64_t dp, float* acc) {
-  constexpr int U = NQ * NC >= 8 ? 1 : 8 / (NQ * NC);
-  f32x16 a[U][NQ][NC] = {};
-  for (int i = 0; i < NQ; ++i)
-    for (int c = 0; c < NC; ++c) a[0][i][c] = load16(acc + i * dp + c * kLanes);
-  int64_t j = 0;
-  for (; j + U <= rows; j += U) {
-    for (int u = 0; u < U; ++u) {
-      const float* v_row = v_rows[j + u] + offset;
-      f32x16 v[NC];
-      for (int c = 0; c < NC; ++c) v[c] = load16(v_row + c * kLanes);
-      for (int i = 0; i < NQ; ++i) {
-        const float p = probs[i * kTile + j + u];
-        for (int c = 0; c < NC; ++c) a[u][i][c] += p * v[c];
-      }
-    }
-  }
-  for (; j < rows; ++j) {
-    const float* v_row = v_rows[j] + offset;
-    for (int i = 0; i < NQ; ++i) {
-      const float p = probs[i * kTile + j];
-      for (int c = 0; c < NC; ++c) a[0][i][c] += p * load16(v_row + c * kLanes);
-    }
-  }
-  for (int u = 1; u < U; ++u)
-    for (int i = 0; i < NQ; ++i)
-      for (int c = 0; c < NC; ++c) a[0][i][c] += a[u][i][c];
-  for (int i = 0; i < NQ; ++i)
-    for (int c = 0; c < NC; ++c) store16(acc + i * dp + c * kLanes, a[0][i][c]);
-}
-
-// The value pass over columns [0, dp) for NQ query rows, widest register blocks first.
-template <int NQ>
-METALM_ALWAYS_INLINE void accumulate_columns(const float* probs, const float* const* v_rows,
-                                             int64_t offset, int64_t rows, int64_t dp,
-                                             float* acc) {
-  constexpr int kWide = NQ == 1 ? 4 : 2;
-  int64_t d = 0;
-  for (; d + kWide * kLanes <= dp; d += kWide * kLanes)
-    accumulate<NQ, kWide>(probs, v_rows, offset + d, rows, dp, acc + d);
-  if (kWide > 2 && d + 2 * kLanes <= dp) {
-    accumulate<NQ, 2>(probs, v_rows, offset + d, rows, dp, acc + d);
-    d += 2 * kLanes;
-  }
-  if (d < dp) accumulate<NQ, 1>(probs, v_rows, offset + d, rows, dp, acc + d);
-}
-
-// ----------------------------------------------------------------------------- one step
-// One tile for the `group` query heads of one kv head: q [group, dp], key and value
-// rows (+ offsets), scores [group, kTile] scratch, m and l [group], acc [group, dp].
-template <int ND>
-METALM_ALWAYS_INLINE void tile_step_impl(const float* q, int64_t group, int64_t dp,
-                                         const float* const* k_rows, int64_t k_offset,
-                                         const float* const* v_rows, int64_t v_offset,
-                                         int64_t rows, float* scores, float* m, float* l,
-                                         float* acc) {
-  for (int64_t g = 0; g < group; ++g) {
-    const QueryRow<ND> q_row(q + g * dp, dp);
-    for (int64_t j = 0; j < rows; j += kBlock)
-      store16(scores + g * kTile + j, scores16(q_row, k_rows + j, k_offset));
-  }
-  softmax_update(scores, group, rows, m, l, acc, dp);
-  int64_t g = 0;
-  for (; g + 4 <= group; g += 4)
-    accumulate_columns<4>(scores + g * kTile, v_rows, v_offset, rows, dp, acc + g * dp);
-  for (; g < group; ++g)
-    accumulate_columns<1>(scores + g * kTile, v_rows, v_offset, rows, dp, acc + g * dp);
-}
-
-METALM_CPU_CLONES static void tile_step(const float* q, int64_t group, int64_t dp,
-                                        const float* const* k_rows, int64_t k_offset,
-                                        const float* const* v_rows, int64_t v_offset,
-                                        int64_t rows, float* scores, float* m, float* l,
-                                        float* acc) {
-  switch (dp / kLanes) {  // q in registers for the common small head dims
-    case 1:
-      return tile_step_impl<1>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
-    case 2:
-      return tile_step_impl<2>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
-    case 4:
-      return tile_step_impl<4>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
-    default:
-      return tile_step_impl<0>(q, group, dp, k_rows, k_offset, v_rows, v_offset, rows, scores,
-                               m, l, acc);
   }
 }
 

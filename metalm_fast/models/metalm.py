@@ -39,6 +39,7 @@ from metalm_fast.models.transformer import TransformerStack
 from metalm_fast.models.vision import VisionEncoder
 from metalm_fast.nn.connector import Connector
 from metalm_fast.nn.embedding import EmbeddingScatter
+from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import packed_positions
 
 __all__ = ["MetaLM", "MetaLMConfig", "PRESETS"]
@@ -125,7 +126,7 @@ class MetaLM(nn.Module):
         self.decoder = TransformerStack(config.decoder_dim, config.decoder_layers,
                                         config.decoder_heads, config.decoder_kv_heads,
                                         mlp_kind=config.mlp_kind, backend=config.backend)
-        self.lm_head = nn.Linear(config.decoder_dim, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.decoder_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied input and output embeddings
         if config.variant == "two_stack" and config.encoder_layers > 0:
             self.encoder_embedding = nn.Embedding(config.vocab_size, config.encoder_dim)

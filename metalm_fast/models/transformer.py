@@ -15,6 +15,7 @@ from torch import nn
 
 from metalm_fast.masks import SpanMask
 from metalm_fast.nn.attention import SpanSelfAttention
+from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 
 __all__ = ["MLP", "TransformerBlock", "TransformerStack"]
@@ -28,8 +29,8 @@ class MLP(nn.Module):
         if kind not in ("gelu", "swiglu"):
             raise ValueError(f"mlp kind must be 'gelu' or 'swiglu', got {kind!r}")
         self.kind = kind
-        self.up = nn.Linear(dim, 2 * hidden if kind == "swiglu" else hidden)
-        self.down = nn.Linear(hidden, dim)
+        self.up = DecodeLinear(dim, 2 * hidden if kind == "swiglu" else hidden)
+        self.down = DecodeLinear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.up(x)

@@ -7,6 +7,7 @@ from torch import nn
 
 from metalm_fast.masks import SpanMask
 from metalm_fast.nn.kv_cache_attention import cached_attention
+from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import RotaryEmbedding
 from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 from metalm_fast.ops.span_attention import span_attention
@@ -63,8 +64,8 @@ class SpanSelfAttention(nn.Module):
             head_dim = dim // num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.backend = backend
-        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
-        self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        self.qkv = DecodeLinear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
+        self.out = DecodeLinear(num_heads * head_dim, dim, bias=bias)
         self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
 
     def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None,

@@ -1,0 +1,154 @@
+"""decode_linear: ``y = x @ weight.T + bias`` for the few rows of a decode step.
+
+In a decode step every linear layer multiplies a handful of rows (the decode
+batch, 1..32) by its weight, so the work is reading the weight once against
+2 M FLOPs per weight element. torch's ``F.linear`` (MKL sgemm on the AMD CPUs
+this was measured on) streams the weight at ~13 GB/s when it is cached and
+~5 GB/s when the KV cache streamed through the caches since the last step,
+which is the real case. The ``cpu`` kernel (csrc/cpu/decode_linear.cpp) reads
+the nn.Linear weight in place, row block by row block with software prefetch,
+and keeps the FMA units busy with register tiles of dot products.
+
+Layers: the ``metalm::decode_linear`` custom op with a fake implementation
+(``torch.compile`` traces it) and the public function, which validates on the
+host and dispatches by dtype, device and autograd (see :func:`decode_linear`).
+Eager calls go straight to the compiled op: the custom op's Python wrapper
+costs microseconds, a noticeable share of a small layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from metalm_fast.ops._backend import cpu_extension
+
+__all__ = ["DECODE_ROWS", "decode_linear"]
+
+# The kernel runs for at most this many rows: a decode batch. Above it the work is
+# a real GEMM and MKL's packed sgemm is the faster kernel (prefill, training).
+DECODE_ROWS = 32
+
+_CPU_OP = "_decode_linear_cpu"
+_cpu_kernel = None  # torch.ops.metalm._decode_linear_cpu.default once registered (it stays)
+
+
+def _kernel_available() -> bool:
+    global _cpu_kernel
+    if _cpu_kernel is None:
+        cpu_extension()  # importing metalm_fast._C registers the op, when it is built
+        if hasattr(torch.ops.metalm, _CPU_OP):
+            _cpu_kernel = getattr(torch.ops.metalm, _CPU_OP).default
+    return _cpu_kernel is not None
+
+
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("metalm::decode_linear", mutates_args=())
+def _decode_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y [M, N] fp32, contiguous, from x [M, K], weight [N, K], bias [N] or None."""
+    return torch.ops.metalm._decode_linear_cpu(x, weight, bias)
+
+
+@_decode_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------- validation
+# Both run on every call of a decode step's layers: plain attribute tests, no
+# generators or device objects (a few microseconds would be a tenth of a small layer).
+def _check_inputs(x, weight, bias) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must be [..., K] with K = weight.shape[1] = {weight.shape[1]}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"bias must be [N] with N = weight.shape[0] = {weight.shape[0]}, "
+            f"got shape {tuple(bias.shape)}"
+        )
+
+
+def _uses_kernel(x, weight, bias) -> bool:
+    """The dispatch rule of :func:`decode_linear` (its Notes)."""
+    fp32 = torch.float32
+    if not (x.is_cpu and weight.is_cpu and x.dtype == fp32 and weight.dtype == fp32):
+        return False
+    if bias is not None and not (bias.is_cpu and bias.dtype == fp32):
+        return False
+    if weight.shape[1] > 1 and weight.stride(1) != 1:
+        return False
+    if x.numel() > DECODE_ROWS * x.shape[-1]:  # more than DECODE_ROWS rows
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return False
+    return _kernel_available()
+
+
+# ----------------------------------------------------------------------------- public API
+def decode_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = x @ weight.T + bias``, fast for the few rows of a decode step on CPU.
+
+    Parameters
+    ----------
+    x : [..., K]; leading dims are flattened into M rows.
+    weight : [N, K], an ``nn.Linear`` weight, read in place (never packed or
+        copied); rows may be strided, the last dim must be contiguous for the
+        kernel.
+    bias : [N] or None.
+
+    Returns
+    -------
+    y : [..., N] in x's dtype, contiguous.
+
+    Notes
+    -----
+    Dispatch, by the arguments alone (as FlashAttention picks kernels by shape):
+    the cpu kernel runs when x has at most ``DECODE_ROWS`` (32) rows, x, weight
+    and bias are float32 CPU tensors, the
+    weight's last dim is contiguous, no gradient is needed (``torch.is_grad_enabled()``
+    is False or none of them requires grad) and ``metalm_fast._C`` holds the
+    kernel; everything else is :func:`torch.nn.functional.linear`, which is exact
+    there and the faster kernel for many rows (prefill, training, other dtypes
+    and devices, autograd). The kernel accumulates in fp32;
+    it differs from ``F.linear`` only by rounding.
+
+    Example
+    -------
+    >>> import torch
+    >>> from metalm_fast.ops.decode_linear import decode_linear
+    >>> layer = torch.nn.Linear(256, 768)
+    >>> x = torch.randn(8, 256)
+    >>> with torch.no_grad():
+    ...     y = decode_linear(x, layer.weight, layer.bias)
+    >>> y.shape
+    torch.Size([8, 768])
+    """
+    _check_inputs(x, weight, bias)
+    if not _uses_kernel(x, weight, bias):
+        return F.linear(x, weight, bias)
+    rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    if torch.compiler.is_compiling():
+        y = _decode_linear(rows, weight, bias)
+    else:
+        y = _cpu_kernel(rows, weight, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
