@@ -1,7 +1,8 @@
 """CPU benchmark of the decode-step linear layers: ``decode_linear`` against ``F.linear``.
 
 Run ``python benchmarks/bench_decode_linear.py`` (``--quick`` for fewer repeats).
-It prints one table and writes nothing. Single thread, fp32, no autograd.
+It prints one table and writes a copy to benchmarks/results/cpu_decode_linear_<date>.md
+(``--no-write``: print only). Single thread, fp32, no autograd.
 
 Shapes (N, K) of the small preset's decoder (width 256): qkv (768, 256), out
 (256, 256), MLP up (1024, 256), MLP down (256, 1024), LM head (8192, 256); rows
@@ -27,6 +28,7 @@ weight bytes (N * K * 4), GFLOP/s the 2 * M * N * K multiply-adds, and
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import statistics
 import sys
@@ -39,7 +41,10 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_lines  # noqa: E402
 from metalm_fast.ops.decode_linear import _kernel_available, decode_linear  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = [
     ("qkv", 768, 256),
@@ -90,6 +95,7 @@ def time_layer(x, weight, bias, evict, repeats: dict[str, int]) -> dict[str, lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--no-write", action="store_true", help="do not write results/")
     args = parser.parse_args()
     if not _kernel_available():
         sys.exit("metalm_fast._C has no _decode_linear_cpu: rebuild it (pip install -e .)")
@@ -103,8 +109,7 @@ def main() -> None:
         f"{'GB/s':>6} {'GFLOP/s':>7} | {'ours us':>8} {'GB/s':>6} {'GFLOP/s':>7} | "
         f"{'speedup':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    lines = [header, "-" * len(header)]
     totals: dict[tuple[int, str], list[float]] = {}
     with torch.inference_mode():
         for rows in ROWS:
@@ -121,16 +126,30 @@ def main() -> None:
                         f"{t * 1e6:>{w}.1f} {weight_bytes / t / 1e9:>6.1f} {flops / t / 1e9:>7.1f}"
                         for t, w in zip(times, (11, 8))
                     )
-                    print(
+                    lines.append(
                         f"{name:<9} {n:>5} {k:>5} {rows:>3} {mode:<5} | {cells} | "
                         f"{times[0] / times[1]:>6.2f}x"
                     )
-    print("\nall five layers (sum of medians):")
+                    print(lines[-1], flush=True)
+    lines.append("\nall five layers (sum of medians):")
     for (rows, mode), (theirs, ours) in sorted(totals.items()):
-        print(
+        lines.append(
             f"  M={rows:<3} {mode:<5} F.linear {theirs * 1e6:8.1f} us   decode_linear "
             f"{ours * 1e6:8.1f} us   speedup {theirs / ours:5.2f}x"
         )
+    print("\n".join(lines[lines.index("\nall five layers (sum of medians):"):]))
+    if not args.no_write and not args.quick:
+        today = datetime.date.today().isoformat()
+        path = RESULTS / f"cpu_decode_linear_{today}.md"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            f"# CPU decode_linear vs F.linear ({today})\n\n{machine_lines()}\n"
+            f"- hot: the same weight every call; cold: a 64 MiB buffer summed before every call "
+            f"(see the script's docstring); medians of {repeats['hot']} (hot) and "
+            f"{repeats['cold']} (cold) alternating calls\n\n```\n" + "\n".join(lines) +
+            "\n```\n\nCommand: `python benchmarks/bench_decode_linear.py`\n"
+        )
+        print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "span_attention": "benchmarks/bench_span_attention.py",
     "embed_scatter": "benchmarks/bench_embed_scatter.py",
     "decode": "benchmarks/bench_decode.py",
+    "decode_linear": "benchmarks/bench_decode_linear.py",
     "end_to_end": "benchmarks/bench_end_to_end.py",
 }
 
