@@ -58,7 +58,11 @@ def test_long_sequence_splits(backend, block_size):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "heads, kv_heads, head_dim",
-    [(4, 4, 16), (6, 2, 80), (12, 4, 40), (2, 1, 128), (32, 1, 32)],
+    # The cpu kernel's cases: query heads per score vector 1 (5), 2 (6), 4 (12), 8 (24:
+    # three blocks), 16 (16, 32); head dims in registers (16, 32, 64, 128) or looped (80,
+    # 40 -> 48); one kv head per query head (adjacent heads) or shared (GQA).
+    [(4, 4, 16), (6, 2, 80), (12, 4, 40), (2, 1, 128), (32, 1, 32), (5, 5, 32), (24, 24, 32),
+     (16, 4, 64)],
 )
 def test_gqa_and_head_dims(backend, heads, kv_heads, head_dim):
     require_backend(backend, CPU_OP)
