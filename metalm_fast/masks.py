@@ -210,6 +210,23 @@ class SpanMask:
                 raise ValueError(f"kv_end[{bad}]={int(end[bad])} is beyond num_keys={num_keys}")
         return cls._trusted(start, end, num_keys)
 
+    def select_queries(self, rows: torch.Tensor) -> SpanMask:
+        """The mask of the queries ``rows`` (int64 [R], indices into [0, Tq)), same keys.
+
+        What a layer uses when only some rows' outputs are wanted (the last
+        position of each prompt before the LM head): those queries attend
+        exactly as before, over all Tk keys.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.int64, device=self.kv_start.device)
+        if rows.dim() != 1:
+            raise ValueError(f"rows must be 1-D, got shape {tuple(rows.shape)}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_queries):
+            raise ValueError(
+                f"rows must lie in [0, {self.num_queries}), got [{int(rows.min())}, "
+                f"{int(rows.max())}]"
+            )
+        return type(self)._trusted(self.kv_start[rows], self.kv_end[rows], self.num_keys)
+
     @classmethod
     def causal(cls, cu_seqlens, num_tokens: int | None = None) -> SpanMask:
         """Causal attention inside each packed sequence: ``[seq_start, t + 1)``.

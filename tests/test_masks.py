@@ -81,6 +81,19 @@ def test_from_intervals_and_num_pairs():
     assert not mask.monotone
 
 
+def test_select_queries_keeps_their_intervals_and_the_keys():
+    mask = SpanMask.semi_causal([0, 10, 16], [2], [6])
+    rows = torch.tensor([9, 3, 15])
+    picked = mask.select_queries(rows)
+    assert picked.num_queries == 3 and picked.num_keys == 16
+    assert torch.equal(picked.to_dense(), mask.to_dense()[rows])
+    for bad in ([16], [-1]):
+        with pytest.raises(ValueError, match=r"rows must lie in \[0, 16\)"):
+            mask.select_queries(torch.tensor(bad))
+    with pytest.raises(ValueError, match="rows must be 1-D"):
+        mask.select_queries(torch.tensor([[1]]))
+
+
 @pytest.mark.parametrize(
     "build, match",
     [

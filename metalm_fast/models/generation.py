@@ -13,7 +13,8 @@ With the cache (``use_cache=True``, the fast path):
    encoder, image rows from the vision encoder, scattered by embed_scatter;
    SpanMask.causal for two_stack, SpanMask.semi_causal over the prompt spans
    for single_stack). Every layer appends its keys and values to its pages;
-   the LM head runs on each prompt's last position only;
+   the last layer attends and runs its MLP for each prompt's last position
+   only, the rows the LM head reads (TransformerStack's ``output_rows``);
 3. decode: one token per unfinished sequence per step. A step is one
    ``cache.step`` shared by every layer, the token embeddings, the decoder
    (paged_decode_attention over each sequence's pages) and the LM head; only
@@ -117,10 +118,9 @@ def prefill(model, prompts, cache: PagedKVCache, seq_ids: list[int], *,
     hidden, mask = model.decoder_inputs(prompts)
     cu = prompts.cu_seqlens
     step = cache.step(seq_ids, (cu[1:] - cu[:-1]).tolist())
-    hidden = model.decoder(hidden, mask, cache=cache, step=step)
-    if last_only:
-        hidden = hidden[cu[1:].to(torch.int64) - 1]
-    return model.lm_head(hidden)
+    # The last layer runs for the rows the LM head reads (see TransformerStack).
+    last = (cu[1:].to(torch.int64) - 1).to(hidden.device) if last_only else None
+    return model.lm_head(model.decoder(hidden, mask, cache=cache, step=step, output_rows=last))
 
 
 def decode_step(model, tokens: torch.Tensor, cache: PagedKVCache,

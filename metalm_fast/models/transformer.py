@@ -52,9 +52,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: SpanMask | None, positions: torch.Tensor | None,
                 *, cache: PagedKVCache | None = None, layer_idx: int | None = None,
-                step: CacheStep | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), mask, positions, cache=cache,
-                               layer_idx=layer_idx, step=step)
+                step: CacheStep | None = None, query_rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        attended = self.attention(self.attention_norm(x), mask, positions, cache=cache,
+                                  layer_idx=layer_idx, step=step, query_rows=query_rows)
+        x = (x if query_rows is None else x[query_rows]) + attended
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -70,6 +72,13 @@ class TransformerStack(nn.Module):
     and values in the cache's layer ``i``, positions default to ``step.positions``
     and ``mask`` (over the new tokens) is needed only for a prefill that is not
     causal (see metalm_fast.nn.kv_cache_attention).
+
+    ``output_rows`` (int64 [R]): return only these rows ([R, Dm]). Every layer
+    but the last runs on all rows (they are the next layer's keys and values);
+    the last layer attends, and runs its MLP and the final norm, for these rows
+    only: in a prefill, the last position of each prompt, the only rows the LM
+    head reads (llama.cpp prunes its last layer the same way). The same math:
+    each row's output depends only on its own query and on the keys and values.
     """
 
     def __init__(self, dim: int, num_layers: int, num_heads: int, num_kv_heads: int | None = None,
@@ -86,11 +95,16 @@ class TransformerStack(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: SpanMask | None = None,
                 positions: torch.Tensor | None = None, *, cache: PagedKVCache | None = None,
-                step: CacheStep | None = None) -> torch.Tensor:
-        if cache is None:
-            for block in self.blocks:
-                x = block(x, mask, positions)
-        else:
-            for layer_idx, block in enumerate(self.blocks):
-                x = block(x, mask, positions, cache=cache, layer_idx=layer_idx, step=step)
+                step: CacheStep | None = None, output_rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        last = len(self.blocks) - 1
+        for layer_idx, block in enumerate(self.blocks):
+            rows = output_rows if layer_idx == last else None
+            if cache is None:
+                x = block(x, mask, positions, query_rows=rows)
+            else:
+                x = block(x, mask, positions, cache=cache, layer_idx=layer_idx, step=step,
+                          query_rows=rows)
+        if output_rows is not None and not self.blocks:
+            x = x[output_rows]
         return self.norm(x)

@@ -32,6 +32,11 @@ class SpanSelfAttention(nn.Module):
     q, k and v are views into one fused projection, so without rotary the
     kernel reads them strided from the [T, (Hq + 2 Hkv) D] buffer, uncopied.
 
+    ``query_rows`` (int64 [R]): only these rows' outputs are computed ([R, Dm]);
+    every row still serves as a key and value (and reaches the cache). A
+    prefill passes each prompt's last position in the last layer, the only rows
+    the LM head reads.
+
     With a paged KV cache (generation): ``forward(x [T_new, Dm], mask | None,
     cache=cache, layer_idx=i, step=step)`` where ``step = cache.step(seq_ids,
     num_new_tokens)`` is built once per forward pass and shared by all layers.
@@ -96,11 +101,14 @@ class SpanSelfAttention(nn.Module):
         cache: PagedKVCache | None = None,
         layer_idx: int | None = None,
         step: CacheStep | None = None,
+        query_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if cache is None:
             if mask is None:
                 raise ValueError("mask is required when no cache is given")
             q, k, v = self.project_qkv(x, positions)
+            if query_rows is not None:
+                q, mask = q[query_rows], mask.select_queries(query_rows)
             attended = span_attention(q, k, v, mask, backend=self.backend)
         else:
             if step is None or layer_idx is None:
@@ -111,5 +119,5 @@ class SpanSelfAttention(nn.Module):
             else:
                 q, k, v = self.project_qkv(x, positions)
             attended = cached_attention(q, k, v, cache=cache, layer_idx=layer_idx, step=step,
-                                        mask=mask, backend=self.backend)
-        return self.out(attended.reshape(x.shape[0], self.num_heads * self.head_dim))
+                                        mask=mask, backend=self.backend, query_rows=query_rows)
+        return self.out(attended.reshape(attended.shape[0], self.num_heads * self.head_dim))

@@ -54,6 +54,7 @@ def cached_attention(
     step: CacheStep,
     mask: SpanMask | None = None,
     backend: str = "auto",
+    query_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append this step's keys and values to ``layer_idx``'s pages and attend.
 
@@ -66,26 +67,29 @@ def cached_attention(
     mask : SpanMask over the new tokens (as if each chunk were a whole
         sequence); default causal. Unused when every sequence adds one token.
     backend : passed to every op ("auto" picks per device).
+    query_rows : int64 [R] or None: attend for these new tokens only (prefill and
+        continued prefill; every new token's keys and values are still appended).
 
     Returns
     -------
-    [T_new, Hq, D] in q's dtype.
+    [T_new, Hq, D] (or [R, Hq, D]) in q's dtype.
     """
     if step.num_tokens != q.shape[0]:
         raise ValueError(
             f"step adds {step.num_tokens} tokens but q has {q.shape[0]} (q.shape[0], step)"
         )
     k_cache, v_cache = cache.key_cache(layer_idx), cache.value_cache(layer_idx)
-    if step.is_decode:
+    if step.is_decode and query_rows is None:
         return _decode(q, k, v, k_cache, v_cache, cache, step, backend)
     cache.append(layer_idx, k, v, step.slot_mapping, backend=backend)
     if mask is None:
         mask = SpanMask.causal(step.cu_seqlens)
-    if not any(step.context_lens):
-        return span_attention(q, k, v, mask, backend=backend)
-    keys = gather_cached_kv(k_cache, step)
-    values = gather_cached_kv(v_cache, step)
-    return span_attention(q, keys, values, continued_prefill_mask(mask, step), backend=backend)
+    if any(step.context_lens):
+        k, v = gather_cached_kv(k_cache, step), gather_cached_kv(v_cache, step)
+        mask = continued_prefill_mask(mask, step)
+    if query_rows is not None:
+        q, mask = q[query_rows], mask.select_queries(query_rows)
+    return span_attention(q, k, v, mask, backend=backend)
 
 
 def _decode(q, k, v, k_cache, v_cache, cache: PagedKVCache, step: CacheStep,

@@ -144,11 +144,14 @@ def test_prefill_logits_match_model_logits(variant):
     seq_ids = [cache.allocate() for _ in lengths]
     with torch.no_grad():
         logits = prefill(fast, batch, cache, seq_ids, last_only=False)
-        other = new_cache(fast, lengths, max_new_tokens=4)
+        other = new_cache(fast, lengths, max_new_tokens=4, block_size=4)
         last = prefill(fast, batch, other, [other.allocate() for _ in lengths])
         base, gold = baseline.logits(batch), golden.logits(batch)
     assert_within_tolerance(logits, gold, base, "prefill logits")
+    # last_only prunes the last layer to the prompts' last rows: same logits there, and
+    # every layer's keys and values still reach the cache, bit for bit.
     torch.testing.assert_close(last, logits[batch.cu_seqlens[1:] - 1])
+    assert torch.equal(cache.kv, other.kv)
     assert cache.seq_len(seq_ids[2]) == 33
 
 

@@ -8,6 +8,7 @@ import torch
 
 from metalm_fast.data.collator import SemiCausalCollator
 from metalm_fast.models import PRESETS, MetaLM
+from metalm_fast.nn.rotary import packed_positions
 
 
 def _batch(seed=0):
@@ -41,6 +42,21 @@ def test_fast_path_matches_reference_path(variant):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["two_stack", "single_stack"])
+def test_decoder_output_rows_equal_the_full_forward_rows(variant):
+    """output_rows prunes the last layer to some rows: their outputs are unchanged."""
+    batch = _batch()
+    model = _model(variant, "cpu").eval()
+    hidden, mask = model.decoder_inputs(batch)
+    positions = packed_positions(batch.cu_seqlens)
+    rows = batch.cu_seqlens[1:].to(torch.int64) - 1
+    with torch.no_grad():
+        full = model.decoder(hidden, mask, positions)
+        pruned = model.decoder(hidden, mask, positions, output_rows=rows)
+    assert pruned.shape == (3, full.shape[1])
+    torch.testing.assert_close(pruned, full[rows], rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_model_learns_a_fixed_batch():

@@ -1,0 +1,75 @@
+"""The fused CPU rotary kernel against the rotate-half tensor expression: bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metalm_fast.nn.rotary as rotary
+from metalm_fast.nn.rotary import RotaryEmbedding
+from metalm_fast.ops._backend import cpu_extension
+
+
+def require_kernel() -> None:
+    cpu_extension()
+    if not hasattr(torch.ops.metalm, "_rotary_cpu"):
+        pytest.skip("metalm_fast._C has no _rotary_cpu: rebuild it (pip install -e .)")
+
+
+def expression(module, q, k, positions):
+    """rotate_pair through the tensor expression (the kernel switched off)."""
+    saved = rotary._uses_kernel
+    rotary._uses_kernel = lambda x, cos: False
+    try:
+        return module.rotate_pair(q, k, positions)
+    finally:
+        rotary._uses_kernel = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim", [(1, 1, 1, 2), (37, 8, 8, 32),
+                                                               (130, 6, 2, 64), (5, 4, 1, 128)])
+def test_kernel_equals_the_expression_bit_for_bit(dtype, tokens, heads, kv_heads, head_dim):
+    """q and k sliced from a fused projection (strided rows), packed positions."""
+    require_kernel()
+    generator = torch.Generator().manual_seed(tokens + head_dim)
+    width = (heads + 2 * kv_heads) * head_dim
+    fused = torch.randn(tokens, width, generator=generator, dtype=dtype) * 3
+    q = fused[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = fused[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 5000, (tokens,), generator=generator)
+    module = RotaryEmbedding(head_dim)
+    with torch.no_grad():
+        assert rotary._uses_kernel(q, torch.empty(0, dtype=dtype))
+        got = module.rotate_pair(q, k, positions)
+        want = expression(module, q, k, positions)
+    for a, b in zip(got, want):
+        assert a.is_contiguous() and torch.equal(a, b)
+
+
+def test_autograd_and_other_dtypes_use_the_expression():
+    require_kernel()
+    table = torch.empty(0)
+    x = torch.randn(4, 2, 8, requires_grad=True)
+    assert not rotary._uses_kernel(x, table)  # the kernel has no backward
+    with torch.no_grad():
+        assert rotary._uses_kernel(x, table)
+        assert not rotary._uses_kernel(x.half(), table)  # fp16 rows, fp32 tables
+    out = RotaryEmbedding(8)(x, torch.arange(4))
+    out.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "x, cos, match",
+    [
+        (torch.randn(3, 2, 8), torch.randn(3, 1, 6), r"cos and signed_sin must be contiguous"),
+        (torch.randn(3, 2, 8), torch.randn(3, 1, 8, dtype=torch.float64), "share a dtype"),
+        (torch.randn(3, 8), torch.randn(3, 1, 8), r"x must be \[T, H, D\]"),
+        (torch.randn(3, 2, 7), torch.randn(3, 1, 7), "must be even"),
+    ],
+)
+def test_kernel_checks_name_the_argument(x, cos, match):
+    require_kernel()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.metalm._rotary_cpu(x, cos, cos)
