@@ -232,7 +232,8 @@ METALM_ALWAYS_INLINE void row_value_pass(const QueryHeads& h, const RowTile& t,
       int64_t c0 = 0;
       for (; c0 + 4 * kLanes <= h.dp; c0 += 4 * kLanes)
         row_values<ND, HB, 4, CH, kAdjacent>(h, t, scores, h0, c0, acc);
-      for (; c0 < h.dp; c0 += kLanes) row_values<ND, HB, 1, CH, kAdjacent>(h, t, scores, h0, c0, acc);
+      for (; c0 < h.dp; c0 += kLanes)
+        row_values<ND, HB, 1, CH, kAdjacent>(h, t, scores, h0, c0, acc);
     }
   }
 }

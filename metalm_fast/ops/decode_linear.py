@@ -11,7 +11,8 @@ and keeps the FMA units busy with register tiles of dot products.
 
 Layers: the ``metalm::decode_linear`` custom op with a fake implementation
 (``torch.compile`` traces it) and the public function, which validates on the
-host and dispatches by dtype, device and autograd (see :func:`decode_linear`).
+host and dispatches by row count, dtype, device and autograd (see
+:func:`decode_linear`).
 Eager calls go straight to the compiled op: the custom op's Python wrapper
 costs microseconds, a noticeable share of a small layer.
 """
