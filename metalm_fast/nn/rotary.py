@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops.rotary import apply_rotary
 
 __all__ = ["RotaryEmbedding", "packed_positions"]
 
@@ -68,36 +68,8 @@ class RotaryEmbedding(nn.Module):
         tables = None if memo is None else memo.get(key)
         if tables is None:
             cos, sin = self.cos_sin(positions, compute)
-            # [cos, cos] and [-sin, sin] over the full head dim, for _rotate.
+            # [cos, cos] and [-sin, sin] over the full head dim, for apply_rotary.
             tables = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
             if memo is not None:
                 memo[key] = tables
-        return _rotate(q, *tables), None if k is None else _rotate(k, *tables)
-
-
-def _uses_kernel(x: torch.Tensor, cos: torch.Tensor) -> bool:
-    """csrc/cpu/rotary.cpp runs in eager inference on CPU when x is in the tables' dtype."""
-    if torch.compiler.is_compiling():  # inductor fuses the expression below itself
-        return False
-    if not (x.is_cpu and x.dtype == cos.dtype and x.stride(-1) == 1):
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:  # the kernel has no backward
-        return False
-    return cpu_extension() is not None and hasattr(torch.ops.metalm, "_rotary_cpu")
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x * [cos, cos] + [second, first] * [-sin, sin], x = [first, second] halves.
-
-    Bit for bit the rotate-half formula (first cos - second sin, second cos + first
-    sin: a - b is a + (-b) exactly), in four ops instead of eight. In eager
-    inference on CPU (x in the tables' dtype, fp32 or fp64) the same sums come from
-    one fused pass (csrc/cpu/rotary.cpp: same products and sums, bit for bit); the
-    tensor expression serves autograd, torch.compile and other devices.
-    """
-    if _uses_kernel(x, cos):
-        return torch.ops.metalm._rotary_cpu(x, cos, signed_sin)
-    same = x.dtype == cos.dtype
-    y = x if same else x.to(cos.dtype)
-    rotated = y * cos + y.roll(y.shape[-1] // 2, dims=-1) * signed_sin
-    return rotated if same else rotated.to(x.dtype)
+        return apply_rotary(q, *tables), None if k is None else apply_rotary(k, *tables)

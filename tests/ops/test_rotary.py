@@ -1,13 +1,15 @@
-"""The fused CPU rotary kernel against the rotate-half tensor expression: bit for bit."""
+"""apply_rotary: the fused CPU kernel against the rotate-half tensor expression (bit for
+bit), its dispatch rule and its errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import metalm_fast.nn.rotary as rotary
+import metalm_fast.ops.rotary as rotary
 from metalm_fast.nn.rotary import RotaryEmbedding
 from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops.rotary import apply_rotary
 
 
 def require_kernel() -> None:
@@ -73,3 +75,24 @@ def test_kernel_checks_name_the_argument(x, cos, match):
     require_kernel()
     with pytest.raises(RuntimeError, match=match):
         torch.ops.metalm._rotary_cpu(x, cos, cos)
+
+
+@pytest.mark.parametrize(
+    "x_shape, table_shape, match",
+    [
+        ((3, 2), (3, 1, 2), r"x must be \[T, H, D\] with D even"),
+        ((3, 2, 7), (3, 1, 7), r"x must be \[T, H, D\] with D even"),
+        ((3, 2, 8), (3, 2, 8), r"cos must be \[T, 1, D\] = \[3, 1, 8\]"),
+        ((3, 2, 8), (4, 1, 8), r"cos must be \[T, 1, D\]"),
+    ],
+)
+def test_bad_shapes_name_the_argument(x_shape, table_shape, match):
+    table = torch.zeros(table_shape)
+    with pytest.raises(ValueError, match=match):
+        apply_rotary(torch.zeros(x_shape), table, table)
+
+
+def test_tables_must_share_a_dtype():
+    with pytest.raises(ValueError, match="cos and signed_sin must share a dtype"):
+        apply_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8),
+                     torch.zeros(3, 1, 8, dtype=torch.float64))

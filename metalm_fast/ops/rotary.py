@@ -1,0 +1,76 @@
+"""apply_rotary: the rotate-half rotation of packed head vectors by precomputed tables.
+
+``apply_rotary(x [T, H, D], cos [T, 1, D], signed_sin [T, 1, D]) -> [T, H, D]`` with
+``cos = [cos, cos]`` and ``signed_sin = [-sin, sin]`` over the two halves of the
+head dim (metalm_fast.nn.RotaryEmbedding builds them once per step):
+
+    out = x * cos + [second, first] * signed_sin,   x = [first, second]
+
+which is the rotate-half formula (first cos - second sin, second cos + first sin;
+a - b is a + (-b) exactly) bit for bit, in four tensor ops instead of eight.
+
+Dispatch, by the arguments alone: in eager inference on CPU with x in the tables'
+dtype (fp32 or fp64) and a contiguous last dim, the ``cpu`` kernel
+(csrc/cpu/rotary.cpp) computes the same products and sums in one pass, bit for
+bit (the tensor expression makes four passes over q and k, ~15 % of a small
+model's prefill). Autograd, torch.compile (inductor fuses the expression
+itself), other devices and dtypes, and a missing build run the tensor expression.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from metalm_fast.ops._backend import cpu_extension
+
+__all__ = ["apply_rotary"]
+
+_CPU_OP = "_rotary_cpu"
+
+
+def _check_inputs(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    if x.dim() != 3 or x.shape[-1] % 2:
+        raise ValueError(f"x must be [T, H, D] with D even, got shape {tuple(x.shape)}")
+    expected = (x.shape[0], 1, x.shape[2])
+    for name, table in (("cos", cos), ("signed_sin", signed_sin)):
+        if tuple(table.shape) != expected:
+            raise ValueError(f"{name} must be [T, 1, D] = {list(expected)}, got "
+                             f"{list(table.shape)}")
+    if cos.dtype != signed_sin.dtype or cos.device != signed_sin.device:
+        raise ValueError(f"cos and signed_sin must share a dtype and device, got {cos.dtype} "
+                         f"on {cos.device} and {signed_sin.dtype} on {signed_sin.device}")
+
+
+def _uses_kernel(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """The dispatch rule of the module docstring."""
+    if torch.compiler.is_compiling():
+        return False
+    if not (x.is_cpu and x.dtype == cos.dtype and x.stride(-1) == 1):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:  # the kernel has no backward
+        return False
+    return cpu_extension() is not None and hasattr(torch.ops.metalm, _CPU_OP)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated by the tables cos, signed_sin [T, 1, D] (see the module).
+
+    Returns a new [T, H, D] tensor in x's dtype; the tables may be wider (the
+    rotation is computed in their dtype). x may be a strided view (q or k sliced
+    from a fused qkv projection).
+
+    Example
+    -------
+    >>> import torch
+    >>> x = torch.tensor([[[1.0, 0.0]]])          # T = 1, H = 1, D = 2
+    >>> cos, signed_sin = torch.zeros(1, 1, 2), torch.tensor([[[-1.0, 1.0]]])
+    >>> apply_rotary(x, cos, signed_sin).tolist()  # a quarter turn
+    [[[0.0, 1.0]]]
+    """
+    _check_inputs(x, cos, signed_sin)
+    if _uses_kernel(x, cos):
+        return getattr(torch.ops.metalm, _CPU_OP)(x, cos.contiguous(), signed_sin.contiguous())
+    same = x.dtype == cos.dtype
+    y = x if same else x.to(cos.dtype)
+    rotated = y * cos + y.roll(y.shape[-1] // 2, dims=-1) * signed_sin
+    return rotated if same else rotated.to(x.dtype)
