@@ -70,7 +70,8 @@ using vec16::fold3;
 using vec16::fold4;
 using vec16::kLanes;  // floats per vector (one zmm, two ymm or four xmm)
 using vec16::load16;
-using vec16::prefetch_l2;
+using vec16::CacheLevel;
+using vec16::prefetch;
 
 constexpr int kRows = 4;   // weight rows per block
 constexpr int kXRows = 4;  // x rows per register tile: 16 accumulators, 4 + 4 loads
@@ -99,18 +100,18 @@ METALM_ALWAYS_INLINE void fold_sums(const f32x16* acc, float* sums) {
 // The kRows x MR dot products of one weight block and MR x rows over K:
 // `chunks` full 16-float chunks read in place, then (when tail) one chunk from
 // the zero-padded copies w_tail [kRows][16] and x_tail rows. out[r * MR + m] =
-// w_r . x_m. With `prefetch` set, one line of each row of the block ahead is
-// prefetched per chunk.
+// w_r . x_m. With `ahead` set (the rows of the block ahead), one line of each of
+// them is prefetched per chunk.
 template <int MR>
 METALM_ALWAYS_INLINE void dot_tile(const float* const* w, const float* const* x, int64_t chunks,
                                    const float* w_tail, const float* const* x_tail,
-                                   const float* const* prefetch, float* out) {
+                                   const float* const* ahead, float* out) {
   f32x16 acc[kRows * MR];
   for (int i = 0; i < kRows * MR; ++i) acc[i] = f32x16{};
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t k = c * kLanes;
-    if (prefetch != nullptr)
-      for (int r = 0; r < kRows; ++r) prefetch_l2(prefetch[r] + k);
+    if (ahead != nullptr)
+      for (int r = 0; r < kRows; ++r) prefetch<CacheLevel::kL2>(ahead[r] + k);
     f32x16 wv[kRows];
     for (int r = 0; r < kRows; ++r) wv[r] = load16(w[r] + k);
     for (int m = 0; m < MR; ++m) {
@@ -151,12 +152,12 @@ METALM_CPU_CLONES static void linear_blocks(const Problem& p, int64_t block_begi
     const float* w[kRows];
     for (int r = 0; r < kRows; ++r) w[r] = p.weight + std::min(n0 + r, p.n - 1) * p.w_stride;
     const float* ahead[kRows];
-    const float* const* prefetch = nullptr;
+    const float* const* ahead_rows = nullptr;  // none past the last block
     if (block + ahead_blocks < blocks) {
       const int64_t n_ahead = n0 + ahead_blocks * kRows;
       for (int r = 0; r < kRows; ++r)
         ahead[r] = p.weight + std::min(n_ahead + r, p.n - 1) * p.w_stride;
-      prefetch = ahead;
+      ahead_rows = ahead;
     }
     if (tail > 0)
       for (int r = 0; r < kRows; ++r) std::memcpy(w_tail + r * kLanes, w[r] + chunks * kLanes,
@@ -172,7 +173,7 @@ METALM_CPU_CLONES static void linear_blocks(const Problem& p, int64_t block_begi
       }
       float out[kRows * kXRows];
       const float* wt = tail > 0 ? w_tail : nullptr;
-      const float* const* pf = m0 == 0 ? prefetch : nullptr;
+      const float* const* pf = m0 == 0 ? ahead_rows : nullptr;
       // MR = rows: a short last x block computes no padding rows.
       static_assert(kXRows <= 8, "add cases below for larger x tiles");
       switch (rows) {

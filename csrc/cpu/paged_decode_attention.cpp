@@ -69,7 +69,8 @@ namespace {
 using paged_decode::kBlock;
 using paged_decode::kLanes;
 using paged_decode::kTile;
-using paged_decode::prefetch_l1;
+using paged_decode::CacheLevel;
+using paged_decode::prefetch;
 using paged_decode::tile_step;
 
 constexpr int64_t kMinSplitKeys = 256;  // a split shorter than this is not worth a merge
@@ -153,8 +154,8 @@ void prefetch_rows(const Problem& p, const int32_t* pages, int64_t first, int64_
     const char* v_row = static_cast<const char*>(p.v.data) +
                         (page * p.v.block_stride + offset * p.v.row_stride) * sizeof(scalar_t);
     for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-      prefetch_l1(k_row + byte);
-      prefetch_l1(v_row + byte);
+      prefetch<CacheLevel::kL1>(k_row + byte);
+      prefetch<CacheLevel::kL1>(v_row + byte);
     }
   }
 }

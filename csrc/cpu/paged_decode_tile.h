@@ -53,8 +53,8 @@ using vec16::kLanes;  // floats per vector; dp is D rounded up to this
 using vec16::load16;
 using vec16::max_of;
 using vec16::opaque;
-using vec16::prefetch_l1;
-using vec16::prefetch_l2;
+using vec16::CacheLevel;
+using vec16::prefetch;
 using vec16::store16;
 using vec16::swap_blocks;
 
@@ -81,7 +81,7 @@ METALM_ALWAYS_INLINE void prefetch_next_row(const float* const* next, int64_t ne
                                             int64_t row_bytes, int64_t j) {
   if (j >= next_rows) return;
   const char* row = reinterpret_cast<const char*>(next[j]);
-  for (int64_t byte = 0; byte < row_bytes; byte += 64) prefetch_l2(row + byte);
+  for (int64_t byte = 0; byte < row_bytes; byte += 64) prefetch<CacheLevel::kL2>(row + byte);
 }
 
 // The query heads: q [q_heads, dp] pre-scaled; query head i reads kv head i / group.

@@ -92,21 +92,23 @@ METALM_ALWAYS_INLINE f32x16 fold16(const Product& product) {
 }
 
 // ----------------------------------------------------------------------------- memory
-// Software prefetches (to L2, to L1), as asm on x86-64: GCC 12's dead-code elimination
-// deleted __builtin_prefetch calls here (nothing else reads their addresses).
-METALM_ALWAYS_INLINE void prefetch_l2(const void* address) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(address)));
-#else
-  __builtin_prefetch(address, 0, 2);
-#endif
-}
+// Where a software prefetch puts the line.
+enum class CacheLevel { kL1, kL2 };
 
-METALM_ALWAYS_INLINE void prefetch_l1(const void* address) {
+// A software prefetch of the line holding `address`, as asm on x86-64: GCC 12's
+// dead-code elimination deleted __builtin_prefetch calls here (nothing else reads
+// their addresses).
+template <CacheLevel level>
+METALM_ALWAYS_INLINE void prefetch(const void* address) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(address)));
+  const char* line = static_cast<const char*>(address);
+  if constexpr (level == CacheLevel::kL1) {
+    asm volatile("prefetcht0 %0" : : "m"(*line));
+  } else {
+    asm volatile("prefetcht1 %0" : : "m"(*line));
+  }
 #else
-  __builtin_prefetch(address, 0, 3);
+  __builtin_prefetch(address, 0, level == CacheLevel::kL1 ? 3 : 2);
 #endif
 }
 

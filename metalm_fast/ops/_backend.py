@@ -45,6 +45,16 @@ def cuda_extension():
     return _import_extension("_cuda")[0]
 
 
+def eager_inference() -> bool:
+    """True under torch.inference_mode outside torch.compile tracing.
+
+    There a custom op's Python wrapper (dispatch, aliasing checks: 5-15 us a call)
+    guards nothing, so the per-layer fast paths of a decode step call the
+    backend's kernel directly; torch.compile still traces the custom op.
+    """
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -33,7 +33,12 @@ from dataclasses import dataclass, field
 import torch
 
 from metalm_fast import reference
-from metalm_fast.ops._backend import cpu_extension, cuda_extension, resolve_backend
+from metalm_fast.ops._backend import (
+    cpu_extension,
+    cuda_extension,
+    eager_inference,
+    resolve_backend,
+)
 from metalm_fast.ops._validation import FLOAT_DTYPES, check_float_tensor, check_index_tensor
 
 __all__ = ["CacheStep", "KVCacheFullError", "PagedKVCache", "kv_cache_append"]
@@ -282,9 +287,7 @@ def append_unchecked(k_cache, v_cache, k_new, v_new, slot_mapping, backend: str)
     dtypes, devices and strides (the layers of one decode step share a pool and a
     slot mapping; metalm_fast.nn.kv_cache_attention checks the first layer only).
     """
-    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
-        # Eager inference: the custom op's Python wrapper (dispatch, aliasing checks,
-        # ~15 us a call) guards nothing here; torch.compile still traces the custom op.
+    if eager_inference():
         _APPEND[backend](k_cache, v_cache, k_new, v_new, slot_mapping)
         return
     _kv_cache_append(k_cache, v_cache, k_new.detach(), v_new.detach(), slot_mapping, backend)

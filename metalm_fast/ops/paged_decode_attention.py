@@ -29,7 +29,7 @@ import math
 import torch
 
 from metalm_fast import reference
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops._backend import cpu_extension, eager_inference
 from metalm_fast.ops._validation import (
     check_float_tensor,
     check_gqa_heads,
@@ -233,8 +233,6 @@ def decode_unchecked(q, k_cache, v_cache, block_table, seq_lens, scale: float,
     block table and the lengths; metalm_fast.nn.kv_cache_attention checks the
     first layer only).
     """
-    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
-        # Eager inference: skip the custom op's Python wrapper (~5 us a call); the
-        # result is the same, and torch.compile still traces the custom op.
+    if eager_inference():  # the same result without the custom op's wrapper
         return _DECODE[backend](q, k_cache, v_cache, block_table, seq_lens, scale).contiguous()
     return _paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale, backend)
