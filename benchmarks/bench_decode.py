@@ -50,11 +50,9 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_lines, time_interleaved  # noqa: E402
+from benchmarks.common import machine_lines, time_interleaved, write_result  # noqa: E402
 from metalm_fast import PagedKVCache, SpanMask, paged_decode_attention  # noqa: E402
 from metalm_fast.nn import SpanSelfAttention, packed_positions  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -268,20 +266,17 @@ def main(argv=None) -> int:
     title = f"CPU paged decode benchmark ({today})"
     print(title, table, check_lines, sep="\n\n")
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"cpu_decode_{today}{'_quick' if args.quick else ''}.md"
         machine = (
             f"{machine_lines()}\n- load average {load:.1f} at start\n"
             f"- decode: median of {args.repeats} round-robin repeats after {args.warmup} "
             "warm-up rounds; generation: one timed run each after a short warm-up\n"
             "- the machine is shared: compare ratios within this table only"
         )
-        path.write_text(
-            f"# {title}\n\n{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n"
-            f"{check_lines}\n```\n\nCommand: `python benchmarks/bench_decode.py"
-            f"{' --quick' if args.quick else ''}`\n"
+        write_result(
+            f"cpu_decode_{today}{'_quick' if args.quick else ''}", title,
+            f"{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n{check_lines}\n```",
+            f"python benchmarks/bench_decode.py{' --quick' if args.quick else ''}",
         )
-        print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
     return 0 if all(ok for ok, _ in checks) else 1
 
 

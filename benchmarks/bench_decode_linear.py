@@ -41,10 +41,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_lines  # noqa: E402
+from benchmarks.common import machine_lines, write_result  # noqa: E402
 from metalm_fast.ops.decode_linear import _kernel_available, decode_linear  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = [
     ("qkv", 768, 256),
@@ -140,16 +138,14 @@ def main() -> None:
     print("\n".join(lines[lines.index("\nall five layers (sum of medians):"):]))
     if not args.no_write and not args.quick:
         today = datetime.date.today().isoformat()
-        path = RESULTS / f"cpu_decode_linear_{today}.md"
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            f"# CPU decode_linear vs F.linear ({today})\n\n{machine_lines()}\n"
+        write_result(
+            f"cpu_decode_linear_{today}", f"CPU decode_linear vs F.linear ({today})",
+            f"{machine_lines()}\n"
             f"- hot: the same weight every call; cold: a 64 MiB buffer summed before every call "
             f"(see the script's docstring); medians of {repeats['hot']} (hot) and "
-            f"{repeats['cold']} (cold) alternating calls\n\n```\n" + "\n".join(lines) +
-            "\n```\n\nCommand: `python benchmarks/bench_decode_linear.py`\n"
+            f"{repeats['cold']} (cold) alternating calls\n\n```\n" + "\n".join(lines) + "\n```",
+            "python benchmarks/bench_decode_linear.py",
         )
-        print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
 
 
 if __name__ == "__main__":

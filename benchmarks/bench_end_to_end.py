@@ -69,12 +69,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_lines  # noqa: E402
+from benchmarks.common import machine_lines, write_result  # noqa: E402
 from benchmarks.hf_style import hf_style_generate, hf_style_loss  # noqa: E402
 from metalm_fast.data.collator import SemiCausalCollator, build_batch, pack_documents  # noqa: E402
 from metalm_fast.models import PRESETS, MetaLM  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("fast", "hf_style")
 
 
@@ -431,16 +430,14 @@ def main(argv=None) -> int:
     print(title, table, checks, sep="\n\n")
     print(f"({time.perf_counter() - start:.0f} s)")
     if not args.no_write and not args.quick:
-        out = Path(args.out) if args.out else RESULTS / f"cpu_end_to_end_{today}.md"
         machine = (f"{machine_lines()}\n- load average {load:.1f} at start\n"
                    f"- training: median over {settings.repeats} alternating steps per path after "
                    f"a warm-up step on a short batch; generation: median of "
                    f"{settings.gen_repeats} alternating runs after a warm-up run\n"
                    "- the machine is shared: compare ratios within this table only")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"# {title}\n\n{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n"
-                       f"{checks}\n```\n\nCommand: `python benchmarks/bench_end_to_end.py`\n")
-        print(f"wrote {out}")
+        write_result(f"cpu_end_to_end_{today}", title,
+                     f"{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n{checks}\n```",
+                     "python benchmarks/bench_end_to_end.py", path=args.out)
     judged = [row for row in rows if not args.quick or "identical" in row.name]
     return 0 if all(row.passed is not False for row in judged) else 1
 

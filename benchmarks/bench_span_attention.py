@@ -54,10 +54,9 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
     time_once_each,
     to_bhtd,
+    write_result,
 )
 from metalm_fast import reference, span_attention  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def single_threaded(fn):
@@ -307,21 +306,19 @@ def main(argv: list[str] | None = None) -> int:
     print(check_lines)
 
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
         suffix = "_quick" if args.quick else ""
-        path = RESULTS / f"cpu_span_attention_{today}{suffix}.md"
         machine = (
             f"{machine_lines()}\n"
             f"- date: {today}; median of {args.repeats} round-robin repeats after "
             f"{args.warmup} warm-up rounds (reference: {args.reference_repeats})\n"
             "- the machine is shared: compare ratios within this table only"
         )
-        path.write_text(
-            f"# {title}\n\n{machine}\n\n{table}\n\n{notes(extras)}\n\n"
-            f"## Acceptance criteria\n\n```\n{check_lines}\n```\n\n"
-            f"Command: `python benchmarks/bench_span_attention.py{suffix.replace('_', ' --')}`\n"
+        write_result(
+            f"cpu_span_attention_{today}{suffix}", title,
+            f"{machine}\n\n{table}\n\n{notes(extras)}\n\n"
+            f"## Acceptance criteria\n\n```\n{check_lines}\n```",
+            f"python benchmarks/bench_span_attention.py{suffix.replace('_', ' --')}",
         )
-        print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
     return 0 if all(ok for ok, _ in checks) else 1
 
 

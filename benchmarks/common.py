@@ -317,3 +317,20 @@ def machine_lines() -> str:
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
         f"- Python {platform.python_version()}, {platform.platform()}"
     )
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(stem: str, title: str, body: str, command: str, path: Path | None = None) -> Path:
+    """Record a run: ``# title``, ``body``, then the command that reproduces it, in
+    benchmarks/results/<stem>.md (or ``path``); prints where it went."""
+    path = RESULTS / f"{stem}.md" if path is None else Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n{body}\n\nCommand: `{command}`\n")
+    try:
+        shown = path.resolve().relative_to(RESULTS.parent.parent)
+    except ValueError:  # a path outside the checkout
+        shown = path
+    print(f"wrote {shown}")
+    return path

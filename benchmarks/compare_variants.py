@@ -32,7 +32,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_lines  # noqa: E402
+from benchmarks.common import machine_lines, write_result  # noqa: E402
 from metalm_fast.data.default_data import DefaultData  # noqa: E402
 from metalm_fast.data.tokenizer import load_tokenizer  # noqa: E402
 from metalm_fast.models.metalm import PRESETS  # noqa: E402
@@ -110,12 +110,9 @@ def main(argv=None) -> int:
     print(table)
     if not args.no_write:
         date = datetime.date.today().isoformat()
-        path = Path(__file__).parent / "results" / f"cpu_compare_variants_{date}.md"
-        path.write_text(f"# Two-stack vs single-stack MetaLM ({date})\n\n"
-                        + machine_lines() + "\n\n"
-                        + table + f"\n\nCommand: `python benchmarks/compare_variants.py "
-                        f"--steps {args.steps}`\n")
-        print(f"wrote {path}")
+        write_result(f"cpu_compare_variants_{date}", f"Two-stack vs single-stack MetaLM ({date})",
+                     f"{machine_lines()}\n\n{table}",
+                     f"python benchmarks/compare_variants.py --steps {args.steps}")
     return 0
 
 
