@@ -108,7 +108,8 @@ class SpanSelfAttention(nn.Module):
                 raise ValueError("mask is required when no cache is given")
             q, k, v = self.project_qkv(x, positions)
             if query_rows is not None:
-                q, mask = q[query_rows], mask.select_queries(query_rows)
+                mask = mask.select_queries(query_rows)  # checks the rows first
+                q = q[query_rows]
             attended = span_attention(q, k, v, mask, backend=self.backend)
         else:
             if step is None or layer_idx is None:

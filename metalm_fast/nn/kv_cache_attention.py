@@ -88,7 +88,8 @@ def cached_attention(
         k, v = gather_cached_kv(k_cache, step), gather_cached_kv(v_cache, step)
         mask = continued_prefill_mask(mask, step)
     if query_rows is not None:
-        q, mask = q[query_rows], mask.select_queries(query_rows)
+        mask = mask.select_queries(query_rows)  # checks the rows first
+        q = q[query_rows]
     return span_attention(q, k, v, mask, backend=backend)
 
 

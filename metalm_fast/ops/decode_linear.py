@@ -81,6 +81,12 @@ def _check_inputs(x, weight, bias) -> None:
             f"bias must be [N] with N = weight.shape[0] = {weight.shape[0]}, "
             f"got shape {tuple(bias.shape)}"
         )
+    for name, tensor in (("x", x), ("bias", bias)):
+        if tensor is not None and (tensor.dtype != weight.dtype or tensor.device != weight.device):
+            raise TypeError(
+                f"{name} must have weight's dtype and device ({weight.dtype} on "
+                f"{weight.device}), got {tensor.dtype} on {tensor.device}"
+            )
 
 
 def _uses_kernel(x, weight, bias) -> bool:

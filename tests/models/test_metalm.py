@@ -57,6 +57,8 @@ def test_decoder_output_rows_equal_the_full_forward_rows(variant):
         pruned = model.decoder(hidden, mask, positions, output_rows=rows)
     assert pruned.shape == (3, full.shape[1])
     torch.testing.assert_close(pruned, full[rows], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, "):
+        model.decoder(hidden, mask, positions, output_rows=rows + hidden.shape[0])
 
 
 def test_tiny_model_learns_a_fixed_batch():

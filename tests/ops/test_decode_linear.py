@@ -173,12 +173,15 @@ def test_other_dtypes_use_f_linear(dtype):
     assert torch.equal(decode_linear(x, weight, bias), F.linear(x, weight, bias))
 
 
-def test_mixed_dtypes_are_f_linears_business():
-    """A float64 bias with float32 x and weight: not the kernel's case; F.linear decides
-    (it raises)."""
+def test_mixed_dtypes_raise_naming_the_argument():
+    """A float64 bias (or x) with a float32 weight: a TypeError that names it (F.linear
+    would raise about 'mat1 and mat2' instead)."""
     x, weight, _ = _inputs(2, 3, 4, bias=False)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TypeError, match=r"^bias must have weight's dtype and device \(torch"
+                                        r"\.float32 on cpu\), got torch\.float64 on cpu"):
         decode_linear(x, weight, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="^x must have weight's dtype"):
+        decode_linear(x.double(), weight)
 
 
 # ----------------------------------------------------------------------------- errors
