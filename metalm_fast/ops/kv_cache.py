@@ -39,6 +39,7 @@ from metalm_fast.ops._backend import (
     eager_inference,
     resolve_backend,
 )
+from metalm_fast.ops._host_memory import zeros_on_huge_pages
 from metalm_fast.ops._validation import FLOAT_DTYPES, check_float_tensor, check_index_tensor
 
 __all__ = ["CacheStep", "KVCacheFullError", "PagedKVCache", "kv_cache_append"]
@@ -353,8 +354,8 @@ class PagedKVCache:
     device : where the pool lives.
 
     The pool is one zero-initialised tensor ``[num_layers, 2, num_blocks,
-    block_size, Hkv, D]``; :meth:`key_cache` / :meth:`value_cache` are views of
-    one layer. Sequence bookkeeping (pages and lengths) is host-side Python; a
+    block_size, Hkv, D]`` (on the CPU on 2 MiB pages where the kernel allows);
+    :meth:`key_cache` / :meth:`value_cache` are views of one layer. Sequence bookkeeping (pages and lengths) is host-side Python; a
     step's block table, lengths and slots are built once and shared by all layers.
 
     Every allocating call is all-or-nothing: when the pool cannot hold a request,
@@ -393,10 +394,11 @@ class PagedKVCache:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.kv = torch.zeros(
-            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
-            dtype=dtype, device=device,
-        )
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        if torch.device(device).type == "cpu":  # 2 MiB pages: see ops/_host_memory.py
+            self.kv = zeros_on_huge_pages(shape, dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
         # Each layer's key and value views, made once (every decode step asks for them).
         self._views = [(self.kv[layer, 0], self.kv[layer, 1]) for layer in range(num_layers)]
         # A stack: pop() hands out the lowest free page first, so a fresh cache
