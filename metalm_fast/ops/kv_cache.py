@@ -355,8 +355,9 @@ class PagedKVCache:
 
     The pool is one zero-initialised tensor ``[num_layers, 2, num_blocks,
     block_size, Hkv, D]`` (on the CPU on 2 MiB pages where the kernel allows);
-    :meth:`key_cache` / :meth:`value_cache` are views of one layer. Sequence bookkeeping (pages and lengths) is host-side Python; a
-    step's block table, lengths and slots are built once and shared by all layers.
+    :meth:`key_cache` / :meth:`value_cache` are views of one layer. Sequence
+    bookkeeping (pages and lengths) is host-side Python; a step's block table,
+    lengths and slots are built once and shared by all layers.
 
     Every allocating call is all-or-nothing: when the pool cannot hold a request,
     :class:`KVCacheFullError` is raised and no sequence, page or slot changes.
