@@ -22,13 +22,17 @@ def require_backend(backend: str, cpu_op: str) -> None:
             pytest.skip(f"metalm_fast._C has no {cpu_op}: rebuild it (pip install -e .)")
 
 
-def paged_layout(lengths: list[int], block_size: int, spare: int = 3, seed: int = 0):
+def paged_layout(lengths: list[int], block_size: int, spare: int = 3, seed: int = 0,
+                 contiguous: bool = False):
     """(num_blocks, block_table int32 [B, max_blocks]): each sequence's pages are drawn
-    from a random permutation of ``spare`` times the pages all sequences need."""
+    from a random permutation of ``spare`` times the pages all sequences need, or with
+    ``contiguous`` handed out in order (sequence 0 takes pages 0, 1, ..., sequence 1 the
+    next ones), as a fresh PagedKVCache does."""
     generator = torch.Generator().manual_seed(seed)
     needed = [math.ceil(length / block_size) for length in lengths]
     num_blocks = max(1, sum(needed)) * spare
-    order = torch.randperm(num_blocks, generator=generator)
+    order = torch.arange(num_blocks) if contiguous else torch.randperm(num_blocks,
+                                                                     generator=generator)
     table = torch.zeros(len(lengths), max(needed + [1]), dtype=torch.int32)
     used = 0
     for b, count in enumerate(needed):

@@ -73,6 +73,8 @@ struct RowTile {
   const float* const* next_k_rows;
   const float* const* next_v_rows;
   int64_t next_rows, row_bytes;
+  // Elements from one key's row to the next key's in the same page.
+  int64_t k_row_stride, v_row_stride;
 };
 
 // Prefetch row j of the next tile (if it has one): spread over this tile's keys,

@@ -13,8 +13,9 @@ BACKENDS = ["reference", "cpu", "triton"]
 CPU_OP = "_paged_decode_attention_cpu"
 
 
-def _problem(lengths, block_size, heads, kv_heads, head_dim, dtype, seed=0, strided_q=False):
-    num_blocks, table = paged_layout(lengths, block_size, seed=seed)
+def _problem(lengths, block_size, heads, kv_heads, head_dim, dtype, seed=0, strided_q=False,
+             contiguous=False):
+    num_blocks, table = paged_layout(lengths, block_size, seed=seed, contiguous=contiguous)
     k_cache, v_cache = random_caches(num_blocks, block_size, kv_heads, head_dim, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 3)
     if strided_q:  # q sliced from a fused [B, Hq + 2 Hkv, D] projection
@@ -85,6 +86,39 @@ def test_one_query_head_per_kv_head(backend, block_size, dtype):
     out = paged_decode_attention(*problem, backend=backend)
     torch.testing.assert_close(out, reference.paged_decode_attention(*problem))
     assert torch.all(out[problem[-1] == 0] == 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim",
+    # The cpu kernel's register-resident step (Hq a power of two, Hq * D <= 256), adjacent
+    # heads and GQA, 1 to 16 keys per score vector; (16, 16, 32) does not fit: tile step.
+    [(8, 8, 32), (8, 2, 32), (16, 16, 16), (16, 4, 16), (4, 1, 64), (2, 2, 128), (1, 1, 256),
+     (16, 16, 32)],
+)
+def test_pages_in_order(backend, block_size, dtype, heads, kv_heads, head_dim):
+    """Pages handed out in order, as a fresh cache does: the cpu kernel's tiles are
+    contiguous runs of rows, which it streams with its register-resident step."""
+    require_backend(backend, CPU_OP)
+    lengths = [1, 2, 15, 16, 17, 33, 97, 700, 0]
+    _check(backend, *_problem(lengths, block_size, heads, kv_heads, head_dim, dtype, seed=8,
+                              contiguous=True))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_pages_in_order_then_scattered(backend):
+    """A prompt's pages in order, then decode pages taken one at a time among other
+    sequences: tiles of both kinds in one sequence, and a long one split across threads."""
+    require_backend(backend, CPU_OP)
+    lengths = [1000, 300, 45]
+    q, k_cache, v_cache, table, seq_lens = _problem(lengths, 16, 8, 8, 32, torch.float32,
+                                                    seed=9, contiguous=True)
+    tail = table[0, table.shape[1] // 2 :].clone()  # the second half of sequence 0's pages
+    table[0, table.shape[1] // 2 :] = tail[torch.randperm(len(tail), generator=torch.Generator()
+                                                          .manual_seed(9))]
+    _check(backend, q, k_cache, v_cache, table, seq_lens)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
