@@ -7,7 +7,8 @@ are ignored) and returns the new tokens of each prompt.
 With the cache (``use_cache=True``, the fast path):
 
 1. one PagedKVCache for the decoder, with pages for prompt + max_new_tokens
-   tokens per prompt;
+   tokens per prompt, reserved up front so that each sequence's pages are
+   consecutive in the pool (the CPU decode kernel streams those faster);
 2. prefill: the prompts in one packed pass, the decoder input built exactly
    as in training (``MetaLM.decoder_inputs``: text-span rows from the text
    encoder, image rows from the vision encoder, scattered by embed_scatter;
@@ -142,6 +143,8 @@ def _generate_cached(model, prompts, prompt_lens, max_new_tokens, block_size, eo
                      sample) -> list[list[int]]:
     cache = new_cache(model, prompt_lens, max_new_tokens, block_size)
     seq_ids = [cache.allocate() for _ in prompt_lens]
+    for seq_id, length in zip(seq_ids, prompt_lens, strict=True):
+        cache.reserve(seq_id, length + max_new_tokens)  # each sequence on consecutive pages
     outputs: list[list[int]] = [[] for _ in prompt_lens]
     tokens = sample(prefill(model, prompts, cache, seq_ids))
     active = list(range(len(prompt_lens)))

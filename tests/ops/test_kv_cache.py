@@ -181,6 +181,34 @@ def test_pool_exhaustion_raises_and_changes_nothing():
     assert cache.extend([first, second], [2, 3]).numel() == 5  # what fits still fits
 
 
+def test_reserve_takes_pages_together_and_keeps_the_length():
+    cache = PagedKVCache(1, num_blocks=8, block_size=4, num_kv_heads=1, head_dim=16)
+    first, second = cache.allocate(), cache.allocate()
+    cache.reserve(first, 10)  # pages 0, 1, 2
+    cache.reserve(second, 5)  # pages 3, 4
+    assert cache.seq_lens([first, second]).tolist() == [0, 0]
+    assert cache.num_free_blocks == 3
+    # Growing within the reservation takes no page; tokens land on the reserved ones in turn.
+    for _ in range(5):
+        cache.step([first, second], 1)
+    assert cache.num_free_blocks == 3
+    assert cache.block_table([first, second]).tolist() == [[0, 1, 2], [3, 4, 0]]
+    assert cache.slot_mapping([first, second], 1).tolist() == [4, 16]
+    # Past it, pages come one at a time again; reserving less than held changes nothing.
+    assert cache.extend(second, 4).tolist() == [17, 18, 19, 20]
+    cache.reserve(first, 1)
+    assert cache.num_free_blocks == 2
+    with pytest.raises(KVCacheFullError, match="needs 3 more pages"):
+        cache.reserve(first, 24)
+    assert cache.num_free_blocks == 2 and cache.seq_len(first) == 5
+    cache.free(first)
+    assert cache.num_free_blocks == 5  # the reserved, unfilled page 2 returns too
+    with pytest.raises(ValueError, match="not allocated"):
+        cache.reserve(first, 1)
+    with pytest.raises(ValueError, match="num_tokens must be an int >= 0"):
+        cache.reserve(second, -1)
+
+
 def test_step_describes_the_batch():
     cache = PagedKVCache(2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=16)
     a, b = cache.allocate(3), cache.allocate(0)
