@@ -41,6 +41,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from metalm_fast.ops.argmax_rows import argmax_rows
 from metalm_fast.ops.kv_cache import PagedKVCache
 
 __all__ = ["append_tokens", "generate", "new_cache", "prefill", "decode_step", "sample_next"]
@@ -86,7 +87,7 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool = False, top_p: float =
     token always is), then one draw per row from ``generator``.
     """
     if not do_sample:
-        return logits.argmax(-1)
+        return argmax_rows(logits)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]

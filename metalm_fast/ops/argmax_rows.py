@@ -1,0 +1,49 @@
+"""argmax_rows: the greedy token of every row of a logits matrix.
+
+``argmax_rows(logits [B, V]) -> int64 [B]``, exactly ``logits.argmax(-1)``: the
+first index of each row's maximum, a NaN counting as the maximum (the first NaN).
+
+Dispatch, by the arguments alone: fp32 CPU logits with contiguous rows, outside
+torch.compile tracing, run the ``cpu`` kernel (csrc/cpu/argmax_rows.cpp, a 16-lane
+vector scan: 9.6 us instead of torch.argmax's 62 us for [8, 8192] on one core of
+the benchmark machine, 35 instead of 241 us for [32, 8192]); everything else is
+``logits.argmax(-1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from metalm_fast.ops._backend import cpu_extension
+
+__all__ = ["argmax_rows"]
+
+_CPU_OP = "_argmax_rows_cpu"
+
+
+def _uses_kernel(logits: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if not (logits.is_cpu and logits.dtype == torch.float32):
+        return False
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        return False
+    return cpu_extension() is not None and hasattr(torch.ops.metalm, _CPU_OP)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: the index of the largest logit of each row of ``logits`` [B, V].
+
+    Example
+    -------
+    >>> import torch
+    >>> argmax_rows(torch.tensor([[0.5, 2.0, 2.0], [3.0, -1.0, 0.0]])).tolist()
+    [1, 0]
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be [B, V] with V > 0, got shape {tuple(logits.shape)}")
+    if _uses_kernel(logits):
+        return getattr(torch.ops.metalm, _CPU_OP)(logits)
+    return logits.argmax(-1)
