@@ -2,10 +2,11 @@
 
 A generation's KV pool is tens to hundreds of MB, allocated per call and then
 read page by page at every decode step. On 4 KiB pages, zero-filling it is
-mostly page faults: 49.5 MB took 20 ms (12 K faults) on the 2-core benchmark
-machine, against 5 ms on 2 MiB pages, and a later pass over it was 1.3x faster
-(fewer TLB misses); a whole small-preset generation (8 prompts) ran about
-4 % faster. So the pool starts on a 2 MiB boundary, is advised
+mostly page faults: 49.5 MB took 19-20 ms (12 K faults) on one core of the
+2-core benchmark machine, against 9 ms as done here on 2 MiB pages, and a
+later pass over it was 1.3x faster (fewer TLB misses); a whole small-preset
+generation (8 prompts) ran about 4 % faster. So the pool starts on a 2 MiB
+boundary, is advised
 ``madvise(MADV_HUGEPAGE)`` and is then faulted in by one
 ``madvise(MADV_POPULATE_WRITE)`` call (Linux 5.14+), before the zero fill:
 when the zero fill's threads faulted the huge pages themselves, two threads
