@@ -82,7 +82,7 @@ using paged_decode::kBlock;
 using paged_decode::kLanes;
 using paged_decode::kTile;
 using paged_decode::CacheLevel;
-using paged_decode::prefetch;
+using paged_decode::prefetch_bytes;
 using paged_decode::stream_tile;
 using paged_decode::tile_step;
 
@@ -162,14 +162,12 @@ void prefetch_rows(const Problem& p, const int32_t* pages, int64_t first, int64_
     const int64_t page = pages[key / p.block_size];
     if (page < 0 || page >= p.num_blocks) continue;
     const int64_t offset = key % p.block_size;
-    const char* k_row = static_cast<const char*>(p.k.data) +
-                        (page * p.k.block_stride + offset * p.k.row_stride) * sizeof(scalar_t);
-    const char* v_row = static_cast<const char*>(p.v.data) +
-                        (page * p.v.block_stride + offset * p.v.row_stride) * sizeof(scalar_t);
-    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-      prefetch<CacheLevel::kL1>(k_row + byte);
-      prefetch<CacheLevel::kL1>(v_row + byte);
-    }
+    const auto* k_row = static_cast<const scalar_t*>(p.k.data) + page * p.k.block_stride +
+                        offset * p.k.row_stride;
+    const auto* v_row = static_cast<const scalar_t*>(p.v.data) + page * p.v.block_stride +
+                        offset * p.v.row_stride;
+    prefetch_bytes<CacheLevel::kL1>(k_row, row_bytes);
+    prefetch_bytes<CacheLevel::kL1>(v_row, row_bytes);
   }
 }
 

@@ -54,7 +54,7 @@ using vec16::load16;
 using vec16::max_of;
 using vec16::opaque;
 using vec16::CacheLevel;
-using vec16::prefetch;
+using vec16::prefetch_bytes;
 using vec16::store16;
 using vec16::swap_blocks;
 
@@ -81,9 +81,7 @@ struct RowTile {
 // the requests never pile up beyond the miss buffers.
 METALM_ALWAYS_INLINE void prefetch_next_row(const float* const* next, int64_t next_rows,
                                             int64_t row_bytes, int64_t j) {
-  if (j >= next_rows) return;
-  const char* row = reinterpret_cast<const char*>(next[j]);
-  for (int64_t byte = 0; byte < row_bytes; byte += 64) prefetch<CacheLevel::kL2>(row + byte);
+  if (j < next_rows) prefetch_bytes<CacheLevel::kL2>(next[j], row_bytes);
 }
 
 // The query heads: q [q_heads, dp] pre-scaled; query head i reads kv head i / group.

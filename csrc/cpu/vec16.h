@@ -112,6 +112,13 @@ METALM_ALWAYS_INLINE void prefetch(const void* address) {
 #endif
 }
 
+// Every 64-byte line of [address, address + bytes), one prefetch each, in order.
+template <CacheLevel level>
+METALM_ALWAYS_INLINE void prefetch_bytes(const void* address, int64_t bytes) {
+  const char* start = static_cast<const char*>(address);
+  for (int64_t byte = 0; byte < bytes; byte += 64) prefetch<level>(start + byte);
+}
+
 // p itself, hidden from the optimiser: the row pointer stays one register and the
 // heads' constant offsets become displacements. Without it GCC hoisted the 16
 // (head, column) offsets out of the key loop and kept them in vector registers,

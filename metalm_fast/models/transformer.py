@@ -121,13 +121,10 @@ class TransformerStack(nn.Module):
                 step: CacheStep | None = None, output_rows: torch.Tensor | None = None
                 ) -> torch.Tensor:
         last = len(self.blocks) - 1
-        for layer_idx, block in enumerate(self.blocks):
+        for layer_idx, block in enumerate(self.blocks):  # layer_idx, step: used with a cache
             rows = output_rows if layer_idx == last else None
-            if cache is None:
-                x = block(x, mask, positions, query_rows=rows)
-            else:
-                x = block(x, mask, positions, cache=cache, layer_idx=layer_idx, step=step,
-                          query_rows=rows)
+            x = block(x, mask, positions, cache=cache, layer_idx=layer_idx, step=step,
+                      query_rows=rows)
         if output_rows is not None and not self.blocks:
             x = x[output_rows]
         return self.norm(x)

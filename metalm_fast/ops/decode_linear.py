@@ -1,8 +1,8 @@
 """decode_linear: ``y = x @ weight.T + bias`` for the few rows of a decode step.
 
 In a decode step every linear layer multiplies a handful of rows (the decode
-batch, 1..32) by its weight, so the work is reading the weight once against
-2 M FLOPs per weight element. torch's ``F.linear`` (MKL sgemm on the AMD CPUs
+batch, M = 1..32) by its weight, so the work is reading the weight once: 2 * M
+FLOPs per weight element. torch's ``F.linear`` (MKL sgemm on the AMD CPUs
 this was measured on) streams the weight at ~13 GB/s when it is cached and
 ~5 GB/s when the KV cache streamed through the caches since the last step,
 which is the real case. The ``cpu`` kernel (csrc/cpu/decode_linear.cpp) reads
