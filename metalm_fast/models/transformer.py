@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalm_fast.masks import SpanMask
+from metalm_fast.models.fused_decode import fused_decode_block
 from metalm_fast.nn.attention import SpanSelfAttention
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
@@ -77,6 +78,11 @@ class TransformerBlock(nn.Module):
                 *, cache: PagedKVCache | None = None, layer_idx: int | None = None,
                 step: CacheStep | None = None, query_rows: torch.Tensor | None = None
                 ) -> torch.Tensor:
+        if cache is not None and step is not None and step.is_decode and mask is None \
+                and positions is None and query_rows is None:
+            fused = fused_decode_block(self, x, cache, layer_idx, step)
+            if fused is not None:  # None: the modules below run (see models/fused_decode.py)
+                return fused
         attended = self.attention(self.attention_norm(x), mask, positions, cache=cache,
                                   layer_idx=layer_idx, step=step, query_rows=query_rows)
         x = (x if query_rows is None else x[query_rows]) + attended

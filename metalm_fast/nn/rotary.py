@@ -63,13 +63,17 @@ class RotaryEmbedding(nn.Module):
         ``positions``), where the tables are kept for every layer that rotates by the
         same positions, head dim and base.
         """
-        compute = torch.promote_types(q.dtype, torch.float32)
-        key = ("rotary", self.head_dim, self.base, compute, positions.device)
+        tables = self.tables(positions, torch.promote_types(q.dtype, torch.float32), memo)
+        return apply_rotary(q, *tables), None if k is None else apply_rotary(k, *tables)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, memo: dict | None = None):
+        """apply_rotary's tables for ``positions``: ``[cos, cos]`` and ``[-sin, sin]``,
+        [T, 1, D] each in ``dtype``, kept in ``memo`` (see :meth:`rotate_pair`)."""
+        key = ("rotary", self.head_dim, self.base, dtype, positions.device)
         tables = None if memo is None else memo.get(key)
         if tables is None:
-            cos, sin = self.cos_sin(positions, compute)
-            # [cos, cos] and [-sin, sin] over the full head dim, for apply_rotary.
+            cos, sin = self.cos_sin(positions, dtype)
             tables = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
             if memo is not None:
                 memo[key] = tables
-        return apply_rotary(q, *tables), None if k is None else apply_rotary(k, *tables)
+        return tables
