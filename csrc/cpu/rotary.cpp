@@ -25,6 +25,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "span_attention_rows.h"  // METALM_CPU_CLONES
+
+// After the include: its header turns contraction on for its own polynomials.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #endif
@@ -36,7 +39,7 @@ constexpr int64_t kElementsPerTask = 1 << 16;  // below this, threads cost more 
 
 // One head row: out = x * c + rolled(x) * s, halves of `half` elements.
 template <typename T>
-inline void rotate_row(T* __restrict out, const T* __restrict x, const T* __restrict c,
+METALM_ALWAYS_INLINE void rotate_row(T* __restrict out, const T* __restrict x, const T* __restrict c,
                        const T* __restrict s, int64_t half) {
   for (int64_t d = 0; d < half; ++d) {
     const T product = x[d] * c[d];
@@ -50,6 +53,34 @@ inline void rotate_row(T* __restrict out, const T* __restrict x, const T* __rest
   }
 }
 
+// Tokens [begin, end): every head row of each. The float version is compiled per ISA
+// (target_clones), so the two half loops run in AVX-512 or AVX2 vectors where the
+// CPU has them rather than the extension's SSE2 baseline (q of a small-preset prefill,
+// [4950, 8, 32] strided, in cache: 0.42 -> 0.35 ms).
+template <typename T>
+METALM_ALWAYS_INLINE void rotate_tokens_impl(T* out, const T* x, const T* cos, const T* sin,
+                                             int64_t begin, int64_t end, int64_t heads,
+                                             int64_t dim, int64_t token_stride,
+                                             int64_t head_stride) {
+  for (int64_t t = begin; t < end; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      rotate_row(out + (t * heads + h) * dim, x + t * token_stride + h * head_stride,
+                 cos + t * dim, sin + t * dim, dim / 2);
+}
+
+METALM_CPU_CLONES static void rotate_tokens(float* out, const float* x, const float* cos,
+                                            const float* sin, int64_t begin, int64_t end,
+                                            int64_t heads, int64_t dim, int64_t token_stride,
+                                            int64_t head_stride) {
+  rotate_tokens_impl(out, x, cos, sin, begin, end, heads, dim, token_stride, head_stride);
+}
+
+static void rotate_tokens(double* out, const double* x, const double* cos, const double* sin,
+                          int64_t begin, int64_t end, int64_t heads, int64_t dim,
+                          int64_t token_stride, int64_t head_stride) {
+  rotate_tokens_impl(out, x, cos, sin, begin, end, heads, dim, token_stride, head_stride);
+}
+
 template <typename T>
 void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2);
@@ -60,13 +91,8 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, a
   const int64_t token_stride = x.stride(0), head_stride = x.stride(1);
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, heads * dim));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T* c = cos_data + t * dim;
-      const T* s = sin_data + t * dim;
-      for (int64_t h = 0; h < heads; ++h)
-        rotate_row(out_data + (t * heads + h) * dim, x_data + t * token_stride + h * head_stride,
-                   c, s, dim / 2);
-    }
+    rotate_tokens(out_data, x_data, cos_data, sin_data, begin, end, heads, dim, token_stride,
+                  head_stride);
   });
 }
 

@@ -69,14 +69,22 @@ using tile::Product;
 
 // Tile sizes, tuned on a 2-core AVX-512 EPYC for D = 64 (benchmarks/): fewer,
 // larger query blocks amortise per-block work better than they lose on the
-// causal diagonal (about rows / 2 wasted keys per row).
+// causal diagonal (about rows / 2 wasted keys per row). At D <= 32 a row's products
+// are half as long, so the diagonal's waste weighs more: 64-row forward blocks ran
+// a small-preset prefill's causal attention (8 documents of 309-880 tokens, Hq 8,
+// D 32) in 29.5 instead of 31.7 ms a layer, with the same result bit for bit (the
+// sums over keys do not depend on the query block).
 struct TileSizes {
   int64_t q_rows = 128;        // forward: rows per query block
   int64_t key_tile = 256;      // forward and dQ items: keys per tile
   int64_t bwd_q_rows = 128;    // backward: rows per query block
   int64_t bwd_key_rows = 128;  // backward dK/dV items: keys per key block
 };
-TileSizes tile_sizes() { return TileSizes{}; }
+TileSizes tile_sizes(int64_t head_dim) {
+  TileSizes sizes;
+  if (head_dim <= 32) sizes.q_rows = 64;
+  return sizes;
+}
 
 struct Shape {
   int64_t num_queries, num_keys, heads, kv_heads, head_dim, group;
@@ -157,7 +165,7 @@ void forward(const Shape& shape, const at::Tensor& q_t, const at::Tensor& k_t,
              const at::Tensor& v_t, const std::vector<int32_t>& start,
              const std::vector<int32_t>& end, double scale, at::Tensor& out_t,
              at::Tensor& lse_t) {
-  const TileSizes sizes = tile_sizes();
+  const TileSizes sizes = tile_sizes(shape.head_dim);
   const Kernel kernel = tile::pick_kernel(std::is_same_v<T, float>, shape.head_dim);
   const auto blocks = plan::query_blocks(start, end, sizes.q_rows);
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
@@ -303,7 +311,7 @@ void backward(const Shape& shape, const at::Tensor& grad_out, const at::Tensor& 
               const at::Tensor& k_t, const at::Tensor& v_t, const T* lse, const T* delta,
               const std::vector<int32_t>& start, const std::vector<int32_t>& end, double scale,
               T* grad_q, T* grad_k, T* grad_v) {
-  const TileSizes sizes = tile_sizes();
+  const TileSizes sizes = tile_sizes(shape.head_dim);
   const Kernel kernel = tile::pick_kernel(std::is_same_v<T, float>, shape.head_dim);
   const Operand<T> k = operand<T>(k_t), v = operand<T>(v_t);
   std::unique_ptr<Transposed<T>> k_transposed, v_transposed;
