@@ -55,19 +55,29 @@ def _kernel():
     return getattr(torch.ops.metalm, _CPU_OP).default
 
 
+@functools.cache
+def _stock_mlp() -> type:
+    from metalm_fast.models.transformer import MLP  # transformer.py imports this module
+
+    return MLP
+
+
+# The checks below read submodules and parameters from the modules' ``_modules`` and
+# ``_parameters`` dicts: through nn.Module.__getattr__ (a Python call per access)
+# they took ~20 us a layer, as long as the fused op itself at small sizes.
 def _stock_modules(block) -> tuple[nn.Module, ...] | None:
     """(attention_norm, qkv, out, mlp_norm, up, down, attention, mlp, rotary | None) when
     the block is built of the stock types, else None."""
-    from metalm_fast.models.transformer import MLP  # transformer.py imports this module
-
-    attention, mlp = block.attention, block.mlp
-    if type(attention) is not SpanSelfAttention or type(mlp) is not MLP:
+    modules = block._modules
+    attention, mlp = modules.get("attention"), modules.get("mlp")
+    if type(attention) is not SpanSelfAttention or type(mlp) is not _stock_mlp():
         return None
-    rotary = attention.rotary
+    rotary = attention._modules.get("rotary")
     if rotary is not None and type(rotary) is not RotaryEmbedding:
         return None
-    norm1, qkv, out, norm2 = block.attention_norm, attention.qkv, attention.out, block.mlp_norm
-    up, down = mlp.up, mlp.down
+    norm1, norm2 = modules.get("attention_norm"), modules.get("mlp_norm")
+    qkv, out = attention._modules.get("qkv"), attention._modules.get("out")
+    up, down = mlp._modules.get("up"), mlp._modules.get("down")
     if not (type(norm1) is type(norm2) is nn.LayerNorm
             and type(qkv) is type(out) is type(up) is type(down) is DecodeLinear):
         return None
@@ -86,13 +96,17 @@ def _op_parameters(norm1, qkv, out, norm2, up, down, model_dim: int) -> tuple | 
     """The parameters in the op's order, or None where the module path must run them."""
     if norm1.normalized_shape != (model_dim,) or norm2.normalized_shape != (model_dim,):
         return None
-    params = (norm1.weight, norm1.bias, norm1.eps, qkv.weight, qkv.bias, out.weight, out.bias,
-              norm2.weight, norm2.bias, norm2.eps, up.weight, up.bias, down.weight, down.bias)
+    n1, n2 = norm1._parameters, norm2._parameters
+    linears = [linear._parameters for linear in (qkv, out, up, down)]
+    weights = [linear["weight"] for linear in linears]
+    params = (n1["weight"], n1["bias"], norm1.eps, weights[0], linears[0]["bias"], weights[1],
+              linears[1]["bias"], n2["weight"], n2["bias"], norm2.eps, weights[2],
+              linears[2]["bias"], weights[3], linears[3]["bias"])
     for value in params:
         if isinstance(value, torch.Tensor) and not (value.dtype == torch.float32
                                                     and value.is_cpu):
             return None
-    if any(params[i].stride(1) != 1 for i in (3, 5, 10, 12)):  # decode_linear's kernel rule
+    if any(weight.stride(1) != 1 for weight in weights):  # decode_linear's kernel rule
         return None
     return params
 
