@@ -13,8 +13,8 @@ It is PyTorch's fast-path pattern (``nn.TransformerEncoderLayer``):
 :func:`fused_decode_block` runs it only where the module path would run exactly
 those kernels, and returns None everywhere else, so that the modules run:
 
-- no autograd (``torch.no_grad`` or ``torch.inference_mode``), not while
-  torch.compile traces, a plain ``torch.Tensor`` input;
+- no autograd (``torch.no_grad`` or ``torch.inference_mode``), no CPU autocast,
+  not while torch.compile traces, plain tensors (no subclass) as input and parameters;
 - fp32 on CPU: x [B, Dm] with B <= DECODE_ROWS (decode_linear's kernel rows),
   every parameter, and the cache;
 - the block built of the stock modules (LayerNorm, SpanSelfAttention with
@@ -43,6 +43,7 @@ from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 __all__ = ["fused_decode_block"]
 
 _CPU_OP = "_decode_block_cpu"
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_forward_hooks_always_called")
 
@@ -102,9 +103,9 @@ def _op_parameters(norm1, qkv, out, norm2, up, down, model_dim: int) -> tuple | 
     params = (n1["weight"], n1["bias"], norm1.eps, weights[0], linears[0]["bias"], weights[1],
               linears[1]["bias"], n2["weight"], n2["bias"], norm2.eps, weights[2],
               linears[2]["bias"], weights[3], linears[3]["bias"])
-    for value in params:
-        if isinstance(value, torch.Tensor) and not (value.dtype == torch.float32
-                                                    and value.is_cpu):
+    for value in params:  # plain fp32 CPU tensors (a subclass such as DTensor dispatches itself)
+        if isinstance(value, torch.Tensor) and not (
+                type(value) in _PLAIN_TENSORS and value.dtype == torch.float32 and value.is_cpu):
             return None
     if any(weight.stride(1) != 1 for weight in weights):  # decode_linear's kernel rule
         return None
@@ -116,7 +117,8 @@ def fused_decode_block(block, x: torch.Tensor, cache: PagedKVCache, layer_idx: i
     """``block``'s decode step ([B, Dm] -> [B, Dm], keys and values appended to
     ``layer_idx``'s pages) in one call, or None where the module path must run."""
     kernel = _kernel()
-    if kernel is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if kernel is None or torch.is_grad_enabled() or torch.compiler.is_compiling() \
+            or torch.is_autocast_enabled("cpu"):
         return None
     if type(x) is not torch.Tensor or x.dim() != 2 or not 0 < x.shape[0] <= DECODE_ROWS \
             or x.dtype != torch.float32 or not x.is_cpu:

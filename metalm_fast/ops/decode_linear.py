@@ -104,6 +104,8 @@ def _uses_kernel(x, weight, bias) -> bool:
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return False
+    if torch.is_autocast_enabled("cpu"):  # nn.Linear's semantics: F.linear in the autocast dtype
+        return False
     return _kernel_available()
 
 
@@ -131,10 +133,11 @@ def decode_linear(
     the cpu kernel runs when x has at most ``DECODE_ROWS`` (32) rows, x, weight
     and bias are float32 CPU tensors, the
     weight's last dim is contiguous, no gradient is needed (``torch.is_grad_enabled()``
-    is False or none of them requires grad) and ``metalm_fast._C`` holds the
-    kernel; everything else is :func:`torch.nn.functional.linear`, which is exact
-    there and the faster kernel for many rows (prefill, training, other dtypes
-    and devices, autograd). The kernel accumulates in fp32;
+    is False or none of them requires grad), CPU autocast is off and
+    ``metalm_fast._C`` holds the kernel; everything else is
+    :func:`torch.nn.functional.linear`, which is exact there and the faster
+    kernel for many rows (prefill, training, other dtypes and devices,
+    autograd, autocast). The kernel accumulates in fp32;
     it differs from ``F.linear`` only by rounding.
 
     Example

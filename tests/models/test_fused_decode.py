@@ -93,6 +93,18 @@ def test_hooks_and_autograd_run_the_modules(monkeypatch):
         torch.testing.assert_close(got, b.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_autocast_runs_the_modules(monkeypatch):
+    kernel = _kernel_or_skip()
+    calls: list = []
+    monkeypatch.setattr(fused_decode, "_kernel", lambda: _counting(kernel, calls))
+    block = _block(4, 2, "gelu", True)
+    cache = PagedKVCache(1, 4, 4, 2, HEAD_DIM, dtype=torch.float32)
+    step = cache.step([cache.allocate()], 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_decode.fused_decode_block(block, torch.randn(1, DIM), cache, 0, step) is None
+    assert calls == []
+
+
 def test_other_dtypes_and_many_rows_run_the_modules(monkeypatch):
     kernel = _kernel_or_skip()
     calls: list = []

@@ -164,6 +164,16 @@ def test_autograd_uses_f_linear():
         assert torch.equal(grad, expected_grad), f"grad of {name} differs from F.linear's"
 
 
+def test_cpu_autocast_uses_f_linear():
+    """Under CPU autocast decode_linear is nn.Linear's F.linear, in the autocast dtype."""
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 40, generator=generator)
+    weight = torch.randn(7, 40, generator=generator)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = decode_linear(x, weight), F.linear(x, weight)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_other_dtypes_use_f_linear(dtype):
     generator = torch.Generator().manual_seed(8)
