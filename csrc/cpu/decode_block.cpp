@@ -16,10 +16,11 @@
 // with act = gelu (erf, in place) or swiglu (silu(gate) * value, gate | value =
 // the up projection's halves).
 //
-// Why: in a decode step the block's work is a dozen small ops; called one by one
-// from Python (module calls, argument checks, dispatch) they cost ~0.2 ms a layer
-// on the benchmark CPU, against ~1 ms of kernel time for a whole 4-layer step of
-// the small preset. This op makes the same calls, in the same order and on the
+// Why: in a decode step the block's work is a dozen small ops, and called one by
+// one from Python (module calls, argument checks, dispatch) they cost ~80 us a
+// layer more than from here on the benchmark CPU (small preset, 8 sequences: 315
+// against 233 us a layer; tiny preset: 126 against 58 us), ~10 % of a small-preset
+// decode step. This op makes the same calls, in the same order and on the
 // same arguments, from C++: every step is the op the module path runs
 // (metalm::_decode_linear_cpu, _rotary_cpu, _kv_cache_append_cpu,
 // _paged_decode_attention_cpu, aten layer_norm, gelu_, silu_, mul, add), reached
@@ -47,9 +48,11 @@ c10::TypedOperatorHandle<Signature> metalm_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias) {
-  static const auto op = metalm_op<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                              const OptionalTensor&)>("metalm::_decode_linear_cpu");
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const OptionalTensor& bias) {
+  static const auto op =
+      metalm_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&)>(
+          "metalm::_decode_linear_cpu");
   return op.call(x, weight, bias);
 }
 
@@ -60,16 +63,17 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return op.call(x, cos, signed_sin);
 }
 
-void kv_cache_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-            const at::Tensor& slot_mapping) {
+void kv_cache_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& slot_mapping) {
   static const auto op = metalm_op<void(at::Tensor&, at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const at::Tensor&)>(
       "metalm::_kv_cache_append_cpu");
   op.call(k_cache, v_cache, k, v, slot_mapping);
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_table,
+                                  const at::Tensor& seq_lens, double scale) {
   static const auto op =
       metalm_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, double)>(
@@ -121,7 +125,8 @@ at::Tensor decode_block_cpu(
   kv_cache_append(k_cache, v_cache, k, v, slot_mapping);
   const at::Tensor attended =
       paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale).contiguous();
-  const at::Tensor h = at::add(x, decode_linear(attended.view({tokens, q_width}), out_weight, out_bias));
+  const at::Tensor h =
+      at::add(x, decode_linear(attended.view({tokens, q_width}), out_weight, out_bias));
 
   const at::Tensor mlp_in = at::layer_norm(h, {model_dim}, mlp_norm_weight, mlp_norm_bias,
                                            mlp_norm_eps);

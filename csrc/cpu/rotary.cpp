@@ -39,8 +39,8 @@ constexpr int64_t kElementsPerTask = 1 << 16;  // below this, threads cost more 
 
 // One head row: out = x * c + rolled(x) * s, halves of `half` elements.
 template <typename T>
-METALM_ALWAYS_INLINE void rotate_row(T* __restrict out, const T* __restrict x, const T* __restrict c,
-                       const T* __restrict s, int64_t half) {
+METALM_ALWAYS_INLINE void rotate_row(T* __restrict out, const T* __restrict x,
+                                     const T* __restrict c, const T* __restrict s, int64_t half) {
   for (int64_t d = 0; d < half; ++d) {
     const T product = x[d] * c[d];
     const T rolled = x[d + half] * s[d];
