@@ -31,9 +31,9 @@ import functools
 import math
 
 import torch
-import torch.nn.modules.module as module_hooks
 from torch import nn
 
+from metalm_fast.nn._hooks import forward_hooked
 from metalm_fast.nn.attention import SpanSelfAttention
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import RotaryEmbedding
@@ -45,8 +45,6 @@ __all__ = ["fused_decode_block"]
 
 _CPU_OP = "_decode_block_cpu"
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
-                 "_global_forward_hooks_always_called")
 
 
 @functools.cache
@@ -86,14 +84,6 @@ def _stock_modules(block) -> tuple[nn.Module, ...] | None:
     return norm1, qkv, out, norm2, up, down, attention, mlp, rotary
 
 
-def _hooked(block, modules) -> bool:
-    """A forward hook anywhere the module path would call one."""
-    if any(getattr(module_hooks, name, None) for name in _GLOBAL_HOOKS):
-        return True
-    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks)
-               for m in (block, *modules))
-
-
 def _op_parameters(norm1, qkv, out, norm2, up, down, model_dim: int) -> tuple | None:
     """The parameters in the op's order, or None where the module path must run them."""
     if norm1.normalized_shape != (model_dim,) or norm2.normalized_shape != (model_dim,):
@@ -125,7 +115,7 @@ def fused_decode_block(block, x: torch.Tensor, cache: PagedKVCache, layer_idx: i
             or x.dtype != torch.float32 or not x.is_cpu:
         return None
     modules = _stock_modules(block)
-    if modules is None or _hooked(block, modules):
+    if modules is None or forward_hooked(block, *modules):
         return None
     *layers, attention, mlp, rotary = modules
     params = _op_parameters(*layers, x.shape[1])

@@ -15,6 +15,8 @@ dtype (fp32 or fp64) and a contiguous last dim, the ``cpu`` kernel
 bit (the tensor expression makes four passes over q and k, ~15 % of a small
 model's prefill). Autograd, torch.compile (inductor fuses the expression
 itself), other devices and dtypes, and a missing build run the tensor expression.
+``apply_rotary_`` is the same rotation written over x (inference: q and k inside
+their fused projection).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch
 
 from metalm_fast.ops._backend import cpu_extension
 
-__all__ = ["apply_rotary"]
+__all__ = ["apply_rotary", "apply_rotary_"]
 
 _CPU_OP = "_rotary_cpu"
+_CPU_OP_IN_PLACE = "_rotary_cpu_"
 
 
 def _check_inputs(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
@@ -70,6 +73,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     _check_inputs(x, cos, signed_sin)
     if _uses_kernel(x, cos):
         return getattr(torch.ops.metalm, _CPU_OP)(x, cos.contiguous(), signed_sin.contiguous())
+    return _expression(x, cos, signed_sin)
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` written over ``x`` (returned), the same values bit for bit.
+
+    For inference, where q and k are views into a fused projection that nothing
+    else reads: the kernel then writes no [T, H, D] output of its own. x's
+    elements must not share memory (an expanded tensor cannot be rotated in place).
+    """
+    _check_inputs(x, cos, signed_sin)
+    if _uses_kernel(x, cos) and hasattr(torch.ops.metalm, _CPU_OP_IN_PLACE):
+        getattr(torch.ops.metalm, _CPU_OP_IN_PLACE)(x, cos.contiguous(), signed_sin.contiguous())
+        return x
+    return x.copy_(_expression(x, cos, signed_sin))
+
+
+def _expression(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     same = x.dtype == cos.dtype
     y = x if same else x.to(cos.dtype)
     rotated = y * cos + y.roll(y.shape[-1] // 2, dims=-1) * signed_sin

@@ -39,3 +39,30 @@ def test_autograd_path_still_differentiable():
     mlp(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert mlp.up.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_chunks_write_their_rows_in_place(kind, bias):
+    """Chunks of more than DECODE_ROWS rows: each chunk's down projection is F.linear's
+    addmm / mm written into its rows of the output (equal chunks of 40 rows)."""
+    torch.manual_seed(1)
+    mlp = MLP(16, 40, kind)
+    if not bias:
+        mlp.down.bias = None
+    mlp.INFERENCE_CHUNK_ROWS = 40
+    x = torch.randn(120, 16)
+    expected = mlp(x).detach()  # autograd on: one pass
+    with torch.no_grad():
+        chunked = mlp(x)
+    torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_inference_chunks_call_a_hooked_down_projection():
+    mlp = MLP(16, 40)
+    mlp.INFERENCE_CHUNK_ROWS = 40
+    seen = []
+    mlp.down.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    with torch.no_grad():
+        out = mlp(torch.randn(100, 16))
+    assert seen == [34, 34, 32] and out.shape == (100, 16)  # ceil(100 / 3) rows a chunk

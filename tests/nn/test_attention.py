@@ -68,3 +68,38 @@ def test_torch_compile_fullgraph_matches_eager():
         (grad_compiled,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+@pytest.mark.parametrize("tokens, chunk_rows", [(100, 33), (3000, 1024), (2049, 1024)])
+def test_inference_projection_in_chunks_matches_the_module_path(tokens, chunk_rows):
+    """Without autograd the projection runs in equal row chunks, q and k rotated in place:
+    the module path's values (the BLAS may round a chunk's rows differently: a tight
+    tolerance, equal bit for bit on the measured machines)."""
+    torch.manual_seed(1)
+    attention = SpanSelfAttention(64, num_heads=4, num_kv_heads=2)
+    attention.INFERENCE_CHUNK_ROWS = chunk_rows
+    x = torch.randn(tokens, 64)
+    positions = packed_positions(torch.tensor([0, tokens // 3, tokens]))
+    with torch.no_grad():
+        assert attention._projects_in_chunks(x)
+        chunked = attention.project_qkv(x, positions)
+    module_path = attention.project_qkv(x, positions)  # autograd on: the modules
+    for got, want in zip(chunked, module_path, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_inference_projection_runs_the_module_when_hooked_or_short():
+    attention = SpanSelfAttention(64, num_heads=4, num_kv_heads=2)
+    x = torch.randn(200, 64)
+    seen = []
+    handle = attention.qkv.register_forward_hook(lambda module, args, out: seen.append(1))
+    with torch.no_grad():
+        assert not attention._projects_in_chunks(x)
+        attention.project_qkv(x, torch.arange(200))
+    handle.remove()
+    assert seen == [1]
+    with torch.no_grad():
+        assert attention._projects_in_chunks(x)
+        assert not attention._projects_in_chunks(x[:32])  # decode rows: DecodeLinear's kernel
+    assert not SpanSelfAttention(64, 4, rotary=False)._projects_in_chunks(x)

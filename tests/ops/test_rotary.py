@@ -96,3 +96,34 @@ def test_tables_must_share_a_dtype():
     with pytest.raises(ValueError, match="cos and signed_sin must share a dtype"):
         apply_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8),
                      torch.zeros(3, 1, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_in_place_equals_apply_rotary_and_touches_nothing_else(monkeypatch, dtype, kernel):
+    """apply_rotary_ on q inside a fused projection: q becomes apply_rotary(q) bit for bit
+    (the kernel, or the expression with the kernel off); k and v are untouched."""
+    if kernel:
+        require_kernel()
+    else:
+        monkeypatch.setattr(rotary, "_uses_kernel", lambda x, cos: False)
+    generator = torch.Generator().manual_seed(3)
+    tokens, heads, kv_heads, head_dim = 37, 4, 2, 32
+    fused = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    fused = fused.to(dtype)
+    q = fused[:, : heads * head_dim].view(tokens, heads, head_dim)
+    compute = torch.promote_types(dtype, torch.float32)
+    cos, signed_sin = RotaryEmbedding(head_dim).tables(torch.arange(tokens) * 7, compute)
+    with torch.no_grad():
+        expected = apply_rotary(q, cos, signed_sin)
+        rest = fused[:, heads * head_dim :].clone()
+        assert rotary.apply_rotary_(q, cos, signed_sin) is q
+    assert torch.equal(q, expected) and torch.equal(fused[:, heads * head_dim :], rest)
+
+
+def test_in_place_kernel_refuses_overlapping_rows():
+    require_kernel()
+    x = torch.randn(1, 1, 8).expand(3, 2, 8)
+    cos, signed_sin = RotaryEmbedding(8).tables(torch.arange(3), torch.float32)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.metalm._rotary_cpu_(x, cos, signed_sin)
