@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from metalm_fast.nn._hooks import forward_hooked
+from metalm_fast.nn._inference import forward_hooked
 from metalm_fast.nn.attention import SpanSelfAttention
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import RotaryEmbedding

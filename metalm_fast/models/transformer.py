@@ -9,15 +9,13 @@ bidirectional encoders (SpanMask.bidirectional) and the single-stack variant
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metalm_fast.masks import SpanMask
 from metalm_fast.models.fused_decode import fused_decode_block
-from metalm_fast.nn._hooks import forward_hooked
+from metalm_fast.nn._inference import chunk_rows, forward_hooked, linear_into
 from metalm_fast.nn.attention import SpanSelfAttention
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.ops.decode_linear import DECODE_ROWS
@@ -31,11 +29,11 @@ class MLP(nn.Module):
 
     ``forward(x [T, dim]) -> [T, dim]``. Without autograd (inference), rows go
     through in equal chunks of at most :attr:`INFERENCE_CHUNK_ROWS` and the
-    activation runs in place: a chunk's [rows, hidden] activation stays in cache and its memory is
-    reused, where a whole prefill's would be a fresh [T, hidden] tensor (80 MB
-    at T = 19 K) faulted in page by page. Rows are independent, so the result
-    is the same as one pass, up to the rounding of the matmul kernel chosen for
-    each row count.
+    activation runs in place: a chunk's [rows, hidden] activation stays in cache
+    and its memory is reused, where a whole prefill's would be a fresh [T, hidden]
+    tensor (80 MB at T = 19 K) faulted in page by page. Rows are independent, so
+    the result is the same as one pass, up to the rounding of the matmul kernel
+    chosen for each row count.
     """
 
     INFERENCE_CHUNK_ROWS = 1024
@@ -53,10 +51,9 @@ class MLP(nn.Module):
             return self.down(self._hidden(x, in_place=False))
         if x.dim() != 2 or x.shape[0] <= self.INFERENCE_CHUNK_ROWS:
             return self.down(self._hidden(x, in_place=True))
-        # Equal chunks, so none is a short remainder (the BLAS may round a few rows
-        # differently); each chunk's down projection is written into its rows of out.
+        # Each chunk's down projection is written into its rows of out.
         tokens = x.shape[0]
-        rows = math.ceil(tokens / math.ceil(tokens / self.INFERENCE_CHUNK_ROWS))
+        rows = chunk_rows(tokens, self.INFERENCE_CHUNK_ROWS)
         out = x.new_empty(tokens, self.down.out_features)
         for start in range(0, tokens, rows):
             self._down_into(self._hidden(x[start : start + rows], in_place=True),
@@ -79,10 +76,8 @@ class MLP(nn.Module):
         if (type(down) not in (DecodeLinear, nn.Linear) or hidden.shape[0] <= DECODE_ROWS
                 or torch.is_autocast_enabled(hidden.device.type) or forward_hooked(down)):
             out.copy_(down(hidden))
-        elif down.bias is None:  # what F.linear runs for a 2-D input
-            torch.mm(hidden, down.weight.t(), out=out)
         else:
-            torch.addmm(down.bias, hidden, down.weight.t(), out=out)
+            linear_into(hidden, down.weight, down.bias, out)
 
 
 class TransformerBlock(nn.Module):

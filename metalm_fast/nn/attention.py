@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from metalm_fast.masks import SpanMask
-from metalm_fast.nn._hooks import forward_hooked
+from metalm_fast.nn._inference import chunk_rows, forward_hooked, linear_into
 from metalm_fast.nn.kv_cache_attention import cached_attention
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import RotaryEmbedding
@@ -104,15 +102,14 @@ class SpanSelfAttention(nn.Module):
         return q, k, v
 
     # ------------------------------------------------------------------ inference prefill
-    # Without autograd on CPU, a prefill's projection runs in chunks of
+    # Without autograd on CPU, a prefill's projection runs in equal chunks of at most
     # INFERENCE_CHUNK_ROWS rows, and each chunk's q and k are rotated in place while
     # the chunk is in cache: rotating the whole [T, Hq, D] q afterwards read it back
     # from memory and wrote a fresh tensor (small preset, T = 21.6 K: the projection
     # and two rotations 126-141 ms, in chunks 115 ms, the projection alone 114 ms).
     # Each chunk is F.linear's own addmm / mm and the rotation the same kernel, so the
     # values are the module path's up to the rounding of the matmul kernel the BLAS
-    # picks for a row count (bit for bit in the measured prefills). Chunks are of
-    # equal size, so none is a short remainder.
+    # picks for a row count (bit for bit in the measured prefills).
     INFERENCE_CHUNK_ROWS = 1024
 
     def _projects_in_chunks(self, x: torch.Tensor) -> bool:
@@ -130,15 +127,12 @@ class SpanSelfAttention(nn.Module):
         compute = torch.promote_types(x.dtype, torch.float32)
         cos, signed_sin = self.rotary.tables(positions, compute, rotary_memo)
         tokens = x.shape[0]
-        rows = math.ceil(tokens / math.ceil(tokens / self.INFERENCE_CHUNK_ROWS))
+        rows = chunk_rows(tokens, self.INFERENCE_CHUNK_ROWS)
         fused = x.new_empty(tokens, weight.shape[0])
         for start in range(0, tokens, rows):
             end = min(start + rows, tokens)
             chunk = fused[start:end]
-            if bias is None:  # what F.linear runs for a 2-D input
-                torch.mm(x[start:end], weight.t(), out=chunk)
-            else:
-                torch.addmm(bias, x[start:end], weight.t(), out=chunk)
+            linear_into(x[start:end], weight, bias, chunk)
             q, k, _ = self._split(chunk)
             apply_rotary_(q, cos[start:end], signed_sin[start:end])
             apply_rotary_(k, cos[start:end], signed_sin[start:end])

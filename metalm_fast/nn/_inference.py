@@ -1,0 +1,41 @@
+"""Helpers of the inference fast paths (no autograd) that compute a module's math
+without calling it: metalm_fast.models.fused_decode, and the row chunks of
+SpanSelfAttention's projection and of the MLP in a prefill."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.modules.module as module_hooks
+from torch import nn
+
+__all__ = ["chunk_rows", "forward_hooked", "linear_into"]
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_forward_hooks_always_called")
+
+
+def forward_hooked(*modules: nn.Module | None) -> bool:
+    """True when a global forward hook, or one on any of ``modules``, is registered: a
+    fast path runs only where no hook would see the difference."""
+    if any(getattr(module_hooks, name, None) for name in _GLOBAL_HOOKS):
+        return True
+    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
+def chunk_rows(tokens: int, most: int) -> int:
+    """Rows per chunk when ``tokens`` rows go through in equal chunks of at most ``most``:
+    no chunk is a short remainder, for which the BLAS may pick another kernel (and
+    round differently)."""
+    return math.ceil(tokens / math.ceil(tokens / most))
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor) -> None:
+    """``out = F.linear(x, weight, bias)`` for a 2-D x, written into ``out``: the addmm
+    (or mm without a bias) that F.linear runs, so the same values bit for bit."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
