@@ -26,7 +26,8 @@
 // _paged_decode_attention_cpu, aten layer_norm, gelu_, silu_, mul, add), reached
 // through the dispatcher, so the result is bit for bit the module path's and each
 // kernel keeps its own argument checks. It is PyTorch's "fast path" pattern (as
-// nn.TransformerEncoderLayer's): metalm_fast/models/fused_decode.py calls it only
+// nn.TransformerEncoderLayer's): metalm_fast/models/fused_decode.py calls it (through
+// metalm_fast/ops/decode_block.py) only
 // where the module path would run exactly these ops (no autograd, fp32 CPU, no
 // hooks, the expected module types) and runs the modules everywhere else.
 

@@ -6,9 +6,9 @@ attention, the activation and two residual adds. Run module by module from
 Python, the calls, checks and dispatch cost ~80 us a layer more on the benchmark
 CPU (small preset, 8 sequences: 315 against 233 us a layer; a generation's 127
 decode steps 535-545 against 480-490 ms). ``metalm::_decode_block_cpu``
-(csrc/cpu/decode_block.cpp) makes the same kernel calls, in the same order and
-on the same arguments, from C++, so its output and the cache it writes are bit
-for bit the module path's.
+(csrc/cpu/decode_block.cpp, bound in metalm_fast/ops/decode_block.py) makes the
+same kernel calls, in the same order and on the same arguments, from C++, so its
+output and the cache it writes are bit for bit the module path's.
 
 It is PyTorch's fast-path pattern (``nn.TransformerEncoderLayer``):
 :func:`fused_decode_block` runs it only where the module path would run exactly
@@ -37,22 +37,13 @@ from metalm_fast.nn._inference import forward_hooked
 from metalm_fast.nn.attention import SpanSelfAttention
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import RotaryEmbedding
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops import decode_block
 from metalm_fast.ops.decode_linear import DECODE_ROWS
 from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 
 __all__ = ["fused_decode_block"]
 
-_CPU_OP = "_decode_block_cpu"
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
-
-
-@functools.cache
-def _kernel():
-    """The op, or None without a build that has it."""
-    if cpu_extension() is None or not hasattr(torch.ops.metalm, _CPU_OP):
-        return None
-    return getattr(torch.ops.metalm, _CPU_OP).default
 
 
 @functools.cache
@@ -107,7 +98,7 @@ def fused_decode_block(block, x: torch.Tensor, cache: PagedKVCache, layer_idx: i
                        step: CacheStep) -> torch.Tensor | None:
     """``block``'s decode step ([B, Dm] -> [B, Dm], keys and values appended to
     ``layer_idx``'s pages) in one call, or None where the module path must run."""
-    kernel = _kernel()
+    kernel = decode_block.cpu_op()
     if kernel is None or torch.is_grad_enabled() or torch.compiler.is_compiling() \
             or torch.is_autocast_enabled("cpu"):
         return None

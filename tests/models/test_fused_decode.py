@@ -7,6 +7,7 @@ import torch
 
 from metalm_fast.models import fused_decode
 from metalm_fast.models.transformer import TransformerBlock
+from metalm_fast.ops import decode_block
 from metalm_fast.ops.kv_cache import PagedKVCache
 
 PROMPT_LENS = [5, 2, 7]  # three sequences, pages of 4 tokens: partial, fresh and crossing
@@ -14,7 +15,7 @@ DIM, HEAD_DIM = 64, 16
 
 
 def _kernel_or_skip():
-    kernel = fused_decode._kernel()
+    kernel = decode_block.cpu_op()
     if kernel is None:
         pytest.skip("metalm_fast._C is not built (the fused op is part of it)")
     return kernel
@@ -63,10 +64,10 @@ def test_fused_step_equals_module_path(monkeypatch, kind, heads, kv_heads, rotar
     kernel = _kernel_or_skip()
     block = _block(heads, kv_heads, kind, rotary)
     calls: list = []
-    monkeypatch.setattr(fused_decode, "_kernel", lambda: _counting(kernel, calls))
+    monkeypatch.setattr(decode_block, "cpu_op", lambda: _counting(kernel, calls))
     fused = _decode_run(block, kv_heads, steps=3)
     assert len(calls) == 3  # it ran, once a step
-    monkeypatch.setattr(fused_decode, "_kernel", lambda: None)
+    monkeypatch.setattr(decode_block, "cpu_op", lambda: None)
     modules = _decode_run(block, kv_heads, steps=3)
     for got, expected in zip(fused[0], modules[0], strict=True):
         assert torch.equal(got, expected)
@@ -77,7 +78,7 @@ def test_hooks_and_autograd_run_the_modules(monkeypatch):
     kernel = _kernel_or_skip()
     block = _block(4, 2, "gelu", True)
     calls: list = []
-    monkeypatch.setattr(fused_decode, "_kernel", lambda: _counting(kernel, calls))
+    monkeypatch.setattr(decode_block, "cpu_op", lambda: _counting(kernel, calls))
     seen = []
     handle = block.mlp.up.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     hooked = _decode_run(block, 2, steps=2)
@@ -96,7 +97,7 @@ def test_hooks_and_autograd_run_the_modules(monkeypatch):
 def test_autocast_runs_the_modules(monkeypatch):
     kernel = _kernel_or_skip()
     calls: list = []
-    monkeypatch.setattr(fused_decode, "_kernel", lambda: _counting(kernel, calls))
+    monkeypatch.setattr(decode_block, "cpu_op", lambda: _counting(kernel, calls))
     block = _block(4, 2, "gelu", True)
     cache = PagedKVCache(1, 4, 4, 2, HEAD_DIM, dtype=torch.float32)
     step = cache.step([cache.allocate()], 1)
@@ -108,7 +109,7 @@ def test_autocast_runs_the_modules(monkeypatch):
 def test_other_dtypes_and_many_rows_run_the_modules(monkeypatch):
     kernel = _kernel_or_skip()
     calls: list = []
-    monkeypatch.setattr(fused_decode, "_kernel", lambda: _counting(kernel, calls))
+    monkeypatch.setattr(decode_block, "cpu_op", lambda: _counting(kernel, calls))
     block = _block(4, 2, "gelu", True).double()
     cache = PagedKVCache(1, 4, 4, 2, HEAD_DIM, dtype=torch.float64)
     ids = [cache.allocate()]
