@@ -15,10 +15,9 @@ from torch import nn
 
 from metalm_fast.masks import SpanMask
 from metalm_fast.models.fused_decode import fused_decode_block
-from metalm_fast.nn._inference import chunk_rows, forward_hooked, linear_into
+from metalm_fast.nn._inference import chunk_rows, linear_into, linear_into_serves
 from metalm_fast.nn.attention import SpanSelfAttention
 from metalm_fast.nn.linear import DecodeLinear
-from metalm_fast.ops.decode_linear import DECODE_ROWS
 from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 
 __all__ = ["MLP", "TransformerBlock", "TransformerStack"]
@@ -73,11 +72,10 @@ class MLP(nn.Module):
         """out = self.down(hidden), written in place where that is F.linear's own addmm
         (a copy of the chunk's result was ~2 % of a small-preset prefill)."""
         down = self.down
-        if (type(down) not in (DecodeLinear, nn.Linear) or hidden.shape[0] <= DECODE_ROWS
-                or torch.is_autocast_enabled(hidden.device.type) or forward_hooked(down)):
-            out.copy_(down(hidden))
-        else:
+        if linear_into_serves(down, hidden):
             linear_into(hidden, down.weight, down.bias, out)
+        else:
+            out.copy_(down(hidden))
 
 
 class TransformerBlock(nn.Module):

@@ -10,7 +10,9 @@ import torch
 import torch.nn.modules.module as module_hooks
 from torch import nn
 
-__all__ = ["chunk_rows", "forward_hooked", "linear_into"]
+from metalm_fast.nn.linear import DecodeLinear
+
+__all__ = ["chunk_rows", "forward_hooked", "linear_into", "linear_into_serves"]
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_forward_hooks_always_called")
@@ -39,3 +41,18 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         torch.mm(x, weight.t(), out=out)
     else:
         torch.addmm(bias, x, weight.t(), out=out)
+
+
+def linear_into_serves(linear: nn.Module, x: torch.Tensor) -> bool:
+    """True where :func:`linear_into` computes exactly what calling ``linear`` on x would:
+    an ``nn.Linear``, or a DecodeLinear whose rule picks F.linear for x (not its few-row
+    kernel); x in the weight's dtype; no autograd, no autocast, not while torch.compile
+    traces; and no hook that the call would run."""
+    if type(linear) is DecodeLinear:
+        if linear.uses_kernel(x):
+            return False
+    elif type(linear) is not nn.Linear:
+        return False
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling() and x.dtype == linear.weight.dtype
+            and not forward_hooked(linear))

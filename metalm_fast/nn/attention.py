@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 from metalm_fast.masks import SpanMask
-from metalm_fast.nn._inference import chunk_rows, forward_hooked, linear_into
+from metalm_fast.nn._inference import chunk_rows, linear_into, linear_into_serves
 from metalm_fast.nn.kv_cache_attention import cached_attention
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import RotaryEmbedding
-from metalm_fast.ops.decode_linear import DECODE_ROWS
 from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 from metalm_fast.ops.rotary import apply_rotary_
 from metalm_fast.ops.span_attention import span_attention
@@ -113,13 +112,8 @@ class SpanSelfAttention(nn.Module):
     INFERENCE_CHUNK_ROWS = 1024
 
     def _projects_in_chunks(self, x: torch.Tensor) -> bool:
-        qkv = self.qkv
         return (self.rotary is not None and x.dim() == 2 and x.is_cpu
-                and x.shape[0] > DECODE_ROWS  # fewer rows: DecodeLinear's kernel
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()
-                and type(qkv) in (DecodeLinear, nn.Linear)
-                and x.dtype == qkv.weight.dtype and not forward_hooked(qkv))
+                and linear_into_serves(self.qkv, x))
 
     def _project_in_chunks(self, x: torch.Tensor, positions: torch.Tensor,
                            rotary_memo: dict | None) -> torch.Tensor:

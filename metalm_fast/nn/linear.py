@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metalm_fast.ops.decode_linear import decode_linear
+from metalm_fast.ops.decode_linear import _uses_kernel, decode_linear
 
 __all__ = ["DecodeLinear"]
 
@@ -21,3 +21,7 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decode_linear(x, self.weight, self.bias)
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs decode_linear's cpu kernel (else ``F.linear``)."""
+        return _uses_kernel(x, self.weight, self.bias)

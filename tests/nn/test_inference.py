@@ -40,3 +40,22 @@ def test_forward_hooked_sees_module_and_global_hooks():
     finally:
         handle.remove()
     assert not forward_hooked(layer)
+
+
+def test_linear_into_serves_where_the_call_is_f_linear():
+    from metalm_fast.nn import DecodeLinear
+    from metalm_fast.nn._inference import linear_into_serves
+
+    plain, decode = nn.Linear(16, 8), DecodeLinear(16, 8)
+    rows, many = torch.randn(8, 16), torch.randn(40, 16)
+    assert not linear_into_serves(plain, many)  # autograd on
+    with torch.no_grad():
+        assert linear_into_serves(plain, rows) and linear_into_serves(decode, many)
+        assert linear_into_serves(decode, rows) == (not decode.uses_kernel(rows))
+        assert not linear_into_serves(plain, many.double())  # F.linear would raise
+        assert not linear_into_serves(type("Sub", (nn.Linear,), {})(16, 8), many)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not linear_into_serves(plain, many)
+        handle = plain.register_forward_hook(lambda module, args, out: None)
+        assert not linear_into_serves(plain, many)
+        handle.remove()
