@@ -107,7 +107,7 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, a
   const int64_t grain =
       std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, rows.heads * rows.dim));
   at::parallel_for(0, x.size(0), grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(rows.dim);  // the in-place copy of one row
+    std::vector<T> row(rows.out == rows.x ? rows.dim : 0);  // in place: a copy of one row
     rotate_tokens(rows, begin, end, row.data());
   });
 }

@@ -105,6 +105,8 @@ def test_in_place_equals_apply_rotary_and_touches_nothing_else(monkeypatch, dtyp
     (the kernel, or the expression with the kernel off); k and v are untouched."""
     if kernel:
         require_kernel()
+        if not hasattr(torch.ops.metalm, "_rotary_cpu_"):
+            pytest.skip("metalm_fast._C has no _rotary_cpu_: rebuild it (pip install -e .)")
     else:
         monkeypatch.setattr(rotary, "_uses_kernel", lambda x, cos: False)
     generator = torch.Generator().manual_seed(3)
@@ -115,6 +117,8 @@ def test_in_place_equals_apply_rotary_and_touches_nothing_else(monkeypatch, dtyp
     compute = torch.promote_types(dtype, torch.float32)
     cos, signed_sin = RotaryEmbedding(head_dim).tables(torch.arange(tokens) * 7, compute)
     with torch.no_grad():
+        # fp32 and fp64 rows in the tables' dtype take the kernel; bf16 the expression.
+        assert rotary._uses_kernel(q, cos) == (kernel and dtype != torch.bfloat16)
         expected = apply_rotary(q, cos, signed_sin)
         rest = fused[:, heads * head_dim :].clone()
         assert rotary.apply_rotary_(q, cos, signed_sin) is q
