@@ -466,7 +466,7 @@ class PagedKVCache:
         wanted = self._blocks_for(_count("num_tokens", num_tokens)) - len(self._pages[seq_id])
         if wanted > 0:
             self._check_free(wanted)
-            self._pages[seq_id].extend(self._free.pop() for _ in range(wanted))
+            self._take_pages(seq_id, wanted)
 
     def free(self, seq_id: int) -> None:
         """End a sequence and return its pages to the pool."""
@@ -506,8 +506,12 @@ class PagedKVCache:
         for seq_id, extra in growth.items():
             if seq_id in new:
                 self._pages[seq_id], self._lengths[seq_id] = [], 0
-            self._pages[seq_id].extend(self._free.pop() for _ in range(wanted[seq_id]))
+            self._take_pages(seq_id, wanted[seq_id])
             self._lengths[seq_id] += extra
+
+    def _take_pages(self, seq_id: int, count: int) -> None:
+        """Move ``count`` free pages (checked free) to the end of ``seq_id``'s pages."""
+        self._pages[seq_id].extend(self._free.pop() for _ in range(count))
 
     def _check_free(self, needed: int) -> None:
         if needed > len(self._free):
