@@ -101,9 +101,10 @@ class SpanSelfAttention(nn.Module):
         return q, k, v
 
     # ------------------------------------------------------------------ inference prefill
-    # Without autograd on CPU, a prefill's projection runs in equal chunks of at most
-    # INFERENCE_CHUNK_ROWS rows, and each chunk's q and k are rotated in place while
-    # the chunk is in cache: rotating the whole [T, Hq, D] q afterwards read it back
+    # Without autograd on CPU, where the projection would be F.linear (a prefill: more
+    # rows than DecodeLinear's kernel takes; see linear_into_serves), it runs in equal
+    # chunks of at most INFERENCE_CHUNK_ROWS rows, and each chunk's q and k are rotated
+    # in place while the chunk is in cache: rotating the whole [T, Hq, D] q afterwards read it back
     # from memory and wrote a fresh tensor (small preset, T = 21.6 K: the projection
     # and two rotations 126-141 ms, in chunks 115 ms, the projection alone 114 ms).
     # Each chunk is F.linear's own addmm / mm and the rotation the same kernel, so the
