@@ -12,6 +12,15 @@ boundary, is advised
 when the zero fill's threads faulted the huge pages themselves, two threads
 took 36-60 ms instead of 10 ms.
 
+Measured caveat (the benchmark VM): right after other large allocations (the
+HF-style path's, in the end-to-end benchmark) the populate call sometimes took
+~400 ms for a 197 MiB pool (32 prompts) instead of 8 ms, with no compaction
+counted (/proc/vmstat): fresh 2 MiB blocks there seem to be cold on the host
+side. Whole generations, alternating with the HF-style path: 8 prompts 0.975 s
+on huge pages against 1.025 s on 4 KiB pages, 32 prompts 4.03 against 3.81 s.
+Huge pages stay, for the smaller batches; a pool kept between generations would
+avoid the refill for both.
+
 The advice is a hint about the backing pages, never about the contents: where
 the platform or kernel does not take it (not Linux, THP disabled, no libc), the
 tensor is ordinary zeroed memory and everything computes the same.
