@@ -1,1 +1,1 @@
-"""Benchmarks of metalm-fast (see DESIGN.md, Performance method)."""
+"""Benchmarks of metalm-fast (see docs/ARCHITECTURE.md, Performance method)."""

@@ -124,7 +124,7 @@ def make_qkv(total: int, heads: int, head_dim: int, seed: int = 0):
 
 
 def forward_flops(mask: SpanMask, heads: int, head_dim: int) -> float:
-    """DESIGN.md: 4 * allowed pairs * D * Hq forward (backward is 2.5x that)."""
+    """docs/ARCHITECTURE.md: 4 * allowed pairs * D * Hq forward (backward is 2.5x that)."""
     return 4.0 * mask.num_pairs() * head_dim * heads
 
 

@@ -55,7 +55,7 @@ fp32 inputs
 -----------
 tl.dot on fp32 with ``input_precision="ieee"`` compiles to FMA loops (no
 tensor cores); plain "tf32" keeps 10 mantissa bits and misses the tolerance
-rule of DESIGN.md by about 1000x. fp32 configs therefore use ``"tf32x3"``:
+rule of docs/ARCHITECTURE.md by about 1000x. fp32 configs therefore use ``"tf32x3"``:
 each operand is split into a tf32 high part and a tf32 low part and three
 tensor-core products are summed (hi*hi + hi*lo + lo*hi), which is as accurate
 as fp32 in practice (in an emulation over 30 problems its error against
@@ -351,7 +351,7 @@ def _aligned_attrs(kernel) -> dict[tuple[int], list]:
     multiple of 16 with tt.divisibility=16; that is what lets loads vectorise
     and feed cp.async / TMA pipelines. torch allocations are 16-byte aligned,
     and with D a multiple of 16 (32, 64, 80, 96, 128, 256: every head dim
-    DESIGN.md lists) so are head_dim and all strides. Other head dims (say 72)
+    docs/ARCHITECTURE.md lists) so are head_dim and all strides. Other head dims (say 72)
     run a variant with finer-grained D masks that these attrs do not describe.
     """
     names = [name for name in kernel.arg_names if not name.isupper()]

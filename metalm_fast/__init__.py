@@ -1,6 +1,6 @@
 """metalm-fast: fast, exact kernels for MetaLM-style encoder-connector-decoder models.
 
-Public API (see ../shared/DESIGN.md):
+Public API (see docs/ARCHITECTURE.md):
 
     SpanMask            the interval attention mask over packed tokens
     span_attention      fused span-masked attention, forward and backward

@@ -2,7 +2,7 @@
 
 Nothing here is fast; everything here is obviously right. Tests compare the
 kernels against these functions run in float64 (the golden) and in the test
-dtype (the baseline), as ../shared/DESIGN.md's correctness policy describes.
+dtype (the baseline), as docs/ARCHITECTURE.md's correctness policy describes.
 Autograd through these functions gives the reference gradients; they are
 written so that queries with an empty interval get output 0, lse -inf and
 zero gradients, with no NaN anywhere.

@@ -1,4 +1,4 @@
-"""The DESIGN.md tolerance rule, in one place.
+"""The docs/ARCHITECTURE.md tolerance rule, in one place.
 
 A kernel output passes when
 

@@ -22,7 +22,7 @@ Implementations: ours (``metalm_fast.span_attention(..., backend="triton")``),
 FlexAttention (compiled; compile and create_block_mask times reported
 separately), flash-attn varlen (for the masks it can express, when installed)
 and SDPA on per-document batches. Forward and forward+backward; median ms,
-TFLOP/s over allowed (query, key) pairs (DESIGN.md, "Performance method"), the
+TFLOP/s over allowed (query, key) pairs (docs/ARCHITECTURE.md, "Performance method"), the
 speedup of ours over each peer, and the H200 roofline. Correctness is checked
 once per case against FlexAttention (max abs diff).
 
@@ -79,7 +79,7 @@ except ImportError:  # a bare checkout: import the package from the tree
 # 2:4 sparsity), 4.8 TB/s HBM3e. Used for the roofline column only.
 H200_PEAK_BF16_TFLOPS = 989.0
 H200_HBM_TBPS = 4.8
-#: Backward FLOPs relative to forward (DESIGN.md: 2.5x).
+#: Backward FLOPs relative to forward (docs/ARCHITECTURE.md: 2.5x).
 BACKWARD_FLOP_RATIO = 2.5
 #: Seconds kept free before the budget for writing files and a last measurement.
 BUDGET_RESERVE_S = 30.0
@@ -325,7 +325,7 @@ def _sync(settings: Settings) -> None:
 
 
 def attention_flops(case: Case, head_dim: int, num_heads: int, backward: bool) -> float:
-    """4 * pairs * D * H forward; backward adds 2.5x that (DESIGN.md)."""
+    """4 * pairs * D * H forward; backward adds 2.5x that (docs/ARCHITECTURE.md)."""
     forward = 4.0 * case.pairs * head_dim * num_heads
     return forward * (1.0 + BACKWARD_FLOP_RATIO) if backward else forward
 

@@ -1,6 +1,6 @@
 """GPU readiness: compile every shipped GPU kernel ahead of time and check its resources.
 
-No GPU exists on development or CI machines (DESIGN.md, "GPU truth without a
+No GPU exists on development or CI machines (docs/ARCHITECTURE.md, "GPU truth without a
 GPU"), so this tool holds GPU code to account without one::
 
     python -m metalm_fast.tools.gpu_readiness [--ops span_attention] [--arch 80 90]

@@ -1,6 +1,6 @@
 """Span attention Triton kernels under the interpreter, against the float64 reference.
 
-Every case checks out, lse, dq, dk and dv with the DESIGN.md tolerance rule
+Every case checks out, lse, dq, dk and dv with the docs/ARCHITECTURE.md tolerance rule
 (golden: metalm_fast.reference in float64 with autograd; baseline: the same in
 the test dtype). The cases spread mask kinds, dtypes, GQA, head dims, odd
 lengths, zero-length documents and fused-qkv slices across a few small

@@ -134,7 +134,7 @@ def test_greedy_ignores_temperature():
 @pytest.mark.parametrize("variant", ["two_stack", "single_stack"])
 def test_prefill_logits_match_model_logits(variant):
     """The cached prefill (cpu kernels) against model.logits: golden float64 reference,
-    baseline float32 reference (the DESIGN.md rule)."""
+    baseline float32 reference (the docs/ARCHITECTURE.md rule)."""
     batch = prompts()
     fast = model_for_generation(variant, "cpu")
     baseline = model_for_generation(variant, "reference")

@@ -1,4 +1,4 @@
-"""paged_decode_attention against the float64 reference over gathered pages (DESIGN rule)."""
+"""paged_decode_attention against the float64 reference over gathered pages (docs/ARCHITECTURE.md rule)."""
 
 from __future__ import annotations
 

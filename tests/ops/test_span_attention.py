@@ -85,7 +85,7 @@ def test_half_dtypes_fused_qkv(backend, dtype):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_float64(backend):
-    """In float64 the baseline *is* the golden, so the DESIGN rule degenerates to
+    """In float64 the baseline *is* the golden, so the tolerance rule degenerates to
     ~2 ulp; float64 is held to torch.testing's float64 tolerances instead."""
     _require(backend)
     mask = make_mask("intervals", [50], seed=5)

@@ -1,7 +1,7 @@
 """Low-level tests of the C++ CPU span-attention ops (csrc/cpu/span_attention.cpp).
 
 They call ``torch.ops.metalm._span_attention_{fwd,bwd}_cpu`` directly (the public
-API is tested in test_span_attention.py) and hold them to DESIGN.md's rule:
+API is tested in test_span_attention.py) and hold them to docs/ARCHITECTURE.md's rule:
 golden = the reference in float64, baseline = the reference in the test dtype,
 for out, lse, dq, dk and dv. The backward op gets
 ``delta = rowsum(dO * out) - dLSE`` from the caller, as the op layer computes it
@@ -75,7 +75,7 @@ def _kernel_with_grads(q, k, v, mask, scale, grad_out, grad_lse):
 
 
 def _assert_float64_close(actual: torch.Tensor, golden: torch.Tensor, name: str) -> None:
-    """float64: the baseline *is* the golden, so DESIGN's rule would demand bit-identity
+    """float64: the baseline *is* the golden, so the docs/ARCHITECTURE.md rule would demand bit-identity
     with the dense reference; ask for float64 rounding-level agreement instead."""
     assert not torch.isnan(actual).any(), f"{name}: NaN in kernel output"
     assert torch.equal(torch.isinf(actual), torch.isinf(golden)), f"{name}: inf pattern differs"
