@@ -152,7 +152,7 @@ def _token_losses_and_grads(model, batch):
 
 @pytest.mark.parametrize("variant", ["two_stack", "single_stack"])
 def test_fast_path_matches_golden_with_images(variant):
-    """docs/ARCHITECTURE.md rule: |cpu - golden| <= 2 |reference fp32 - golden| + atol, for the loss at
+    """Tolerance rule: |cpu - golden| <= 2 |reference fp32 - golden| + atol, for the loss at
     every scored position and every gradient."""
     batch = vision_language_batch()
     fast = tiny_model(variant, "cpu")

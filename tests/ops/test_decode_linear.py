@@ -1,4 +1,4 @@
-"""decode_linear against F.linear in float64 (the docs/ARCHITECTURE.md tolerance rule, baseline F.linear
+"""decode_linear against F.linear in float64 (the tolerance rule, baseline F.linear
 in float32), over odd shapes, strided rows, leading dims, bad inputs and its dispatch."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""paged_decode_attention against the float64 reference over gathered pages (docs/ARCHITECTURE.md rule)."""
+"""paged_decode_attention against the float64 reference over gathered pages (tolerance rule)."""
 
 from __future__ import annotations
 

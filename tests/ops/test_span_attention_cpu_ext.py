@@ -75,7 +75,7 @@ def _kernel_with_grads(q, k, v, mask, scale, grad_out, grad_lse):
 
 
 def _assert_float64_close(actual: torch.Tensor, golden: torch.Tensor, name: str) -> None:
-    """float64: the baseline *is* the golden, so the docs/ARCHITECTURE.md rule would demand bit-identity
+    """float64: the baseline *is* the golden, so the tolerance rule would demand bit-identity
     with the dense reference; ask for float64 rounding-level agreement instead."""
     assert not torch.isnan(actual).any(), f"{name}: NaN in kernel output"
     assert torch.equal(torch.isinf(actual), torch.isinf(golden)), f"{name}: inf pattern differs"
