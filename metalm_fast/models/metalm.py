@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalm_fast.data.collator import IGNORE_INDEX
 from metalm_fast.masks import SpanMask
 from metalm_fast.models.generation import generate
 from metalm_fast.models.transformer import TransformerStack
@@ -244,7 +245,7 @@ class MetaLM(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         logits = self.logits(batch)
-        if not bool((batch.labels != -100).any()):
+        if not bool((batch.labels != IGNORE_INDEX).any()):
             return logits.sum() * 0.0
         # labels are -100 (cross_entropy's ignore_index) where no loss is carried
         return F.cross_entropy(logits.float(), batch.labels, reduction=reduction)
