@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ._config import DTYPE_NAMES as _DTYPE_NAMES
+
 
 @dataclass(frozen=True)
 class _Tiles:
@@ -94,7 +96,6 @@ _TILES: dict[tuple[str, int, str, int], _Tiles] = {
     ("bwd_dkdv", 90, "32", 256): _Tiles(16, 32, 8, 1, "ieee"),
 }
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # The ops layer accepts multiples of 8 in [16, 256]; D < 32 runs padded to 32
 # (tl.dot needs K >= 16 and 32 keeps one bucket for the small dims).
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -109,8 +110,11 @@ def _dot_precision(tiles: _Tiles, dtype: torch.dtype) -> str:
 def _constexprs(tiles: _Tiles, dtype: torch.dtype, block_d: int, even_d: bool) -> dict:
     """The constexpr arguments of a launch: shared by the launchers and shipped_configs()."""
     return {
-        "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_D": block_d,
-        "EVEN_D": even_d, "DOT_PRECISION": _dot_precision(tiles, dtype),
+        "BLOCK_M": tiles.block_m,
+        "BLOCK_N": tiles.block_n,
+        "BLOCK_D": block_d,
+        "EVEN_D": even_d,
+        "DOT_PRECISION": _dot_precision(tiles, dtype),
     }
 
 

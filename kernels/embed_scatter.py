@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KernelConfig
+from ._config import DTYPE_NAMES as _DTYPE_NAMES
+from ._config import KernelConfig, triton_signature
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 BLOCK_T = 16
 BLOCK_P = 16
 BLOCK_D = 256  # columns per program; Dm is tiled, any width works
@@ -39,10 +39,21 @@ NUM_WARPS = 4
 
 @triton.jit
 def _embed_scatter_fwd_kernel(
-    out_ptr, weight_ptr, features_ptr, ids_ptr, rows_ptr,
-    num_tokens, width, num_embeddings, num_features,
-    stride_out, stride_weight, stride_features, scale,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr,
+    weight_ptr,
+    features_ptr,
+    ids_ptr,
+    rows_ptr,
+    num_tokens,
+    width,
+    num_embeddings,
+    num_features,
+    stride_out,
+    stride_weight,
+    stride_features,
+    scale,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[t, d] for one [BLOCK_T, BLOCK_D] tile; feature rows copied, token rows scaled.
 
@@ -61,11 +72,13 @@ def _embed_scatter_fwd_kernel(
     tile = in_tokens[:, None] & in_cols[None, :]
     token_rows = tl.load(
         weight_ptr + ids[:, None] * stride_weight + cols[None, :],
-        mask=tile & (~is_feature & id_ok)[:, None], other=0.0,
+        mask=tile & (~is_feature & id_ok)[:, None],
+        other=0.0,
     )
     feature_rows = tl.load(
         features_ptr + rows[:, None] * stride_features + cols[None, :],
-        mask=tile & (is_feature & row_ok)[:, None], other=0.0,
+        mask=tile & (is_feature & row_ok)[:, None],
+        other=0.0,
     )
     scaled = (token_rows.to(tl.float32) * scale).to(token_rows.dtype)
     result = tl.where(is_feature[:, None], feature_rows, scaled)
@@ -74,9 +87,17 @@ def _embed_scatter_fwd_kernel(
 
 @triton.jit
 def _segment_sum_kernel(
-    dst_ptr, grad_ptr, order_ptr, offsets_ptr,
-    width, stride_dst, stride_grad, factor, skip_row,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    dst_ptr,
+    grad_ptr,
+    order_ptr,
+    offsets_ptr,
+    width,
+    stride_dst,
+    stride_grad,
+    factor,
+    skip_row,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dst[r] = factor * sum of grad[order[offsets[r]:offsets[r+1]]], fp32, in position order.
 
@@ -96,7 +117,8 @@ def _segment_sum_kernel(
         positions = tl.load(order_ptr + slots, mask=in_chunk, other=0).to(tl.int64)
         rows = tl.load(
             grad_ptr + positions[:, None] * stride_grad + cols[None, :],
-            mask=in_chunk[:, None] & in_cols[None, :], other=0.0,
+            mask=in_chunk[:, None] & in_cols[None, :],
+            other=0.0,
         )
         total += tl.sum(rows.to(tl.float32), axis=0)
     result = (total * factor).to(dst_ptr.dtype.element_ty)
@@ -114,10 +136,22 @@ def embed_scatter_forward(token_ids, weight, features, feature_index, scale: flo
     grid = (triton.cdiv(num_tokens, BLOCK_T), triton.cdiv(width, BLOCK_D))
     features_arg = features if features.shape[0] else weight  # never read when F == 0
     _embed_scatter_fwd_kernel[grid](
-        out, weight, features_arg, token_ids, feature_index,
-        num_tokens, width, weight.shape[0], features.shape[0],
-        out.stride(0), weight.stride(0), features_arg.stride(0), scale,
-        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+        out,
+        weight,
+        features_arg,
+        token_ids,
+        feature_index,
+        num_tokens,
+        width,
+        weight.shape[0],
+        features.shape[0],
+        out.stride(0),
+        weight.stride(0),
+        features_arg.stride(0),
+        scale,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BLOCK_D,
+        num_warps=NUM_WARPS,
     )
     return out
 
@@ -144,14 +178,31 @@ def _segment_sum(grad_out, keys, num_keys, factor, skip_row, dtype):
     order, offsets = _group_by_key(keys, num_keys)
     grid = (num_keys, triton.cdiv(width, BLOCK_D))
     _segment_sum_kernel[grid](
-        dst, grad_out, order, offsets, width, dst.stride(0), grad_out.stride(0),
-        factor, skip_row, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+        dst,
+        grad_out,
+        order,
+        offsets,
+        width,
+        dst.stride(0),
+        grad_out.stride(0),
+        factor,
+        skip_row,
+        BLOCK_P=BLOCK_P,
+        BLOCK_D=BLOCK_D,
+        num_warps=NUM_WARPS,
     )
     return dst
 
 
-def embed_scatter_backward(grad_out, token_ids, feature_index, num_embeddings: int,
-                           num_features: int, scale: float, padding_idx: int):
+def embed_scatter_backward(
+    grad_out,
+    token_ids,
+    feature_index,
+    num_embeddings: int,
+    num_features: int,
+    scale: float,
+    padding_idx: int,
+):
     """(grad_weight [V, Dm], grad_features [F, Dm]) in grad_out.dtype; deterministic."""
     is_feature = feature_index >= 0
     # Positions of the other kind get the key past every real row: they sort last
@@ -162,23 +213,21 @@ def embed_scatter_backward(grad_out, token_ids, feature_index, num_embeddings: i
     rows = feature_index.to(torch.int64)
     id_keys = torch.where(is_feature | (ids < 0) | (ids >= num_embeddings), num_embeddings, ids)
     row_keys = torch.where(is_feature & (rows < num_features), rows, num_features)
-    grad_weight = _segment_sum(grad_out, id_keys, num_embeddings, scale, padding_idx,
-                               grad_out.dtype)
+    grad_weight = _segment_sum(
+        grad_out, id_keys, num_embeddings, scale, padding_idx, grad_out.dtype
+    )
     grad_features = _segment_sum(grad_out, row_keys, num_features, 1.0, -1, grad_out.dtype)
     return grad_weight, grad_features
 
 
 # --------------------------------------------------------------------------- AOT configs
+# Pointers that are not in the input dtype, and the fp32 scalars; every other argument is i32.
+_POINTERS = {"ids_ptr": "*i64", "rows_ptr": "*i64", "order_ptr": "*i32", "offsets_ptr": "*i32"}
+_SCALARS = {"scale": "fp32", "factor": "fp32"}
+
+
 def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
-    data = "*" + _DTYPE_NAMES[dtype]
-    types = {
-        "ids_ptr": "*i64", "rows_ptr": "*i64", "order_ptr": "*i32", "offsets_ptr": "*i32",
-        "scale": "fp32", "factor": "fp32",
-    }
-    return {
-        name: types.get(name, data if name.endswith("_ptr") else "i32")
-        for name in kernel.arg_names if not name.isupper()
-    }
+    return triton_signature(kernel, dtype, pointers=_POINTERS, scalars=_SCALARS)
 
 
 def shipped_configs() -> list[KernelConfig]:
@@ -190,10 +239,18 @@ def shipped_configs() -> list[KernelConfig]:
                 (_embed_scatter_fwd_kernel, "fwd", {"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D}),
                 (_segment_sum_kernel, "bwd_segment_sum", {"BLOCK_P": BLOCK_P, "BLOCK_D": BLOCK_D}),
             ):
-                configs.append(KernelConfig(
-                    kernel=kernel, op="embed_scatter", pass_name=pass_name, arch=arch,
-                    signature=_signature(kernel, dtype), constexprs=constexprs,
-                    num_warps=NUM_WARPS, num_stages=2, uses_matmul=False,
-                    label=f"{name} " + " ".join(f"{k}={v}" for k, v in constexprs.items()),
-                ))
+                configs.append(
+                    KernelConfig(
+                        kernel=kernel,
+                        op="embed_scatter",
+                        pass_name=pass_name,
+                        arch=arch,
+                        signature=_signature(kernel, dtype),
+                        constexprs=constexprs,
+                        num_warps=NUM_WARPS,
+                        num_stages=2,
+                        uses_matmul=False,
+                        label=f"{name} " + " ".join(f"{k}={v}" for k, v in constexprs.items()),
+                    )
+                )
     return configs

@@ -22,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KernelConfig
+from ._config import DTYPE_NAMES as _DTYPE_NAMES
+from ._config import KernelConfig, triton_signature
 
 __all__ = ["kv_cache_append_forward", "shipped_configs"]
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 BLOCK_T = 16
 BLOCK_D = 64
 NUM_WARPS = 4
@@ -34,11 +34,27 @@ NUM_WARPS = 4
 
 @triton.jit
 def _kv_cache_append_kernel(
-    k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, slots_ptr,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_knt, stride_knh, stride_vnt, stride_vnh,
-    num_tokens, num_slots, block_size, head_dim,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    slots_ptr,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    num_tokens,
+    num_slots,
+    block_size,
+    head_dim,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Copy rows of one kv head for BLOCK_T tokens; grid (cdiv(T, BLOCK_T), Hkv)."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -71,31 +87,49 @@ def kv_cache_append_forward(k_cache, v_cache, k_new, v_new, slot_mapping) -> Non
     slots = slot_mapping.to(torch.int64).contiguous()
     grid = (triton.cdiv(num_tokens, BLOCK_T), kv_heads)
     _kv_cache_append_kernel[grid](
-        k_cache, v_cache, k_new, v_new, slots,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        num_tokens, num_blocks * block_size, block_size, head_dim,
-        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        slots,
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        num_tokens,
+        num_blocks * block_size,
+        block_size,
+        head_dim,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BLOCK_D,
+        num_warps=NUM_WARPS,
     )
 
 
 # --------------------------------------------------------------------------- AOT configs
 def _signature(dtype: torch.dtype) -> dict[str, str]:
-    data = "*" + _DTYPE_NAMES[dtype]
-    return {
-        name: ("*i64" if name == "slots_ptr" else data) if name.endswith("_ptr") else "i32"
-        for name in _kv_cache_append_kernel.arg_names if not name.isupper()
-    }
+    return triton_signature(_kv_cache_append_kernel, dtype, pointers={"slots_ptr": "*i64"})
 
 
 def shipped_configs() -> list[KernelConfig]:
     """The one append kernel for fp16, bf16 and fp32 on sm_80 and sm_90 (no matmul)."""
     return [
         KernelConfig(
-            kernel=_kv_cache_append_kernel, op="kv_cache_append", pass_name="append", arch=arch,
-            signature=_signature(dtype), constexprs={"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D},
-            num_warps=NUM_WARPS, num_stages=1, uses_matmul=False,
+            kernel=_kv_cache_append_kernel,
+            op="kv_cache_append",
+            pass_name="append",
+            arch=arch,
+            signature=_signature(dtype),
+            constexprs={"BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D},
+            num_warps=NUM_WARPS,
+            num_stages=1,
+            uses_matmul=False,
             label=f"{name} BLOCK_T={BLOCK_T} BLOCK_D={BLOCK_D}",
         )
         for arch in (80, 90)

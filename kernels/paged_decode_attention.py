@@ -60,12 +60,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KernelConfig
+from ._config import DTYPE_NAMES as _DTYPE_NAMES
+from ._config import KernelConfig, aligned_attrs, triton_signature
 
 __all__ = ["paged_decode_attention_forward", "shipped_configs", "choose_splits"]
 
 _LOG2E = 1.4426950408889634
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 BLOCK_H = 16  # query rows per program (the tensor-core minimum); Hq / Hkv > 16 tiles it
 MAX_SPLITS = 64  # the merge kernel reads every split's lse in one vector
 MIN_SPLIT_KEYS = 256  # a split shorter than this costs more to merge than it saves
@@ -76,13 +76,38 @@ HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt, stride_ob, stride_oh,
-    num_blocks, block_size, max_blocks, num_heads, head_dim, group, head_blocks, split_keys,
-    num_splits, qk_scale,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    num_blocks,
+    block_size,
+    max_blocks,
+    num_heads,
+    head_dim,
+    group,
+    head_blocks,
+    split_keys,
+    num_splits,
+    qk_scale,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One (sequence, kv head x head block, split); grid (B, Hkv * head_blocks, num_splits).
@@ -105,8 +130,11 @@ def _decode_split_kernel(
     start = split * split_keys
     end = tl.minimum(start + split_keys, seq_len)
 
-    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
     table = block_table_ptr + batch * stride_bt
@@ -148,21 +176,33 @@ def _decode_split_kernel(
     row_written = row_valid & (rows * 0 + start < bound)
     store_mask = row_written[:, None] & d_valid[None, :]
     if num_splits == 1:
-        tl.store(out_ptr + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 result.to(out_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(
+            out_ptr + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            result.to(out_ptr.dtype.element_ty),
+            mask=store_mask,
+        )
     else:
         slot = (batch * num_heads + heads) * num_splits + split
-        tl.store(part_out_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], result,
-                 mask=store_mask)
+        tl.store(part_out_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], result, mask=store_mask)
         lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(part_lse_ptr + slot, lse, mask=row_written)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr,
-    stride_ob, stride_oh, num_heads, head_dim, num_splits, split_keys, max_keys,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    stride_ob,
+    stride_oh,
+    num_heads,
+    head_dim,
+    num_splits,
+    split_keys,
+    max_keys,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[b, h] from the partials of (b, h); grid (B, Hq).
 
@@ -190,8 +230,11 @@ def _merge_splits_kernel(
         partial = tl.load(part_out_ptr + (first + s) * BLOCK_D + offs_d, mask=d_valid, other=0.0)
         acc += tl.where(weight > 0.0, weight * partial, 0.0)
     result = acc / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d,
-             result.to(out_ptr.dtype.element_ty), mask=d_valid)
+    tl.store(
+        out_ptr + batch * stride_ob + head * stride_oh + offs_d,
+        result.to(out_ptr.dtype.element_ty),
+        mask=d_valid,
+    )
 
 
 # --------------------------------------------------------------------------- configs
@@ -220,31 +263,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # Pointers that are not in the input dtype; every other *_ptr is.
-_POINTER_TYPES = {"block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "part_out_ptr": "*fp32",
-                  "part_lse_ptr": "*fp32"}  # every other *_ptr is in the input dtype
+_POINTER_TYPES = {
+    "block_table_ptr": "*i32",
+    "seq_lens_ptr": "*i32",
+    "part_out_ptr": "*fp32",
+    "part_lse_ptr": "*fp32",
+}  # every other *_ptr is in the input dtype
 
 
 def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
-    """Triton types of every non-constexpr argument of ``kernel``, in order."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            continue
-        if name.endswith("_ptr"):
-            signature[name] = _POINTER_TYPES.get(name, "*" + _DTYPE_NAMES[dtype])
-        elif name == "qk_scale":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def _aligned_attrs(kernel) -> dict[tuple[int], list]:
-    """Divisibility the JIT sees on a typical call: pointers, strides and head_dim % 16 == 0."""
-    names = [name for name in kernel.arg_names if not name.isupper()]
-    aligned = [index for index, name in enumerate(names)
-               if name.endswith("_ptr") or name.startswith("stride_") or name == "head_dim"]
-    return {(index,): [["tt.divisibility", 16]] for index in aligned}
+    return triton_signature(kernel, dtype, pointers=_POINTER_TYPES, scalars={"qk_scale": "fp32"})
 
 
 def shipped_configs() -> list[KernelConfig]:
@@ -259,26 +287,50 @@ def shipped_configs() -> list[KernelConfig]:
         for dtype, name in _DTYPE_NAMES.items():
             for block_d in HEAD_DIM_BLOCKS:
                 tiles = _tiles(block_d, dtype)
-                split_constexprs = {"BLOCK_H": BLOCK_H, "BLOCK_N": tiles.block_n,
-                                    "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(dtype)}
-                configs.append(KernelConfig(
-                    kernel=_decode_split_kernel, op="paged_decode_attention", pass_name="split",
-                    arch=arch, signature=_signature(_decode_split_kernel, dtype),
-                    constexprs=split_constexprs, num_warps=tiles.num_warps,
-                    num_stages=tiles.num_stages, uses_matmul=True,
-                    label=(f"{name} BLOCK_D={block_d} BH={BLOCK_H} BN={tiles.block_n} "
-                           f"w{tiles.num_warps} s{tiles.num_stages}"),
-                    extra={"attrs": _aligned_attrs(_decode_split_kernel), "tensor_core": "mma",
-                           "note": "mma: 16-row decode dots are below wgmma's 64-row tile"},
-                ))
+                split_constexprs = {
+                    "BLOCK_H": BLOCK_H,
+                    "BLOCK_N": tiles.block_n,
+                    "BLOCK_D": block_d,
+                    "DOT_PRECISION": _dot_precision(dtype),
+                }
+                configs.append(
+                    KernelConfig(
+                        kernel=_decode_split_kernel,
+                        op="paged_decode_attention",
+                        pass_name="split",
+                        arch=arch,
+                        signature=_signature(_decode_split_kernel, dtype),
+                        constexprs=split_constexprs,
+                        num_warps=tiles.num_warps,
+                        num_stages=tiles.num_stages,
+                        uses_matmul=True,
+                        label=(
+                            f"{name} BLOCK_D={block_d} BH={BLOCK_H} BN={tiles.block_n} "
+                            f"w{tiles.num_warps} s{tiles.num_stages}"
+                        ),
+                        extra={
+                            "attrs": aligned_attrs(_decode_split_kernel),
+                            "tensor_core": "mma",
+                            "note": "mma: 16-row decode dots are below wgmma's 64-row tile",
+                        },
+                    )
+                )
                 merge_constexprs = {"BLOCK_S": MAX_SPLITS, "BLOCK_D": block_d}
-                configs.append(KernelConfig(
-                    kernel=_merge_splits_kernel, op="paged_decode_attention", pass_name="merge",
-                    arch=arch, signature=_signature(_merge_splits_kernel, dtype),
-                    constexprs=merge_constexprs, num_warps=4, num_stages=1, uses_matmul=False,
-                    label=f"{name} BLOCK_D={block_d} BS={MAX_SPLITS}",
-                    extra={"attrs": _aligned_attrs(_merge_splits_kernel)},
-                ))
+                configs.append(
+                    KernelConfig(
+                        kernel=_merge_splits_kernel,
+                        op="paged_decode_attention",
+                        pass_name="merge",
+                        arch=arch,
+                        signature=_signature(_merge_splits_kernel, dtype),
+                        constexprs=merge_constexprs,
+                        num_warps=4,
+                        num_stages=1,
+                        uses_matmul=False,
+                        label=f"{name} BLOCK_D={block_d} BS={MAX_SPLITS}",
+                        extra={"attrs": aligned_attrs(_merge_splits_kernel)},
+                    )
+                )
     return configs
 
 
@@ -290,8 +342,9 @@ def _target_programs(device: torch.device) -> int:
     return 16
 
 
-def choose_splits(batch: int, kv_programs: int, max_keys: int, block_n: int,
-                  target_programs: int) -> tuple[int, int]:
+def choose_splits(
+    batch: int, kv_programs: int, max_keys: int, block_n: int, target_programs: int
+) -> tuple[int, int]:
     """(num_splits, split_keys) for a launch; host-side, with no device sync.
 
     ``max_keys`` is the block table's capacity (max_blocks * block_size), an
@@ -309,8 +362,13 @@ def choose_splits(batch: int, kv_programs: int, max_keys: int, block_n: int,
 
 
 def paged_decode_attention_forward(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """out [B, Hq, D] in q.dtype (inputs validated by the caller).
 
@@ -336,8 +394,9 @@ def paged_decode_attention_forward(
     max_blocks = block_table.shape[1]
     max_keys = max_blocks * block_size
     if num_splits is None:
-        num_splits, split_keys = choose_splits(batch, kv_heads * head_blocks, max_keys,
-                                               tiles.block_n, _target_programs(q.device))
+        num_splits, split_keys = choose_splits(
+            batch, kv_heads * head_blocks, max_keys, tiles.block_n, _target_programs(q.device)
+        )
     else:
         num_splits = max(1, min(num_splits, MAX_SPLITS))
         split_keys = triton.cdiv(triton.cdiv(max(max_keys, 1), num_splits), tiles.block_n)
@@ -347,20 +406,58 @@ def paged_decode_attention_forward(
     part_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     grid = (batch, kv_heads * head_blocks, num_splits)
     _decode_split_kernel[grid](
-        q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_table.stride(0), out.stride(0), out.stride(1),
-        num_blocks, block_size, max_blocks, num_heads, head_dim, group, head_blocks, split_keys,
-        num_splits, scale * _LOG2E,
-        BLOCK_H=BLOCK_H, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        num_blocks,
+        block_size,
+        max_blocks,
+        num_heads,
+        head_dim,
+        group,
+        head_blocks,
+        split_keys,
+        num_splits,
+        scale * _LOG2E,
+        BLOCK_H=BLOCK_H,
+        BLOCK_N=tiles.block_n,
+        BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
-            out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1), num_heads, head_dim,
-            num_splits, split_keys, max_keys, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d, num_warps=4,
+            out,
+            part_out,
+            part_lse,
+            seq_lens,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            head_dim,
+            num_splits,
+            split_keys,
+            max_keys,
+            BLOCK_S=MAX_SPLITS,
+            BLOCK_D=block_d,
+            num_warps=4,
             num_stages=1,
         )
     return out

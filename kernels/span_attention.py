@@ -87,7 +87,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KernelConfig
+from ._config import KernelConfig, aligned_attrs, triton_signature
 from ._span_attention_configs import (
     _DTYPE_NAMES,
     _TILES,
@@ -124,11 +124,31 @@ _LOG2E = 1.4426950408889634
 # value of 1 into a constant and run code other than the shipped, AOT-checked one.
 @triton.jit(do_not_specialize=["group"])
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, kv_start_ptr, kv_end_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    num_queries, num_keys, head_dim, group, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    kv_start_ptr,
+    kv_end_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    num_queries,
+    num_keys,
+    head_dim,
+    group,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """out, lse for one (query block, query head); grid (cdiv(Tq, BLOCK_M), Hq).
 
@@ -144,8 +164,16 @@ def _fwd_kernel(
     row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m, num_queries)
     lo, full_lo, full_hi, hi = _key_tile_ranges(row_start, row_end, row_valid, num_keys, BLOCK_N)
 
-    q = _load_rows(q_ptr + head.to(tl.int64) * stride_qh, offs_m, offs_d, stride_qt,
-                   num_queries, head_dim, True, EVEN_D)
+    q = _load_rows(
+        q_ptr + head.to(tl.int64) * stride_qh,
+        offs_m,
+        offs_d,
+        stride_qt,
+        num_queries,
+        head_dim,
+        True,
+        EVEN_D,
+    )
     k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -160,34 +188,98 @@ def _fwd_kernel(
         n0 = tl.where(i < num_left, lo + i * BLOCK_N, full_hi + (i - num_left) * BLOCK_N)
         if _tile_is_seen(row_start, row_end, n0, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, k_base, v_base, row_start, row_end, n0 + tl.arange(0, BLOCK_N),
-                offs_d, stride_kt, stride_vt, num_keys, head_dim, qk_scale,
-                True, EVEN_D, DOT_PRECISION)
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                row_start,
+                row_end,
+                n0 + tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_kt,
+                stride_vt,
+                num_keys,
+                head_dim,
+                qk_scale,
+                True,
+                EVEN_D,
+                DOT_PRECISION,
+            )
     # Full tiles: no mask, no bounds, no branch.
     for n0 in range(full_lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, k_base, v_base, row_start, row_end, n0 + tl.arange(0, BLOCK_N),
-            offs_d, stride_kt, stride_vt, num_keys, head_dim, qk_scale,
-            False, EVEN_D, DOT_PRECISION)
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            row_start,
+            row_end,
+            n0 + tl.arange(0, BLOCK_N),
+            offs_d,
+            stride_kt,
+            stride_vt,
+            num_keys,
+            head_dim,
+            qk_scale,
+            False,
+            EVEN_D,
+            DOT_PRECISION,
+        )
 
     # l_i == 0 exactly when a row saw no key (otherwise its max term is 1).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    _store_rows(out_ptr + head.to(tl.int64) * stride_oh, out.to(out_ptr.dtype.element_ty),
-                offs_m, offs_d, stride_ot, num_queries, head_dim, EVEN_D)
+    _store_rows(
+        out_ptr + head.to(tl.int64) * stride_oh,
+        out.to(out_ptr.dtype.element_ty),
+        offs_m,
+        offs_d,
+        stride_ot,
+        num_queries,
+        head_dim,
+        EVEN_D,
+    )
     tl.store(lse_ptr + head.to(tl.int64) * num_queries + offs_m, lse, mask=row_valid)
 
 
 @triton.jit(do_not_specialize=["group"])
 def _bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_start_ptr, kv_end_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dot, stride_doh, stride_dqt, stride_dqh,
-    num_queries, num_keys, head_dim, group, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    kv_start_ptr,
+    kv_end_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    num_queries,
+    num_keys,
+    head_dim,
+    group,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ for one (query block, query head); grid (cdiv(Tq, BLOCK_M), Hq).
 
@@ -202,10 +294,26 @@ def _bwd_dq_kernel(
     row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m, num_queries)
     lo, full_lo, full_hi, hi = _key_tile_ranges(row_start, row_end, row_valid, num_keys, BLOCK_N)
 
-    q = _load_rows(q_ptr + head.to(tl.int64) * stride_qh, offs_m, offs_d, stride_qt,
-                   num_queries, head_dim, True, EVEN_D)
-    do = _load_rows(do_ptr + head.to(tl.int64) * stride_doh, offs_m, offs_d, stride_dot,
-                    num_queries, head_dim, True, EVEN_D)
+    q = _load_rows(
+        q_ptr + head.to(tl.int64) * stride_qh,
+        offs_m,
+        offs_d,
+        stride_qt,
+        num_queries,
+        head_dim,
+        True,
+        EVEN_D,
+    )
+    do = _load_rows(
+        do_ptr + head.to(tl.int64) * stride_doh,
+        offs_m,
+        offs_d,
+        stride_dot,
+        num_queries,
+        head_dim,
+        True,
+        EVEN_D,
+    )
     row_stats = head.to(tl.int64) * num_queries + offs_m
     lse = tl.load(lse_ptr + row_stats, mask=row_valid, other=float("-inf"))
     has_keys = lse > float("-inf")
@@ -220,27 +328,99 @@ def _bwd_dq_kernel(
     for i in range(0, num_partial):
         n0 = tl.where(i < num_left, lo + i * BLOCK_N, full_hi + (i - num_left) * BLOCK_N)
         if _tile_is_seen(row_start, row_end, n0, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, row_start, row_end,
-                          n0 + tl.arange(0, BLOCK_N), offs_d, stride_kt, stride_vt, num_keys,
-                          head_dim, qk_scale, True, EVEN_D, DOT_PRECISION)
+            dq = _dq_tile(
+                dq,
+                q,
+                do,
+                lse2,
+                delta,
+                k_base,
+                v_base,
+                row_start,
+                row_end,
+                n0 + tl.arange(0, BLOCK_N),
+                offs_d,
+                stride_kt,
+                stride_vt,
+                num_keys,
+                head_dim,
+                qk_scale,
+                True,
+                EVEN_D,
+                DOT_PRECISION,
+            )
     for n0 in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, row_start, row_end,
-                      n0 + tl.arange(0, BLOCK_N), offs_d, stride_kt, stride_vt, num_keys,
-                      head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            row_start,
+            row_end,
+            n0 + tl.arange(0, BLOCK_N),
+            offs_d,
+            stride_kt,
+            stride_vt,
+            num_keys,
+            head_dim,
+            qk_scale,
+            False,
+            EVEN_D,
+            DOT_PRECISION,
+        )
 
     dq = (dq * sm_scale).to(dq_ptr.dtype.element_ty)
-    _store_rows(dq_ptr + head.to(tl.int64) * stride_dqh, dq, offs_m, offs_d, stride_dqt,
-                num_queries, head_dim, EVEN_D)
+    _store_rows(
+        dq_ptr + head.to(tl.int64) * stride_dqh,
+        dq,
+        offs_m,
+        offs_d,
+        stride_dqt,
+        num_queries,
+        head_dim,
+        EVEN_D,
+    )
 
 
 @triton.jit(do_not_specialize=["group", "is_monotone"])
 def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kv_start_ptr, kv_end_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    num_queries, num_keys, head_dim, group, is_monotone, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    kv_start_ptr,
+    kv_end_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    num_queries,
+    num_keys,
+    head_dim,
+    group,
+    is_monotone,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV for one (key block, kv head); grid (cdiv(Tk, BLOCK_N), Hkv).
 
@@ -257,14 +437,31 @@ def _bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     num_q_blocks = tl.cdiv(num_queries, BLOCK_M)
-    k = _load_rows(k_ptr + kv_head.to(tl.int64) * stride_kh, offs_n, offs_d, stride_kt,
-                   num_keys, head_dim, True, EVEN_D)
-    v = _load_rows(v_ptr + kv_head.to(tl.int64) * stride_vh, offs_n, offs_d, stride_vt,
-                   num_keys, head_dim, True, EVEN_D)
+    k = _load_rows(
+        k_ptr + kv_head.to(tl.int64) * stride_kh,
+        offs_n,
+        offs_d,
+        stride_kt,
+        num_keys,
+        head_dim,
+        True,
+        EVEN_D,
+    )
+    v = _load_rows(
+        v_ptr + kv_head.to(tl.int64) * stride_vh,
+        offs_n,
+        offs_d,
+        stride_vt,
+        num_keys,
+        head_dim,
+        True,
+        EVEN_D,
+    )
 
     if is_monotone != 0:
         seen_lo, seen_hi, rows_full_lo, rows_full_hi = _monotone_row_bounds(
-            kv_start_ptr, kv_end_ptr, num_queries, n0, n1)
+            kv_start_ptr, kv_end_ptr, num_queries, n0, n1
+        )
         qb_lo = seen_lo // BLOCK_M
         qb_hi = tl.cdiv(seen_hi, BLOCK_M)
         full_lo = tl.cdiv(rows_full_lo, BLOCK_M)
@@ -292,74 +489,96 @@ def _bwd_dkdv_kernel(
         for i in range(0, num_partial):
             q_block = tl.where(i < num_left, qb_lo + i, full_hi + (i - num_left))
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m,
-                                                            num_queries)
+            row_start, row_end, row_valid = _load_intervals(
+                kv_start_ptr, kv_end_ptr, offs_m, num_queries
+            )
             # Only a non-monotone mask puts full blocks in this loop; they skip
             # the mask through a uniform runtime branch inside the body, since a
             # third inlined copy of the body costs registers (spills) on sm_90.
             if _tile_is_seen(row_start, row_end, n0, BLOCK_N):
                 masked = _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N) == 0
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
-                                    offs_n, offs_d, row_start, row_end, stride_qt, stride_dot,
-                                    num_queries, head_dim, qk_scale, masked, EVEN_D, DOT_PRECISION)
+                dk, dv = _dkdv_tile(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    q_base,
+                    do_base,
+                    lse_base,
+                    delta_base,
+                    offs_m,
+                    offs_n,
+                    offs_d,
+                    row_start,
+                    row_end,
+                    stride_qt,
+                    stride_dot,
+                    num_queries,
+                    head_dim,
+                    qk_scale,
+                    masked,
+                    EVEN_D,
+                    DOT_PRECISION,
+                )
         for q_block in range(full_lo, full_hi):
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
             # Unmasked: the interval arguments (here offs_m twice) are never read.
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m,
-                                offs_n, offs_d, offs_m, offs_m, stride_qt, stride_dot,
-                                num_queries, head_dim, qk_scale, False, EVEN_D, DOT_PRECISION)
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                offs_m,
+                offs_n,
+                offs_d,
+                offs_m,
+                offs_m,
+                stride_qt,
+                stride_dot,
+                num_queries,
+                head_dim,
+                qk_scale,
+                False,
+                EVEN_D,
+                DOT_PRECISION,
+            )
 
     dk = (dk * sm_scale).to(dk_ptr.dtype.element_ty)
-    _store_rows(dk_ptr + kv_head.to(tl.int64) * stride_dkh, dk, offs_n, offs_d, stride_dkt,
-                num_keys, head_dim, EVEN_D)
-    _store_rows(dv_ptr + kv_head.to(tl.int64) * stride_dvh, dv.to(dv_ptr.dtype.element_ty),
-                offs_n, offs_d, stride_dvt, num_keys, head_dim, EVEN_D)
+    _store_rows(
+        dk_ptr + kv_head.to(tl.int64) * stride_dkh,
+        dk,
+        offs_n,
+        offs_d,
+        stride_dkt,
+        num_keys,
+        head_dim,
+        EVEN_D,
+    )
+    _store_rows(
+        dv_ptr + kv_head.to(tl.int64) * stride_dvh,
+        dv.to(dv_ptr.dtype.element_ty),
+        offs_n,
+        offs_d,
+        stride_dvt,
+        num_keys,
+        head_dim,
+        EVEN_D,
+    )
 
 
 # --------------------------------------------------------------------------- configs
 _KERNELS = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}
 # Signature typing: every *_ptr points at data of the input dtype except these.
-_FP32_PTRS = {"lse_ptr", "delta_ptr"}
-_I32_PTRS = {"kv_start_ptr", "kv_end_ptr"}
-_FP32_SCALARS = {"qk_scale", "sm_scale"}
+_POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kv_start_ptr": "*i32", "kv_end_ptr": "*i32"}
+_FP32_SCALARS = {"qk_scale": "fp32", "sm_scale": "fp32"}
 
 
 def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
-    """Triton types of every non-constexpr argument of ``kernel``, in order."""
-    data = "*" + _DTYPE_NAMES[dtype]
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():  # constexprs are the upper-case names
-            continue
-        if name in _FP32_PTRS:
-            signature[name] = "*fp32"
-        elif name in _I32_PTRS:
-            signature[name] = "*i32"
-        elif name.endswith("_ptr"):
-            signature[name] = data
-        elif name in _FP32_SCALARS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def _aligned_attrs(kernel) -> dict[tuple[int], list]:
-    """ASTSource attrs for the specialisation the JIT compiles in practice.
-
-    At run time Triton marks every pointer and integer argument that is a
-    multiple of 16 with tt.divisibility=16; that is what lets loads vectorise
-    and feed cp.async / TMA pipelines. torch allocations are 16-byte aligned,
-    and with D a multiple of 16 (32, 64, 80, 96, 128, 256: every head dim
-    docs/ARCHITECTURE.md lists) so are head_dim and all strides. Other head dims (say 72)
-    run a variant with finer-grained D masks that these attrs do not describe.
-    """
-    names = [name for name in kernel.arg_names if not name.isupper()]
-    aligned = [
-        index for index, name in enumerate(names)
-        if name.endswith("_ptr") or name.startswith("stride_") or name == "head_dim"
-    ]
-    return {(index,): [["tt.divisibility", 16]] for index in aligned}
+    return triton_signature(kernel, dtype, pointers=_POINTERS, scalars=_FP32_SCALARS)
 
 
 def shipped_configs() -> list[KernelConfig]:
@@ -380,20 +599,31 @@ def shipped_configs() -> list[KernelConfig]:
                 head_dims = f"D={block_d}" if even_d else f"{smallest}<=D<{block_d}"
                 precision = _dot_precision(tiles, dtype)
                 note = _config_notes(pass_name, arch, tiles, dtype)
-                configs.append(KernelConfig(
-                    kernel=kernel, op="span_attention", pass_name=pass_name, arch=arch,
-                    signature=_signature(kernel, dtype),
-                    constexprs=_constexprs(tiles, dtype, block_d, even_d),
-                    num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                    uses_matmul=not (dtype == torch.float32 and precision == "ieee"),
-                    label=(f"{_DTYPE_NAMES[dtype]} {head_dims} BM={tiles.block_m} "
-                           f"BN={tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}"),
-                    extra={"head_dims": head_dims, "dot_precision": precision,
-                           "attrs": _aligned_attrs(kernel),
-                           "note": note,
-                           # sm_90 tiles too small for wgmma declare what they use instead.
-                           **({"tensor_core": "mma"} if note.startswith("mma") else {})},
-                ))
+                configs.append(
+                    KernelConfig(
+                        kernel=kernel,
+                        op="span_attention",
+                        pass_name=pass_name,
+                        arch=arch,
+                        signature=_signature(kernel, dtype),
+                        constexprs=_constexprs(tiles, dtype, block_d, even_d),
+                        num_warps=tiles.num_warps,
+                        num_stages=tiles.num_stages,
+                        uses_matmul=not (dtype == torch.float32 and precision == "ieee"),
+                        label=(
+                            f"{_DTYPE_NAMES[dtype]} {head_dims} BM={tiles.block_m} "
+                            f"BN={tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}"
+                        ),
+                        extra={
+                            "head_dims": head_dims,
+                            "dot_precision": precision,
+                            "attrs": aligned_attrs(kernel),
+                            "note": note,
+                            # sm_90 tiles too small for wgmma declare what they use instead.
+                            **({"tensor_core": "mma"} if note.startswith("mma") else {}),
+                        },
+                    )
+                )
     return configs
 
 
@@ -406,8 +636,13 @@ def _launch_options(pass_name: str, tensor: torch.Tensor, head_dim: int) -> tupl
 
 
 def span_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor,
-    kv_end: torch.Tensor, scale: float, monotone: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    scale: float,
+    monotone: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Span-masked attention forward (inputs validated by the caller).
 
@@ -435,18 +670,41 @@ def span_attention_forward(
     tiles, options = _launch_options("fwd", q, head_dim)
     grid = (triton.cdiv(num_queries, tiles.block_m), num_heads)
     _fwd_kernel[grid](
-        q, k, v, out, lse, kv_start, kv_end,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        num_queries, num_keys, head_dim, num_heads // num_kv_heads, scale * _LOG2E,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_start,
+        kv_end,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        num_queries,
+        num_keys,
+        head_dim,
+        num_heads // num_kv_heads,
+        scale * _LOG2E,
         **options,
     )
     return out, lse
 
 
 def span_attention_backward(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-    delta: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    scale: float,
     monotone: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Span-masked attention backward: dq, dk, dv (deterministic: no atomics).
@@ -473,21 +731,62 @@ def span_attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse, delta = lse.contiguous(), delta.contiguous()
     common = (
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        do.stride(0),
+        do.stride(1),
     )
 
     tiles, options = _launch_options("bwd_dq", q, head_dim)
     _bwd_dq_kernel[(triton.cdiv(num_queries, tiles.block_m), num_heads)](
-        q, k, v, do, lse, delta, dq, kv_start, kv_end, *common, dq.stride(0), dq.stride(1),
-        num_queries, num_keys, head_dim, group, scale * _LOG2E, scale,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        kv_start,
+        kv_end,
+        *common,
+        dq.stride(0),
+        dq.stride(1),
+        num_queries,
+        num_keys,
+        head_dim,
+        group,
+        scale * _LOG2E,
+        scale,
         **options,
     )
     tiles, options = _launch_options("bwd_dkdv", q, head_dim)
     _bwd_dkdv_kernel[(triton.cdiv(num_keys, tiles.block_n), num_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, kv_start, kv_end, *common,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        num_queries, num_keys, head_dim, group, int(bool(monotone)), scale * _LOG2E, scale,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        kv_start,
+        kv_end,
+        *common,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        num_queries,
+        num_keys,
+        head_dim,
+        group,
+        int(bool(monotone)),
+        scale * _LOG2E,
+        scale,
         **options,
     )
     return dq, dk, dv
