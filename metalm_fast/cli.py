@@ -56,26 +56,46 @@ def _info() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in PASS_THROUGH:
-        # argparse.REMAINDER would drop leading "--" options, so these bypass the parser.
-        return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
+def build_parser(load: list[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; the commands named in ``load`` get their full options.
+
+    Commands load lazily (only the one being run), so that ``info`` works even
+    where another command's dependency is missing; ``load=list(COMMANDS)``
+    builds every option (the tests walk it to check each has help text).
+    """
+    load = load or []
     parser = argparse.ArgumentParser(prog="metalm-fast", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="command",
+        help="one of the commands below; `<command> --help`",
+    )
     for name, (module_name, help_text) in COMMANDS.items():
-        # modules load lazily: `info` must work even where a command's dependency is missing
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(module=module_name)
-        if argv[:1] == [name]:
+        if name in load:
             importlib.import_module(module_name).add_arguments(sub)
     commands.add_parser("info", help="versions and available backends")
     for name in PASS_THROUGH:
         commands.add_parser(name, help=f"see `metalm-fast {name} --help`")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input prints ``metalm-fast <command>: error: ...`` and returns 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in PASS_THROUGH:
+        # argparse.REMAINDER would drop leading "--" options, so these bypass the parser.
+        return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:])
+    args = build_parser(load=argv[:1]).parse_args(argv)
     if args.command == "info":
         return _info()
-    return importlib.import_module(args.module).main(args)
+    try:
+        return importlib.import_module(args.module).main(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"metalm-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

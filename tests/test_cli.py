@@ -1,5 +1,6 @@
 """The command line: `python -m metalm_fast info` and the gpu-readiness pass-through."""
 
+import argparse
 import re
 
 import pytest
@@ -29,6 +30,42 @@ def test_every_command_has_help(capsys):
         assert "usage" in capsys.readouterr().out
 
 
+def _parsers():
+    """Every parser of the command line: the top level, each command's, and train's own."""
+    from metalm_fast.cli import COMMANDS, build_parser
+    from metalm_fast.training.command import build_parser as build_train_parser
+
+    pending = [build_parser(load=list(COMMANDS)), build_train_parser()]
+    while pending:
+        parser = pending.pop()
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending += action.choices.values()
+
+
+def test_every_option_of_every_command_has_help_text():
+    missing = []
+    seen = 0
+    for parser in _parsers():
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            seen += 1
+            if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+                missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+    assert seen > 40  # every command's options were loaded
+    assert not missing, f"options without help text: {missing}"
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval", "demo"])
+def test_device_and_dtype_on_every_model_command(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--device {auto,cpu,cuda}" in text and "--dtype {auto,fp32,bf16}" in text
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """A demo cut to a few steps: it trains, evaluates, finetunes, answers, and saves."""
@@ -38,40 +75,109 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = main(["demo", "--steps", "4", "--finetune-steps", "2", "--micro-batch-tokens",
-                     "512", "--limit", "3", "--shots", "1", "--no-bench", "--out", str(out)])
+        code = main(
+            [
+                "demo",
+                "--steps",
+                "4",
+                "--finetune-steps",
+                "2",
+                "--micro-batch-tokens",
+                "512",
+                "--limit",
+                "3",
+                "--shots",
+                "1",
+                "--no-bench",
+                "--out",
+                str(out),
+            ]
+        )
     return code, buffer.getvalue(), out
 
 
-def test_demo_runs_every_stage_and_leaves_a_checkpoint(demo_run):
+def test_demo_runs_every_stage_and_leaves_both_checkpoints(demo_run):
     code, text, out = demo_run
     assert code == 0
-    for heading in ("semi-causal pretraining", "before finetuning", "after finetuning",
-                    "questions about held-out digits"):
+    for heading in (
+        "semi-causal pretraining",
+        "before finetuning",
+        "after finetuning",
+        "questions about held-out digits",
+        "== summary ==",
+    ):
         assert heading in text
     # the 1-shot runs with the demonstrations read by the decoder and by the encoder
     assert re.search(r"\s1 decoder\s", text) and re.search(r"\s1 encoder\s", text)
-    assert (out / "latest").exists()
+    assert (out / "latest").read_text().strip() == "step-4"
+    assert (out / "finetuned" / "latest").read_text().strip() == "step-2"
+    for run in (out, out / "finetuned"):
+        assert (run / "metrics.jsonl").is_file() and (run / "loss.png").is_file()
+    summary = text[text.index("== summary ==") :]
+    assert f"{out / 'finetuned' / 'step-2'}  (--checkpoint {out / 'finetuned'})" in summary
+    assert "chance = 1 / (number of candidate answers" in summary
+    assert "{" not in summary  # no raw Python dicts
 
 
-def test_generate_and_eval_read_the_demo_checkpoint(demo_run, capsys):
+def test_generate_and_eval_read_the_demo_checkpoints(demo_run, capsys):
     _, _, out = demo_run
-    assert main(["generate", "--checkpoint", str(out), "--prompt", "the for statement",
-                 "--prompt", "<image> question: is it even? answer:", "--image", "digit:1",
-                 "--max-new-tokens", "3", "--top-p", "0.9"]) == 0
-    assert main(["eval", "--checkpoint", str(out), "--shots", "0", "--limit", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(out),
+                "--prompt",
+                "the for statement",
+                "--prompt",
+                "<image> question: is it even? answer:",
+                "--image",
+                "digit:1",
+                "--max-new-tokens",
+                "3",
+                "--top-p",
+                "0.9",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(out / "finetuned"),
+                "--prompt",
+                "<image> question: what digit is this? answer:",
+                "--image",
+                "digit:0",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["eval", "--checkpoint", str(out / "finetuned"), "--shots", "0", "--limit", "2"]) == 0
+    )
     text = capsys.readouterr().out
     assert "> the for statement" in text and "digit VQA" in text
 
 
-def test_generate_rejects_a_marker_without_an_image(demo_run):
+def test_a_command_error_is_one_line_naming_the_flag(demo_run, capsys):
     _, _, out = demo_run
-    with pytest.raises(ValueError, match="'<image>' markers"):
-        main(["generate", "--checkpoint", str(out), "--prompt", "<image> what is it?"])
-
-
-def test_generate_rejects_a_bad_image_spec(demo_run):
-    _, _, out = demo_run
-    with pytest.raises(ValueError, match="--image digit:x"):
-        main(["generate", "--checkpoint", str(out), "--prompt", "<image> what?",
-              "--image", "digit:x"])
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(out),
+                "--prompt",
+                "<image> what?",
+                "--image",
+                "digit:x",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.startswith("metalm-fast generate: error: --image digit:x")

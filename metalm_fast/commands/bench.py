@@ -30,10 +30,18 @@ BENCHMARKS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None,
-                        help="run only these benchmarks")
-    parser.add_argument("--no-write", action="store_true",
-                        help="do not write markdown copies to benchmarks/results/")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(BENCHMARKS),
+        default=None,
+        help="run only these benchmarks",
+    )
+    parser.add_argument(
+        "--no-write",
+        action="store_true",
+        help="do not write markdown copies to benchmarks/results/",
+    )
 
 
 def source_root() -> Path:

@@ -10,9 +10,17 @@
 4. the finetuned model answers questions about a few held-out digits (drawn
    in ASCII), through the paged KV cache;
 5. the end-to-end throughput of the fast path against the HF-style path
-   (benchmarks/bench_end_to_end.py --quick).
+   (benchmarks/bench_end_to_end.py --quick);
+6. one summary table of every figure, with chance beside each accuracy.
 
-The pretrained checkpoint is left in ``--out`` for ``generate`` and ``eval``.
+What it leaves in ``--out`` (default runs/demo)::
+
+    runs/demo/                  the pretrained checkpoint (latest -> step-<steps>),
+                                its metrics.jsonl and loss.png
+    runs/demo/finetuned/        the finetuned checkpoint, its metrics.jsonl and loss.png
+
+``generate --checkpoint runs/demo/finetuned`` answers questions about digits;
+``eval --checkpoint runs/demo/finetuned`` scores it.
 """
 
 from __future__ import annotations
@@ -21,39 +29,96 @@ import argparse
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.commands.bench import BENCHMARKS, source_root
-from metalm_fast.commands.evaluate import finetune_on_vqa, format_table
+from metalm_fast.commands.evaluate import FINETUNED_DIR, finetune_on_vqa, format_table
 from metalm_fast.commands.evaluate import run as run_eval
 from metalm_fast.commands.generate import run as run_generate
 from metalm_fast.data.default_data import DefaultData
 from metalm_fast.data.digits import QUESTIONS, load_digits
 from metalm_fast.data.text_corpus import pydoc_documents
 from metalm_fast.data.tokenizer import load_tokenizer
+from metalm_fast.evaluation.digits_vqa import TaskAccuracy
 from metalm_fast.models.metalm import PRESETS, MetaLM
-from metalm_fast.training.trainer import TrainConfig, train
+from metalm_fast.training.command import data_problem
+from metalm_fast.training.runtime import autocast
+from metalm_fast.training.trainer import TrainConfig, TrainResult, train
 
-__all__ = ["add_arguments", "ascii_image", "main"]
+__all__ = ["add_arguments", "ascii_image", "demo_presets", "main", "summary_table"]
 
 SHADES = " .:-=+*#%@"
 
+CHANCE_NOTE = """\
+chance = 1 / (number of candidate answers of the task): the model's answer is the candidate
+it finds most likely, so guessing scores 10% on 'digit' (ten candidates) and 50% on the yes/no
+tasks. Before finetuning, a model this small, pretrained for a few minutes, sits near chance:
+its captions name the digit once per image, and pretraining has not yet tied the image
+features to the answer words in the question format; finetuning on that format is what
+teaches it."""
+
+
+def demo_presets() -> list[str]:
+    """The presets the demo can run: those that read the digit images and the text spans."""
+    return sorted(
+        name
+        for name, config in PRESETS.items()
+        if data_problem(config, "default") is None and data_problem(config, "vqa") is None
+    )
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--steps", type=int, default=1500, help="pretraining steps")
-    parser.add_argument("--finetune-steps", type=int, default=200)
-    parser.add_argument("--micro-batch-tokens", type=int, default=2048)
-    parser.add_argument("--shots", type=int, default=4)
-    parser.add_argument("--limit", type=int, default=200, help="held-out images per task")
-    parser.add_argument("--out", default="runs/demo", help="checkpoint directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        choices=demo_presets(),
+        help="model size; only presets with a vision encoder for the 8x8 "
+        "digits and a text encoder are offered (default tiny)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=1500, help="semi-causal pretraining steps (default 1500)"
+    )
+    parser.add_argument(
+        "--finetune-steps", type=int, default=200, help="digit VQA finetuning steps (default 200)"
+    )
+    parser.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=2048,
+        help="tokens per training micro-batch (default 2048)",
+    )
+    parser.add_argument(
+        "--shots", type=int, default=4, help="demonstrations per in-context prompt (default 4)"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=200, help="held-out images per task (default 200)"
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/demo",
+        help="run directory: pretrained checkpoint, metrics.jsonl and loss.png; "
+        f"the finetuned ones go to <out>/{FINETUNED_DIR} (default runs/demo)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the model, the data and the demonstration draws",
+    )
     parser.add_argument("--no-bench", action="store_true", help="skip the throughput step")
+    add_runtime_options(parser)
 
 
 def ascii_image(image: torch.Tensor) -> list[str]:
-    """Rows of characters for a [1, H, W] image in [0, 1], two characters per pixel."""
+    """Rows of characters for a [1, H, W] image in [0, 1], two characters per pixel.
+
+    >>> ascii_image(torch.tensor([[[0.0, 1.0]]]))
+    ['  @@']
+    """
     levels = (image[0].clamp(0, 1) * (len(SHADES) - 1)).round().long()
     return ["".join(SHADES[v] * 2 for v in row.tolist()) for row in levels]
 
@@ -62,20 +127,73 @@ def _section(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
 
 
-def _pretrain(model, tokenizer, args) -> None:
-    data = DefaultData(tokenizer, model.config.tokens_per_image,
-                       token_budget=args.micro_batch_tokens, seed=args.seed)
-    config = TrainConfig(steps=args.steps, lr=2e-3, warmup_steps=max(1, args.steps // 20),
-                         seed=args.seed, out_dir=args.out, save_every=args.steps,
-                         progress=False, log_every=max(1, args.steps // 12))
+@dataclass
+class _Stage:
+    """A training stage's figures for the summary."""
+
+    first_loss: float  # mean over the first 10% of steps
+    last_loss: float  # mean over the last 10%
+    steps: int
+    seconds: float
+    result: TrainResult
+
+
+def _stage(result: TrainResult, seconds: float) -> _Stage:
+    losses = result.losses
+    tenth = max(1, len(losses) // 10)
+    head, tail = losses[:tenth], losses[-tenth:]
+    return _Stage(sum(head) / len(head), sum(tail) / len(tail), len(losses), seconds, result)
+
+
+def _print_stage(stage: _Stage) -> None:
+    result = stage.result
+    print(
+        f"loss {stage.first_loss:.3f} (first 10% of steps) -> {stage.last_loss:.3f} "
+        f"(last 10%) in {stage.seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s"
+    )
+    print(f"checkpoint: {result.checkpoint}")
+    plot = f", {result.loss_plot}" if result.loss_plot is not None else ""
+    print(f"metrics: {result.metrics}{plot}")
+
+
+def _pretrain(model, tokenizer, args) -> _Stage:
+    data = DefaultData(
+        tokenizer,
+        model.config.tokens_per_image,
+        token_budget=args.micro_batch_tokens,
+        seed=args.seed,
+    )
+    config = TrainConfig(
+        steps=args.steps,
+        lr=2e-3,
+        warmup_steps=max(1, args.steps // 20),
+        seed=args.seed,
+        out_dir=args.out,
+        save_every=args.steps,
+        progress=False,
+        log_every=max(1, args.steps // 12),
+        device=args.device,
+        dtype=args.dtype,
+    )
     start = time.perf_counter()
     result = train(model.config, config, data.micro_batches, model=model)
-    seconds = time.perf_counter() - start
-    losses = result.losses
-    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    first, last = sum(head) / len(head), sum(tail) / len(tail)
-    print(f"loss {first:.3f} (first 10% of steps) -> {last:.3f} (last 10%) in {seconds:.0f} s, "
-          f"{result.tokens_per_second:,.0f} tokens/s; checkpoint in {args.out}")
+    return _stage(result, time.perf_counter() - start)
+
+
+def _finetune(model, tokenizer, args) -> _Stage:
+    start = time.perf_counter()
+    result = finetune_on_vqa(
+        model,
+        tokenizer,
+        args.finetune_steps,
+        seed=args.seed,
+        token_budget=args.micro_batch_tokens,
+        progress=False,
+        out_dir=Path(args.out) / FINETUNED_DIR,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    return _stage(result, time.perf_counter() - start)
 
 
 def _answer_examples(model, tokenizer, count: int = 4) -> None:
@@ -83,12 +201,15 @@ def _answer_examples(model, tokenizer, count: int = 4) -> None:
     for i in range(count):
         image, label = test.images[i], int(test.labels[i])
         prompts = [f"<image> question: {task.question} answer:" for task in QUESTIONS]
-        answers = run_generate(model, tokenizer, prompts, [image] * len(QUESTIONS),
-                               max_new_tokens=3)
+        answers = run_generate(
+            model, tokenizer, prompts, [image] * len(QUESTIONS), max_new_tokens=3
+        )
         print(f"held-out digit {i} (label {label}):")
         lines = ascii_image(image)
-        qa = [f"  Q: {t.question:<28} A: {a.strip():<8} (truth: {t.answer_for(label)})"
-              for t, a in zip(QUESTIONS, answers, strict=True)]
+        qa = [
+            f"  Q: {t.question:<28} A: {a.strip():<8} (truth: {t.answer_for(label)})"
+            for t, a in zip(QUESTIONS, answers, strict=True)
+        ]
         for row, text in zip(lines, qa + [""] * (len(lines) - len(qa)), strict=True):
             print(f"  {row}   {text}")
 
@@ -99,43 +220,148 @@ def _throughput() -> None:
     except FileNotFoundError as error:
         print(f"skipped: {error}")
         return
-    subprocess.run([sys.executable, BENCHMARKS["end_to_end"], "--quick", "--no-write"],
-                   cwd=root, check=False)
+    subprocess.run(
+        [sys.executable, BENCHMARKS["end_to_end"], "--quick", "--no-write"], cwd=root, check=False
+    )
+
+
+def _column(result: TaskAccuracy) -> str:
+    if result.shots == 0:
+        return "zero-shot"
+    return f"{result.shots}-shot, {'encoder' if result.encoder_demos else 'decoder'}"
+
+
+def _accuracy_table(before: list[TaskAccuracy], after: list[TaskAccuracy]) -> list[str]:
+    columns = list(dict.fromkeys(_column(r) for r in before)) + ["finetuned"]
+    cells: dict[str, dict[str, str]] = {}
+    tasks: dict[str, TaskAccuracy] = {}
+    for results, finetuned in ((before, False), (after, True)):
+        for r in results:
+            tasks.setdefault(r.task, r)
+            column = "finetuned" if finetuned else _column(r)
+            cells.setdefault(r.task, {})[column] = f"{r.accuracy:.1%}"
+    headers = ["task", "candidates", "chance", *columns]
+    rows = [
+        [
+            task,
+            str(round(1 / r.chance)),
+            f"{r.chance:.1%}",
+            *(cells[task].get(c, "-") for c in columns),
+        ]
+        for task, r in tasks.items()
+    ]
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    return [line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
+
+
+def summary_table(
+    pretrain: _Stage,
+    finetune: _Stage,
+    before: list[TaskAccuracy],
+    after: list[TaskAccuracy],
+    out: str,
+) -> str:
+    """The demo's closing summary: losses, where the checkpoints are, accuracy vs chance."""
+    finetuned_dir = Path(out) / FINETUNED_DIR
+    images = before[0].total if before else 0
+    shots = max((r.shots for r in before), default=0)
+    facts = [
+        (
+            "pretraining",
+            f"loss {pretrain.first_loss:.2f} -> {pretrain.last_loss:.2f} nats/token "
+            f"(mean of the first -> last 10% of {pretrain.steps} steps), "
+            f"{pretrain.seconds:.0f} s",
+        ),
+        (
+            "finetuning",
+            f"loss {finetune.first_loss:.2f} -> {finetune.last_loss:.2f} nats/answer "
+            f"token (first -> last 10% of {finetune.steps} steps), "
+            f"{finetune.seconds:.0f} s",
+        ),
+        ("pretrained model", f"{pretrain.result.checkpoint}  (--checkpoint {out})"),
+        ("finetuned model", f"{finetune.result.checkpoint}  (--checkpoint {finetuned_dir})"),
+        ("metrics", f"metrics.jsonl and loss.png in {out} and {finetuned_dir}"),
+    ]
+    width = max(len(name) for name, _ in facts)
+    lines = [f"{name:<{width}}  {text}" for name, text in facts]
+    lines += ["", f"digit VQA accuracy on {images} held-out images per task"]
+    lines += _accuracy_table(before, after)
+    lines += [
+        f"{shots}-shot, decoder/encoder: {shots} solved demonstrations before the question, "
+        "read by the decoder",
+        "or by the non-causal text encoder; finetuned: zero-shot after finetuning.",
+    ]
+    return "\n".join(lines)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    for name in ("steps", "finetune_steps", "shots", "limit"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def main(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    device = runtime_device(args)
     torch.manual_seed(args.seed)
     config = PRESETS[args.preset]
-    if config.vision_layers == 0:
-        raise ValueError(f"--preset {args.preset} has no vision encoder; the demo needs one")
     _section("data")
     tokenizer = load_tokenizer(config.vocab_size)
     documents = pydoc_documents("train")
     digits = load_digits("train"), load_digits("test")
-    print(f"text: {len(documents)} documentation topics, {sum(map(len, documents)):,} characters;"
-          f" BPE tokenizer of {tokenizer.vocab_size} tokens; digits: {len(digits[0].labels)} "
-          f"train / {len(digits[1].labels)} held-out 8x8 scans")
+    print(
+        f"text: {len(documents)} documentation topics, {sum(map(len, documents)):,} characters;"
+        f" BPE tokenizer of {tokenizer.vocab_size} tokens; digits: {len(digits[0].labels)} "
+        f"train / {len(digits[1].labels)} held-out 8x8 scans"
+    )
     model = MetaLM(config)
-    print(f"model: {args.preset} MetaLM, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {config.variant}, {config.tokens_per_image} tokens per image")
+    print(
+        f"model: {args.preset} MetaLM, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, {config.variant}, {config.tokens_per_image} tokens per image; "
+        f"{device.type}, dtype {args.dtype}"
+    )
 
     _section(f"semi-causal pretraining ({args.steps} steps)")
-    _pretrain(model, tokenizer, args)
+    pretrain = _pretrain(model, tokenizer, args)
+    _print_stage(pretrain)
 
     _section("digit VQA before finetuning (candidate ranking, held-out images)")
-    results = run_eval(model, tokenizer, shots=(0, args.shots), encoder_demos=True,
-                       limit=args.limit, seed=args.seed)
-    print(format_table(results, "in-context learning"))
+    with torch.no_grad(), autocast(device, args.dtype):
+        before = run_eval(
+            model,
+            tokenizer,
+            shots=(0, args.shots),
+            encoder_demos=True,
+            limit=args.limit,
+            seed=args.seed,
+        )
+    print(format_table(before, "in-context learning"))
 
     _section(f"finetuning on digit VQA ({args.finetune_steps} steps)")
-    finetune_on_vqa(model, tokenizer, args.finetune_steps, seed=args.seed, progress=False)
-    results = run_eval(model, tokenizer, shots=(0,), limit=args.limit, seed=args.seed)
-    print(format_table(results, "after finetuning"))
+    finetune = _finetune(model, tokenizer, args)
+    _print_stage(finetune)
+    with torch.no_grad(), autocast(device, args.dtype):
+        after = run_eval(model, tokenizer, shots=(0,), limit=args.limit, seed=args.seed)
+    print(format_table(after, "after finetuning"))
 
     _section("questions about held-out digits (greedy, paged KV cache)")
-    _answer_examples(model.eval(), tokenizer)
+    with torch.no_grad(), autocast(device, args.dtype):
+        _answer_examples(model.eval(), tokenizer)
 
     if not args.no_bench:
         _section("end-to-end throughput: fast path vs HF-style path")
         _throughput()
+
+    _section("summary")
+    print(summary_table(pretrain, finetune, before, after, args.out))
+    print()
+    print(CHANCE_NOTE)
     return 0

@@ -2,78 +2,191 @@
 
 Example::
 
+    metalm-fast eval --checkpoint runs/demo/finetuned --shots 0 --limit 200
     metalm-fast eval --checkpoint runs/demo --shots 0 4 --encoder-demos --limit 200
-    metalm-fast eval --checkpoint runs/demo --finetune-steps 100
+    metalm-fast eval --checkpoint runs/demo --finetune-steps 200   # saves runs/demo/finetuned
 
 ``--shots`` lists the k of each in-context run (0 = zero-shot); with
 ``--encoder-demos`` every k > 0 also runs with the demonstrations read by the
 non-causal text encoder. ``--finetune-steps N`` first finetunes the model on
-the digit VQA training split (N optimizer steps), then evaluates.
+the digit VQA training split (N optimizer steps), saves the finetuned
+checkpoint (with its metrics.jsonl and loss.png) in ``--out`` (default
+``<checkpoint>/finetuned``), then evaluates. Chance is 1 / the number of
+candidate answers of each task: the model's answer is its most likely candidate.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import torch
+
+from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.data.default_data import DefaultData
 from metalm_fast.data.digits import load_digits
 from metalm_fast.data.tokenizer import load_tokenizer
 from metalm_fast.evaluation.digits_vqa import TaskAccuracy, evaluate
 from metalm_fast.training.checkpoint import load_model
-from metalm_fast.training.trainer import TrainConfig, train
+from metalm_fast.training.runtime import autocast
+from metalm_fast.training.trainer import TrainConfig, TrainResult, train
 
-__all__ = ["add_arguments", "finetune_on_vqa", "format_table", "main", "run"]
+__all__ = ["FINETUNED_DIR", "add_arguments", "finetune_on_vqa", "format_table", "main", "run"]
+
+#: where a finetuned checkpoint goes, under the checkpoint it started from (or the demo's --out)
+FINETUNED_DIR = "finetuned"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (train --out)")
-    parser.add_argument("--shots", type=int, nargs="+", default=[0, 4])
-    parser.add_argument("--encoder-demos", action="store_true",
-                        help="also run k-shot with demonstrations read by the text encoder")
-    parser.add_argument("--finetune-steps", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=200, help="held-out images per task")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint to evaluate: a run directory (train/demo --out, "
+        "its latest step) or a step-N directory",
+    )
+    parser.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=[0, 4],
+        help="k of each in-context run, 0 = zero-shot (default 0 4)",
+    )
+    parser.add_argument(
+        "--encoder-demos",
+        action="store_true",
+        help="also run k-shot with demonstrations read by the text encoder",
+    )
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="finetune on digit VQA for this many steps first, and save the "
+        "result in --out (default 0: evaluate as loaded)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where --finetune-steps saves the finetuned checkpoint "
+        f"(default <checkpoint>/{FINETUNED_DIR})",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=200, help="held-out images per task (default 200)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the demonstration draws and the finetuning data",
+    )
+    add_runtime_options(parser)
 
 
-def finetune_on_vqa(model, tokenizer, steps: int, *, seed: int = 0, lr: float = 1e-3,
-                    token_budget: int = 2048, progress: bool = True):
-    """Finetune ``model`` in place on the digit VQA training split for ``steps`` steps."""
-    data = DefaultData(tokenizer, model.config.tokens_per_image, token_budget=token_budget,
-                       seed=seed)
-    config = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), seed=seed,
-                         progress=progress, log_every=max(1, steps // 5))
+def finetune_on_vqa(
+    model,
+    tokenizer,
+    steps: int,
+    *,
+    seed: int = 0,
+    lr: float = 1e-3,
+    token_budget: int = 2048,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> TrainResult:
+    """Finetune ``model`` in place on the digit VQA training split for ``steps`` steps.
+
+    With ``out_dir`` the finetuned checkpoint (``out_dir/step-<steps>``, ``latest``)
+    and the run's metrics.jsonl and loss.png are written there.
+    """
+    data = DefaultData(
+        tokenizer, model.config.tokens_per_image, token_budget=token_budget, seed=seed
+    )
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        seed=seed,
+        progress=progress,
+        log_every=max(1, steps // 5),
+        out_dir=None if out_dir is None else str(out_dir),
+        device=device,
+        dtype=dtype,
+    )
     return train(model.config, config, data.vqa_micro_batches, model=model)
 
 
-def run(model, tokenizer, *, shots=(0,), encoder_demos: bool = False, limit: int = 200,
-        seed: int = 0) -> list[TaskAccuracy]:
+def run(
+    model, tokenizer, *, shots=(0,), encoder_demos: bool = False, limit: int = 200, seed: int = 0
+) -> list[TaskAccuracy]:
     test, pool = load_digits("test"), load_digits("train")
     results = []
     for k in shots:
         results += evaluate(model, tokenizer, test, pool, shots=k, limit=limit, seed=seed)
         if encoder_demos and k > 0 and model.config.variant == "two_stack":
-            results += evaluate(model, tokenizer, test, pool, shots=k, encoder_demos=True,
-                                limit=limit, seed=seed)
+            results += evaluate(
+                model, tokenizer, test, pool, shots=k, encoder_demos=True, limit=limit, seed=seed
+            )
     return results
 
 
 def format_table(results: list[TaskAccuracy], title: str) -> str:
-    lines = [title, f"  {'task':<18} {'shots':>5} {'demos read by':<14} {'accuracy':>9} "
-                    f"{'chance':>7} {'n':>5}"]
+    lines = [
+        title,
+        f"  {'task':<18} {'shots':>5} {'demos read by':<14} {'accuracy':>9} {'chance':>7} {'n':>5}",
+    ]
     for r in results:
         reader = "encoder" if r.encoder_demos else ("decoder" if r.shots else "-")
-        lines.append(f"  {r.task:<18} {r.shots:>5} {reader:<14} {r.accuracy:>9.1%} "
-                     f"{r.chance:>7.1%} {r.total:>5}")
+        lines.append(
+            f"  {r.task:<18} {r.shots:>5} {reader:<14} {r.accuracy:>9.1%} "
+            f"{r.chance:>7.1%} {r.total:>5}"
+        )
     return "\n".join(lines)
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.finetune_steps < 0:
+        raise ValueError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if any(k < 0 for k in args.shots):
+        raise ValueError(f"--shots must all be >= 0, got {args.shots}")
+    if args.out is not None and not args.finetune_steps:
+        raise ValueError(
+            "--out is where --finetune-steps saves its checkpoint; give --finetune-steps N as well"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
-    model = load_model(args.checkpoint)
+    _check_arguments(args)
+    device = runtime_device(args)
+    model = load_model(args.checkpoint).to(device)
     tokenizer = load_tokenizer(model.config.vocab_size)
     if args.finetune_steps:
-        finetune_on_vqa(model, tokenizer, args.finetune_steps, seed=args.seed)
-    results = run(model, tokenizer, shots=args.shots, encoder_demos=args.encoder_demos,
-                  limit=args.limit, seed=args.seed)
+        out = Path(args.out) if args.out is not None else Path(args.checkpoint) / FINETUNED_DIR
+        result = finetune_on_vqa(
+            model,
+            tokenizer,
+            args.finetune_steps,
+            seed=args.seed,
+            out_dir=out,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        print(f"finetuned checkpoint: {result.checkpoint} (metrics: {result.metrics})")
+        print(
+            f"  try: metalm-fast generate --checkpoint {out} --prompt "
+            f'"<image> question: what digit is this? answer:" --image digit:0'
+        )
+    with torch.no_grad(), autocast(device, args.dtype):
+        results = run(
+            model,
+            tokenizer,
+            shots=args.shots,
+            encoder_demos=args.encoder_demos,
+            limit=args.limit,
+            seed=args.seed,
+        )
     suffix = f", after {args.finetune_steps} finetuning steps" if args.finetune_steps else ""
     print(format_table(results, f"digit VQA on held-out images{suffix}"))
     return 0

@@ -8,9 +8,13 @@ to a ``.npy`` array [H, W] or [C, H, W] scaled to [0, 1].
 
 Example::
 
-    metalm-fast generate --checkpoint runs/demo \\
+    metalm-fast generate --checkpoint runs/demo/finetuned \\
         --prompt "<image> question: what digit is this? answer:" --image digit:0 \\
         --prompt "the for statement" --max-new-tokens 20 --top-p 0.9 --seed 0
+
+``runs/demo/finetuned`` is the demo's finetuned checkpoint (``demo --out
+runs/demo``), the one that answers questions about digits; ``runs/demo`` holds
+the pretrained one, which continues text.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import argparse
 import numpy as np
 import torch
 
+from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.data.collator import build_batch
 from metalm_fast.data.digits import load_digits
 from metalm_fast.data.tokenizer import Tokenizer, load_tokenizer
 from metalm_fast.models.generation import generate
 from metalm_fast.training.checkpoint import load_model
+from metalm_fast.training.runtime import autocast, move_batch
 
 __all__ = ["add_arguments", "encode_prompt", "load_image", "main", "run"]
 
@@ -32,16 +38,42 @@ IMAGE_MARKER = "<image>"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (train --out)")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="a prompt; repeat for a batch; '<image>' marks an image")
-    parser.add_argument("--image", action="append", default=[],
-                        help="digit:N (held-out digit N) or a .npy path; consumed in order")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="nucleus sampling with this p (default: greedy)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint to run: a run directory (train/demo --out, its latest "
+        "step; runs/demo/finetuned answers digit questions) or a step-N "
+        "directory",
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="a prompt; repeat for a batch; '<image>' marks an image",
+    )
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="digit:N (held-out digit N) or a .npy path; consumed in order",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="most tokens generated per prompt; <eos> stops earlier (default 32)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling with this p (default: greedy)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature, with --top-p (default 1.0)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
+    add_runtime_options(parser)
 
 
 def load_image(spec: str, config) -> torch.Tensor:
@@ -76,9 +108,17 @@ def encode_prompt(tokenizer: Tokenizer, text: str, tokens_per_image: int) -> tup
     return tokens, len(pieces) - 1
 
 
-def run(model, tokenizer: Tokenizer, prompts: list[str], images: list[torch.Tensor], *,
-        max_new_tokens: int, top_p: float | None = None, temperature: float = 1.0,
-        seed: int = 0) -> list[str]:
+def run(
+    model,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    images: list[torch.Tensor],
+    *,
+    max_new_tokens: int,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
     """Generated text for each prompt."""
     per_image = model.config.tokens_per_image
     documents, needed = [], 0
@@ -87,23 +127,49 @@ def run(model, tokenizer: Tokenizer, prompts: list[str], images: list[torch.Tens
         documents.append(tokens)
         needed += count
     if needed != len(images):
-        raise ValueError(f"the prompts hold {needed} '<image>' markers but {len(images)} "
-                         "--image were given; they must be equal")
-    batch = build_batch(documents, [], [], images=torch.stack(images) if images else None,
-                        image_token_id=tokenizer.image_id, tokens_per_image=per_image)
+        raise ValueError(
+            f"the prompts hold {needed} '<image>' markers but {len(images)} "
+            "--image were given; they must be equal"
+        )
+    batch = build_batch(
+        documents,
+        [],
+        [],
+        images=torch.stack(images) if images else None,
+        image_token_id=tokenizer.image_id,
+        tokens_per_image=per_image,
+    )
+    batch = move_batch(batch, next(model.parameters()).device)
     sampling = top_p is not None
-    outputs = generate(model, batch, max_new_tokens=max_new_tokens, do_sample=sampling,
-                       top_p=top_p if sampling else 1.0, temperature=temperature,
-                       eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(seed))
+    outputs = generate(
+        model,
+        batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        top_p=top_p if sampling else 1.0,
+        temperature=temperature,
+        eos_id=tokenizer.eos_id,
+        generator=torch.Generator(batch.input_ids.device).manual_seed(seed),
+    )
     return [tokenizer.decode(tokens) for tokens in outputs]
 
 
 def main(args: argparse.Namespace) -> int:
-    model = load_model(args.checkpoint).eval()
+    device = runtime_device(args)
+    model = load_model(args.checkpoint).to(device).eval()
     tokenizer = load_tokenizer(model.config.vocab_size)
     images = [load_image(spec, model.config) for spec in args.image]
-    texts = run(model, tokenizer, args.prompt, images, max_new_tokens=args.max_new_tokens,
-                top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+    with torch.no_grad(), autocast(device, args.dtype):
+        texts = run(
+            model,
+            tokenizer,
+            args.prompt,
+            images,
+            max_new_tokens=args.max_new_tokens,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
     for prompt, text in zip(args.prompt, texts, strict=True):
         print(f"> {prompt}\n{text}\n")
     return 0

@@ -29,6 +29,7 @@ import torch
 from metalm_fast.data.collator import SemiCausalBatch, build_batch
 from metalm_fast.data.default_data import answer_tokens, vqa_document, vqa_prompt
 from metalm_fast.data.digits import QUESTIONS, DigitImages
+from metalm_fast.training.runtime import move_batch
 
 __all__ = ["Prompt", "TaskAccuracy", "build_prompt", "evaluate", "rank_candidates"]
 
@@ -56,9 +57,15 @@ class TaskAccuracy:
         return self.correct / max(self.total, 1)
 
 
-def build_prompt(tokenizer, tokens_per_image: int, question: str, image: torch.Tensor,
-                 demos: Sequence[tuple[str, str, torch.Tensor]] = (), *,
-                 encoder_demos: bool = False) -> Prompt:
+def build_prompt(
+    tokenizer,
+    tokens_per_image: int,
+    question: str,
+    image: torch.Tensor,
+    demos: Sequence[tuple[str, str, torch.Tensor]] = (),
+    *,
+    encoder_demos: bool = False,
+) -> Prompt:
     """The prompt for ``image`` [C, H, W], after ``demos`` (question, answer, image) triples."""
     tokens: list[int] = []
     spans: list[tuple[int, int]] = []
@@ -75,8 +82,9 @@ def build_prompt(tokenizer, tokens_per_image: int, question: str, image: torch.T
     return Prompt(tokens, torch.stack(images), spans)
 
 
-def _batch(prompts: Sequence[Prompt], continuations: Sequence[list[int]], tokenizer,
-           tokens_per_image: int) -> SemiCausalBatch:
+def _batch(
+    prompts: Sequence[Prompt], continuations: Sequence[list[int]], tokenizer, tokens_per_image: int
+) -> SemiCausalBatch:
     documents, starts, ends, images = [], [], [], []
     offset = 0
     for prompt, continuation in zip(prompts, continuations, strict=True):
@@ -85,26 +93,46 @@ def _batch(prompts: Sequence[Prompt], continuations: Sequence[list[int]], tokeni
         ends += [offset + e for _, e in prompt.spans]
         images.append(prompt.images)
         offset += len(documents[-1])
-    return build_batch(documents, starts, ends, images=torch.cat(images),
-                       image_token_id=tokenizer.image_id, tokens_per_image=tokens_per_image)
+    return build_batch(
+        documents,
+        starts,
+        ends,
+        images=torch.cat(images),
+        image_token_id=tokenizer.image_id,
+        tokens_per_image=tokens_per_image,
+    )
 
 
 @torch.no_grad()
-def rank_candidates(model, tokenizer, prompts: Sequence[Prompt], candidates: Sequence[str], *,
-                    max_batch_tokens: int = 8192) -> list[int]:
+def rank_candidates(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    candidates: Sequence[str],
+    *,
+    max_batch_tokens: int = 8192,
+) -> list[int]:
     """Index of the most likely candidate answer for each prompt.
 
     Every (prompt, candidate) pair is one packed document; the score of a
     candidate is the sum of its tokens' log-probabilities given the prompt.
+    Batches run on the device of the model's parameters (under the caller's
+    autocast, if any).
     """
     tokens_per_image = model.config.tokens_per_image
+    device = next(model.parameters()).device
     encoded = [answer_tokens(tokenizer, candidate) for candidate in candidates]
     pairs = [(p, c) for p in range(len(prompts)) for c in range(len(candidates))]
     scores = torch.empty(len(prompts), len(candidates), dtype=torch.float64)
     for chunk in _chunks(pairs, prompts, encoded, max_batch_tokens):
-        batch = _batch([prompts[p] for p, _ in chunk], [encoded[c] for _, c in chunk],
-                       tokenizer, tokens_per_image)
-        log_probs = torch.log_softmax(model.logits(batch).float(), dim=-1)
+        batch = _batch(
+            [prompts[p] for p, _ in chunk],
+            [encoded[c] for _, c in chunk],
+            tokenizer,
+            tokens_per_image,
+        )
+        log_probs = torch.log_softmax(model.logits(move_batch(batch, device)).float(), dim=-1)
+        log_probs = log_probs.cpu()
         ends = batch.cu_seqlens[1:].tolist()
         for (p, c), end in zip(chunk, ends, strict=True):
             targets = torch.tensor(encoded[c])
@@ -127,9 +155,18 @@ def _chunks(pairs, prompts, encoded, max_batch_tokens):
         yield chunk
 
 
-def evaluate(model, tokenizer, test: DigitImages, demo_pool: DigitImages, *, shots: int = 0,
-             encoder_demos: bool = False, limit: int | None = None, seed: int = 0,
-             tasks=QUESTIONS) -> list[TaskAccuracy]:
+def evaluate(
+    model,
+    tokenizer,
+    test: DigitImages,
+    demo_pool: DigitImages,
+    *,
+    shots: int = 0,
+    encoder_demos: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    tasks=QUESTIONS,
+) -> list[TaskAccuracy]:
     """Accuracy of every task over the first ``limit`` test images.
 
     Demonstrations for k-shot prompts are drawn (seeded) from ``demo_pool``, a
@@ -153,14 +190,24 @@ def evaluate(model, tokenizer, test: DigitImages, demo_pool: DigitImages, *, sho
                 for j in rng.sample(range(len(demo_pool.labels)), shots):
                     demo_label = int(demo_pool.labels[j])
                     demos.append((task.question, task.answer_for(demo_label), demo_pool.images[j]))
-                prompts.append(build_prompt(tokenizer, model.config.tokens_per_image,
-                                            task.question, test.images[i], demos,
-                                            encoder_demos=encoder_demos))
+                prompts.append(
+                    build_prompt(
+                        tokenizer,
+                        model.config.tokens_per_image,
+                        task.question,
+                        test.images[i],
+                        demos,
+                        encoder_demos=encoder_demos,
+                    )
+                )
                 truth.append(task.candidates.index(task.answer_for(label)))
             predicted = rank_candidates(model, tokenizer, prompts, task.candidates)
             correct = sum(int(p == t) for p, t in zip(predicted, truth, strict=True))
-            results.append(TaskAccuracy(task.name, shots, encoder_demos, correct, count,
-                                        1.0 / len(task.candidates)))
+            results.append(
+                TaskAccuracy(
+                    task.name, shots, encoder_demos, correct, count, 1.0 / len(task.candidates)
+                )
+            )
     finally:
         model.train(was_training)
     return results

@@ -79,8 +79,9 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return get_optimizer_state_dict(model, optimizer, options=_state_dict_options(model))
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                         state: dict[str, Any]) -> None:
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     """Load a name-keyed full optimizer state (every rank holds all of it under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -121,8 +122,10 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], metadata: dict)
         state.setdefault(name, {}).update(entries)
     # JSON turned tuples (AdamW's betas) into lists; "params" is the only real list.
     param_groups = [
-        {key: tuple(value) if isinstance(value, list) and key != "params" else value
-         for key, value in group.items()}
+        {
+            key: tuple(value) if isinstance(value, list) and key != "params" else value
+            for key, value in group.items()
+        }
         for group in json.loads(metadata["param_groups"])
     ]
     return {"state": state, "param_groups": param_groups}
@@ -134,8 +137,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         return tensors, handle.metadata() or {}
 
 
-def _write_files(directory: Path, weights: dict, optimizer_state: dict, meta: dict,
-                 aliases: dict[str, str]) -> None:
+def _write_files(
+    directory: Path, weights: dict, optimizer_state: dict, meta: dict, aliases: dict[str, str]
+) -> None:
     directory.mkdir(parents=True)
     unique = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k not in aliases}
     save_file(unique, str(directory / MODEL_FILE), metadata={"tied": json.dumps(aliases)})
@@ -159,10 +163,17 @@ def _publish(out_dir: Path, staging: Path, name: str) -> Path:
     return target
 
 
-def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, *, model_config: MetaLMConfig,
-                    train_config: Any = None, data_position: int = 0,
-                    is_main: bool = True) -> Path:
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    model_config: MetaLMConfig,
+    train_config: Any = None,
+    data_position: int = 0,
+    is_main: bool = True,
+) -> Path:
     """Write ``<out_dir>/step-<step>/`` and point ``<out_dir>/latest`` at it.
 
     Parameters
@@ -215,8 +226,9 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     if (path / LATEST_FILE).is_file():
         target = path / (path / LATEST_FILE).read_text().strip()
         if not (target / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path / LATEST_FILE} names {target}, which has no "
-                                    f"{CONFIG_FILE}")
+            raise FileNotFoundError(
+                f"{path / LATEST_FILE} names {target}, which has no {CONFIG_FILE}"
+            )
         return target
     if (path / CONFIG_FILE).is_file():
         return path
@@ -228,8 +240,10 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
 def _read_meta(directory: Path) -> dict[str, Any]:
     meta = json.loads((directory / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{directory / CONFIG_FILE}: checkpoint format {meta.get('format')!r}, "
-                         f"this version reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"{directory / CONFIG_FILE}: checkpoint format {meta.get('format')!r}, "
+            f"this version reads {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -240,8 +254,9 @@ def _load_weights(directory: Path, model: nn.Module) -> None:
     model.load_state_dict(tensors, strict=True)
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None
-                    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Read a checkpoint: the model with its weights, the optimizer state, the metadata.
 
     Parameters

@@ -4,12 +4,19 @@ Examples::
 
     metalm-fast train --preset tiny --steps 200 --out runs/tiny
     metalm-fast train --out runs/tiny --steps 400 --resume
+    metalm-fast train --steps 50 --dtype bf16 --device cpu --out runs/bf16
     torchrun --nproc-per-node 2 -m metalm_fast.training.command --parallel ddp --data synthetic
+
+With ``--out``, the run directory holds the checkpoints, ``metrics.jsonl``
+(one JSON object per step: step, loss, lr, tokens_per_second, tokens) and
+``loss.png`` (:mod:`metalm_fast.training.metrics`).
 
 Data (``--data``): ``default`` is the embedded default corpus
 (metalm_fast.data.default_data), ``vqa`` its visual question answering
 stream, ``synthetic`` a seeded stream of documents with a learnable rule
-(below) that needs no corpus: tests and smoke runs use it.
+(below) that needs no corpus: tests and smoke runs use it. Not every preset
+reads every stream (:func:`data_problem`): the digit images need a vision
+encoder of their shape, and text spans need a text encoder or the single stack.
 """
 
 from __future__ import annotations
@@ -23,11 +30,15 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.data.collator import SemiCausalBatch, SemiCausalCollator
 from metalm_fast.models.metalm import PRESETS, MetaLMConfig
 from metalm_fast.training.trainer import TrainConfig, TrainResult, train
 
-__all__ = ["build_parser", "main", "synthetic_micro_batches"]
+__all__ = ["DATA_KINDS", "build_parser", "data_problem", "main", "synthetic_micro_batches"]
+
+#: --data choices: the embedded default mixture, its VQA stream, synthetic documents
+DATA_KINDS = ("default", "vqa", "synthetic")
 
 #: Synthetic documents: the next token is successor[token] with this probability, else uniform.
 SYNTHETIC_FOLLOW_PROBABILITY = 0.8
@@ -42,9 +53,9 @@ def _synthetic_document(rng: random.Random, successor: list[int], length: int) -
     return tokens
 
 
-def synthetic_micro_batches(vocab_size: int, token_budget: int, *, seed: int = 0,
-                            span_min: int = 8, span_max: int = 16
-                            ) -> Iterator[SemiCausalBatch]:
+def synthetic_micro_batches(
+    vocab_size: int, token_budget: int, *, seed: int = 0, span_min: int = 8, span_max: int = 16
+) -> Iterator[SemiCausalBatch]:
     """An endless, seeded stream of packed micro-batches of ``token_budget`` tokens.
 
     Each document (16-128 tokens) follows a fixed random permutation of the
@@ -73,8 +84,47 @@ def synthetic_micro_batches(vocab_size: int, token_budget: int, *, seed: int = 0
         yield collator(documents)
 
 
-def _data_source(kind: str, config: MetaLMConfig, token_budget: int,
-                 seed: int) -> Callable[[], Iterator[SemiCausalBatch]]:
+def data_problem(config: MetaLMConfig, kind: str) -> str | None:
+    """Why a model of ``config`` cannot train on ``--data kind``; None when it can.
+
+    ``default`` and ``vqa`` show the embedded 8x8 digit scans, which need a
+    vision encoder of that image shape; ``default`` and ``synthetic`` put text
+    spans in the encoder, which needs a text encoder (or ``variant="single_stack"``).
+
+    >>> from metalm_fast.models.metalm import PRESETS
+    >>> data_problem(PRESETS["tiny"], "default") is None
+    True
+    >>> data_problem(PRESETS["small"], "vqa")
+    'it has no vision encoder (vision_layers=0) and --data vqa shows digit images'
+    """
+    if kind not in DATA_KINDS:
+        raise ValueError(f"data must be one of {DATA_KINDS}, got {kind!r}")
+    if kind in ("default", "vqa"):
+        if config.vision_layers == 0:
+            return (
+                f"it has no vision encoder (vision_layers=0) and --data {kind} shows digit images"
+            )
+        from metalm_fast.data.digits import load_digits
+
+        digit_shape = tuple(load_digits("test").images.shape[1:])
+        shape = (config.image_channels, config.image_size, config.image_size)
+        if shape != digit_shape:
+            return f"its vision encoder reads images {shape}, the digits are {digit_shape}"
+    if (
+        kind in ("default", "synthetic")
+        and config.encoder_layers == 0
+        and config.variant == "two_stack"
+    ):
+        return (
+            f"it has no text encoder (encoder_layers=0) and --data {kind} has text spans "
+            f"(--variant single_stack reads them in the decoder)"
+        )
+    return None
+
+
+def _data_source(
+    kind: str, config: MetaLMConfig, token_budget: int, seed: int
+) -> Callable[[], Iterator[SemiCausalBatch]]:
     """A factory of fresh, identical streams (each call restarts from the seed)."""
     if kind == "synthetic":
         return lambda: synthetic_micro_batches(config.vocab_size, token_budget, seed=seed)
@@ -82,12 +132,17 @@ def _data_source(kind: str, config: MetaLMConfig, token_budget: int,
         from metalm_fast.data.default_data import DefaultData
         from metalm_fast.data.tokenizer import load_tokenizer
     except ImportError as error:
-        raise ValueError(f"--data {kind} needs metalm_fast.data.default_data ({error}); "
-                         f"use --data synthetic") from error
+        raise ValueError(
+            f"--data {kind} needs metalm_fast.data.default_data ({error}); use --data synthetic"
+        ) from error
 
     def stream() -> Iterator[SemiCausalBatch]:
-        data = DefaultData(load_tokenizer(config.vocab_size), config.tokens_per_image,
-                           token_budget=token_budget, seed=seed)
+        data = DefaultData(
+            load_tokenizer(config.vocab_size),
+            config.tokens_per_image,
+            token_budget=token_budget,
+            seed=seed,
+        )
         return data.vqa_micro_batches() if kind == "vqa" else data.micro_batches()
 
     return stream
@@ -95,12 +150,23 @@ def _data_source(kind: str, config: MetaLMConfig, token_budget: int,
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``train`` command's options."""
-    parser = argparse.ArgumentParser(prog="metalm-fast train",
-                                     description="Train a MetaLM (one process or torchrun).")
+    parser = argparse.ArgumentParser(
+        prog="metalm-fast train", description="Train a MetaLM (one process or torchrun)."
+    )
     add = parser.add_argument
-    add("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default tiny)")
-    add("--variant", default=None, choices=["two_stack", "single_stack"],
-        help="encoder + connector + decoder, or one semi-causal stack (default: the preset's)")
+    add(
+        "--preset",
+        default="tiny",
+        choices=sorted(PRESETS),
+        help="model size (default tiny; --data default/vqa need a preset reading 8x8 digit "
+        "images, which is tiny)",
+    )
+    add(
+        "--variant",
+        default=None,
+        choices=["two_stack", "single_stack"],
+        help="encoder + connector + decoder, or one semi-causal stack (default: the preset's)",
+    )
     add("--steps", type=int, default=200, help="optimizer steps in total (default 200)")
     add("--grad-accum", type=int, default=1, help="micro-batches per rank per step")
     add("--micro-batch-tokens", type=int, default=2048, help="decoder tokens per micro-batch")
@@ -109,27 +175,54 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
     add("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off")
     add("--seed", type=int, default=0, help="model initialisation and data seed")
-    add("--out", default=None, help="checkpoint directory (default: no checkpoints)")
+    add(
+        "--out",
+        default=None,
+        help="run directory: checkpoints, metrics.jsonl, loss.png (default: none written)",
+    )
     add("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     add("--resume", action="store_true", help="continue from --out's latest checkpoint")
-    add("--parallel", default="none", choices=["none", "ddp", "fsdp"],
-        help="under torchrun: DistributedDataParallel or FSDP2 fully_shard")
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add(
+        "--parallel",
+        default="none",
+        choices=["none", "ddp", "fsdp"],
+        help="under torchrun: DistributedDataParallel or FSDP2 fully_shard",
+    )
     add("--no-progress", action="store_true", help="print a line every --log-every steps")
     add("--log-every", type=int, default=10, help="steps between lines with --no-progress")
-    add("--data", default="default", choices=["default", "vqa", "synthetic"])
-    add("--metrics-json", default=None,
-        help="write per-step losses, tokens and tokens/s here (rank 0)")
+    add(
+        "--data",
+        default="default",
+        choices=DATA_KINDS,
+        help="default: embedded text + captioned digits; vqa: digit questions; synthetic: "
+        "seeded documents with a learnable rule, no corpus (default default)",
+    )
+    add(
+        "--metrics-json",
+        default=None,
+        help="also write a summary JSON here: all losses, tokens, tokens/s, checkpoint (rank 0)",
+    )
+    add_runtime_options(parser)
     return parser
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        steps=args.steps, grad_accum=args.grad_accum, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, seed=args.seed, device=args.device, parallel=args.parallel,
-        out_dir=args.out, save_every=args.save_every, resume=args.resume,
-        log_every=args.log_every, progress=not args.no_progress,
+        steps=args.steps,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        parallel=args.parallel,
+        out_dir=args.out,
+        save_every=args.save_every,
+        resume=args.resume,
+        log_every=args.log_every,
+        progress=not args.no_progress,
     )
 
 
@@ -137,13 +230,29 @@ def _finish(result: TrainResult, args: argparse.Namespace) -> None:
     """Rank 0: the summary lines and the metrics file."""
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a (no step ran)"
     print(f"step {result.step}: final loss {final}, {result.tokens_per_second:,.0f} tokens/s")
-    where = result.checkpoint if result.checkpoint else "none (no --out)"
-    print(f"checkpoint: {where}")
+    print(f"checkpoint: {_checkpoint_line(result, args)}")
+    if result.metrics is not None:
+        plot = f", {result.loss_plot}" if result.loss_plot is not None else ""
+        print(f"metrics: {result.metrics}{plot}")
     if args.metrics_json:
-        metrics = {"losses": result.losses, "tokens": result.tokens, "step": result.step,
-                   "tokens_per_second": result.tokens_per_second,
-                   "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+        metrics = {
+            "losses": result.losses,
+            "tokens": result.tokens,
+            "step": result.step,
+            "tokens_per_second": result.tokens_per_second,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        }
         Path(args.metrics_json).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _checkpoint_line(result: TrainResult, args: argparse.Namespace) -> str:
+    if args.out is None:
+        return "none (no --out)"
+    if result.checkpoint is None:
+        return f"none in {args.out} (no step ran)"
+    if not result.losses:
+        return f"{result.checkpoint} (already there; no step ran)"
+    return str(result.checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         model_config = PRESETS[args.preset]
         if args.variant is not None:
             model_config = dataclasses.replace(model_config, variant=args.variant)
+        problem = data_problem(model_config, args.data)
+        if problem is not None:
+            raise ValueError(
+                f"--preset {args.preset} cannot train on --data {args.data}: {problem}"
+            )
+        runtime_device(args)  # a clear error naming --device before any work
         data = _data_source(args.data, model_config, args.micro_batch_tokens, args.seed)
         result = train(model_config, train_config, data)
     except (ValueError, FileNotFoundError) as error:

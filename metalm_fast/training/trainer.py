@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metalm_fast.data.collator import IGNORE_INDEX
 from metalm_fast.models.metalm import MetaLM, MetaLMConfig
 from metalm_fast.training.checkpoint import (
     latest_checkpoint,
@@ -52,6 +54,8 @@ from metalm_fast.training.distributed import (
     unwrap_model,
     wrap_model,
 )
+from metalm_fast.training.metrics import LOSS_PLOT_FILE, MetricsLog, plot_loss_curve
+from metalm_fast.training.runtime import DTYPES, autocast, move_batch
 
 __all__ = [
     "TrainConfig",
@@ -62,8 +66,6 @@ __all__ = [
     "train",
 ]
 
-IGNORE_INDEX = -100  # labels of unscored positions (the collator's IGNORE_INDEX)
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -73,6 +75,9 @@ class TrainConfig:
     follows a cosine down to ``lr * min_lr_ratio`` at ``steps``. ``out_dir=None``
     writes no checkpoint; otherwise one every ``save_every`` steps (0: only at
     the end) and at the end. ``resume`` continues from ``out_dir``'s latest.
+    With ``out_dir``, rank 0 also writes the run's metrics.jsonl and loss.png
+    there (:mod:`metalm_fast.training.metrics`). ``dtype`` is the forward's
+    precision (:mod:`metalm_fast.training.runtime`: "bf16" autocast, also on the CPU).
     """
 
     steps: int = 200
@@ -84,6 +89,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
     parallel: str = "none"  # "none" | "ddp" | "fsdp"
     out_dir: str | None = None
     save_every: int = 0
@@ -96,17 +102,25 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "grad_accum", "must be >= 1", self.grad_accum)
         _check(self.lr > 0, "lr", "must be > 0", self.lr)
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
-        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]",
-               self.min_lr_ratio)
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
         _check(self.device in DEVICES, "device", f"must be one of {DEVICES}", self.device)
-        _check(self.parallel in PARALLEL_MODES, "parallel", f"must be one of {PARALLEL_MODES}",
-               self.parallel)
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}", self.dtype)
+        _check(
+            self.parallel in PARALLEL_MODES,
+            "parallel",
+            f"must be one of {PARALLEL_MODES}",
+            self.parallel,
+        )
         _check(self.save_every >= 0, "save_every", "must be >= 0", self.save_every)
         _check(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
-        _check(not self.resume or self.out_dir is not None, "resume",
-               "needs out_dir (the directory to resume from)", self.resume)
+        _check(
+            not self.resume or self.out_dir is not None,
+            "resume",
+            "needs out_dir (the directory to resume from)",
+            self.resume,
+        )
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -123,7 +137,11 @@ class TrainResult:
     tokens_per_second: float
     step: int  # optimizer steps completed, counting those before a resume
     model: nn.Module  # unwrapped (under FSDP2: the sharded module, its group destroyed)
-    checkpoint: Path | None = None  # the last checkpoint written, if any
+    # out_dir's latest checkpoint: this call's last save, else the one already there
+    # (no step ran: --steps 0, or a resume past the end); None without one
+    checkpoint: Path | None = None
+    metrics: Path | None = None  # out_dir/metrics.jsonl (rank 0, with out_dir)
+    loss_plot: Path | None = None  # out_dir/loss.png (rank 0, with out_dir and matplotlib)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -146,9 +164,14 @@ def scored_tokens(batches: Iterable) -> int:
     return sum(int((batch.labels != IGNORE_INDEX).sum()) for batch in batches)
 
 
-def accumulate_gradients(model: nn.Module, batches: list, global_scored: int, *,
-                         gradient_scale: float = 1.0,
-                         autocast: Callable[[], Any] = contextlib.nullcontext) -> torch.Tensor:
+def accumulate_gradients(
+    model: nn.Module,
+    batches: list,
+    global_scored: int,
+    *,
+    gradient_scale: float = 1.0,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> torch.Tensor:
     """Backpropagate ``sum_loss * gradient_scale / global_scored`` for each micro-batch.
 
     Cross-rank gradient sync is skipped on all but the last micro-batch.
@@ -175,33 +198,21 @@ def accumulate_gradients(model: nn.Module, batches: list, global_scored: int, *,
     return total
 
 
-def _to_device(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    moved = {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch)}
-    moved = {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor)
-             else value for name, value in moved.items()}
-    return dataclasses.replace(batch, **moved)
-
-
-def _build_optimizer(model: nn.Module, config: TrainConfig,
-                     device: torch.device) -> torch.optim.Optimizer:
+def _build_optimizer(
+    model: nn.Module, config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     # Matrices decay; norms and biases do not (the usual AdamW recipe).
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     # fused on CUDA; elsewhere torch's default (foreach where supported).
     fused = True if device.type == "cuda" else None
     return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
-
-
-def _autocast_for(device: torch.device) -> Callable[[], Any]:
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 @dataclass
@@ -216,8 +227,13 @@ class _Run:
     data_position: int
 
 
-def _prepare(model_config: MetaLMConfig, config: TrainConfig, micro_batches, model,
-             context: DistributedContext) -> _Run:
+def _prepare(
+    model_config: MetaLMConfig,
+    config: TrainConfig,
+    micro_batches,
+    model,
+    context: DistributedContext,
+) -> _Run:
     torch.manual_seed(config.seed)
     if model is None:
         model = MetaLM(model_config)
@@ -241,9 +257,11 @@ def _prepare(model_config: MetaLMConfig, config: TrainConfig, micro_batches, mod
 def _next_batches(run: _Run, count: int, step: int) -> list:
     batches = list(itertools.islice(run.stream, count))
     if len(batches) < count:
-        raise ValueError(f"micro_batches() ran out at step {step}: it must yield at least "
-                         f"steps * world_size * grad_accum micro-batches")
-    return [_to_device(batch, run.context.device) for batch in batches]
+        raise ValueError(
+            f"micro_batches() ran out at step {step}: it must yield at least "
+            f"steps * world_size * grad_accum micro-batches"
+        )
+    return [move_batch(batch, run.context.device) for batch in batches]
 
 
 def _train_step(run: _Run, config: TrainConfig, step: int) -> tuple[float, int]:
@@ -252,12 +270,20 @@ def _train_step(run: _Run, config: TrainConfig, step: int) -> tuple[float, int]:
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate(step, config)
     batches = _next_batches(run, config.grad_accum, step)
-    counts = torch.tensor([scored_tokens(batches), sum(b.input_ids.numel() for b in batches)],
-                          dtype=torch.int64, device=context.device)
+    counts = torch.tensor(
+        [scored_tokens(batches), sum(b.input_ids.numel() for b in batches)],
+        dtype=torch.int64,
+        device=context.device,
+    )
     global_scored, tokens = all_reduce_sum(counts, context).tolist()
     scale = float(context.world_size) if context.parallel != "none" else 1.0
-    loss_sum = accumulate_gradients(run.model, batches, max(global_scored, 1),
-                                    gradient_scale=scale, autocast=_autocast_for(context.device))
+    loss_sum = accumulate_gradients(
+        run.model,
+        batches,
+        max(global_scored, 1),
+        gradient_scale=scale,
+        autocast=lambda: autocast(context.device, config.dtype),
+    )
     loss_sum = all_reduce_sum(loss_sum.to(context.device), context)
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
@@ -269,8 +295,14 @@ def _train_step(run: _Run, config: TrainConfig, step: int) -> tuple[float, int]:
 def _progress_bar(config: TrainConfig, start_step: int, is_main: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.steps, initial=start_step, desc="train", unit="step",
-                disable=not (is_main and config.progress), dynamic_ncols=True)
+    return tqdm(
+        total=config.steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not (is_main and config.progress),
+        dynamic_ncols=True,
+    )
 
 
 def _report(record: dict, config: TrainConfig, bar, is_main: bool) -> None:
@@ -278,8 +310,11 @@ def _report(record: dict, config: TrainConfig, bar, is_main: bool) -> None:
     bar.update(1)
     step = record["step"]
     if is_main and not config.progress and (step % config.log_every == 0 or step == config.steps):
-        print(f"step {step}/{config.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-              f"tokens/s {record['tokens_per_second']:,.0f}", flush=True)
+        print(
+            f"step {step}/{config.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"tokens/s {record['tokens_per_second']:,.0f}",
+            flush=True,
+        )
 
 
 def _due(step: int, config: TrainConfig) -> bool:
@@ -302,25 +337,85 @@ def _loop(run: _Run, model_config: MetaLMConfig, config: TrainConfig, on_log) ->
             done = step + 1
             position = run.data_position + (done - run.start_step) * per_step
             if _due(done, config):
-                checkpoint = save_checkpoint(config.out_dir, done, run.model, run.optimizer,
-                                             model_config=model_config, train_config=config,
-                                             data_position=position, is_main=context.is_main)
-            record = {"step": done, "loss": loss, "lr": learning_rate(step, config),
-                      "tokens": tokens,
-                      "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9)}
+                checkpoint = save_checkpoint(
+                    config.out_dir,
+                    done,
+                    run.model,
+                    run.optimizer,
+                    model_config=model_config,
+                    train_config=config,
+                    data_position=position,
+                    is_main=context.is_main,
+                )
+            record = {
+                "step": done,
+                "loss": loss,
+                "lr": learning_rate(step, config),
+                "tokens": tokens,
+                "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9),
+            }
             _report(record, config, bar, context.is_main)
             if on_log is not None:
                 on_log(record)
     finally:
         bar.close()
     elapsed = max(time.perf_counter() - started, 1e-9)
-    return TrainResult(losses, tokens, tokens / elapsed, max(run.start_step, config.steps),
-                       unwrap_model(run.model), checkpoint)
+    if checkpoint is None and config.out_dir is not None:
+        checkpoint = _existing_checkpoint(config.out_dir)
+    return TrainResult(
+        losses,
+        tokens,
+        tokens / elapsed,
+        max(run.start_step, config.steps),
+        unwrap_model(run.model),
+        checkpoint,
+    )
 
 
-def train(model_config: MetaLMConfig, train_config: TrainConfig,
-          micro_batches: Callable[[], Iterable], *, model: nn.Module | None = None,
-          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+def _existing_checkpoint(out_dir: str) -> Path | None:
+    try:
+        return latest_checkpoint(out_dir)
+    except FileNotFoundError:
+        return None
+
+
+def _with_metrics(run: _Run, config: TrainConfig, on_log, body) -> TrainResult:
+    """Run ``body(on_log)`` with rank 0 logging every step to out_dir/metrics.jsonl,
+    then draw out_dir/loss.png (skipped, with a note on stderr, without matplotlib)."""
+    if config.out_dir is None or not run.context.is_main:
+        return body(on_log)
+    log = MetricsLog(config.out_dir, resume_step=run.start_step if config.resume else None)
+
+    def log_and_forward(record: dict) -> None:
+        log(record)
+        if on_log is not None:
+            on_log(record)
+
+    try:
+        result = body(log_and_forward)
+    finally:
+        log.close()
+    result.metrics = log.path
+    if log.path.stat().st_size:
+        try:
+            result.loss_plot = plot_loss_curve(
+                log.path,
+                Path(config.out_dir) / LOSS_PLOT_FILE,
+                title=f"training loss ({config.out_dir})",
+            )
+        except ImportError as error:
+            print(f"{LOSS_PLOT_FILE} not drawn: {error}", file=sys.stderr)
+    return result
+
+
+def train(
+    model_config: MetaLMConfig,
+    train_config: TrainConfig,
+    micro_batches: Callable[[], Iterable],
+    *,
+    model: nn.Module | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
     """Train a MetaLM in this process, or as one rank of a torchrun job.
 
     Parameters
@@ -353,6 +448,8 @@ def train(model_config: MetaLMConfig, train_config: TrainConfig,
     context = init_distributed(train_config.parallel, train_config.device)
     try:
         run = _prepare(model_config, train_config, micro_batches, model, context)
-        return _loop(run, model_config, train_config, on_log)
+        return _with_metrics(
+            run, train_config, on_log, lambda log: _loop(run, model_config, train_config, log)
+        )
     finally:
         shutdown(context)

@@ -23,9 +23,12 @@ def _trained(seed=0):
     config = PRESETS["tiny"]
     model = MetaLM(config)
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=1e-3)
+        [
+            {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
     batch = next(synthetic_micro_batches(config.vocab_size, 256, seed=seed))
     model(batch).backward()
     optimizer.step()
@@ -44,8 +47,15 @@ def _assert_same_optimizer_state(expected, actual):
 def test_round_trip_is_exact_and_keeps_tied_weights(tmp_path):
     model, optimizer = _trained()
     train_config = TrainConfig(steps=7, out_dir=str(tmp_path))
-    path = save_checkpoint(tmp_path, 3, model, optimizer, model_config=model.config,
-                           train_config=train_config, data_position=12)
+    path = save_checkpoint(
+        tmp_path,
+        3,
+        model,
+        optimizer,
+        model_config=model.config,
+        train_config=train_config,
+        data_position=12,
+    )
     assert path == tmp_path / "step-3"
 
     loaded, optimizer_state, meta = load_checkpoint(tmp_path)
@@ -59,9 +69,12 @@ def test_round_trip_is_exact_and_keeps_tied_weights(tmp_path):
     assert meta["train_config"]["steps"] == 7
 
     restored = torch.optim.AdamW(
-        [{"params": [p for p in loaded.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in loaded.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=1e-3)
+        [
+            {"params": [p for p in loaded.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in loaded.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
     load_optimizer_state(loaded, restored, optimizer_state)
     _assert_same_optimizer_state(optimizer.state_dict(), restored.state_dict())
 
@@ -87,8 +100,12 @@ def test_latest_points_at_the_last_complete_save(tmp_path):
     assert latest_checkpoint(tmp_path / "step-2") == tmp_path / "step-2"
     # Saving the same step again replaces it whole.
     save_checkpoint(tmp_path, 4, model, optimizer, model_config=model.config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".step-6.tmp", "latest", "step-2",
-                                                          "step-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".step-6.tmp",
+        "latest",
+        "step-2",
+        "step-4",
+    ]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -25,8 +25,9 @@ def _stream(tokens=256, seed=0):
 
 
 def _config(**changes):
-    base = TrainConfig(steps=4, grad_accum=2, lr=3e-3, warmup_steps=1, device="cpu",
-                       progress=False, log_every=100)
+    base = TrainConfig(
+        steps=4, grad_accum=2, lr=3e-3, warmup_steps=1, device="cpu", progress=False, log_every=100
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -62,8 +63,10 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
 
 def _two_micro_batches():
     generator = torch.Generator().manual_seed(3)
-    docs = [torch.randint(0, CONFIG.vocab_size, (n,), generator=generator).tolist()
-            for n in (70, 41, 90)]
+    docs = [
+        torch.randint(0, CONFIG.vocab_size, (n,), generator=generator).tolist()
+        for n in (70, 41, 90)
+    ]
     first = build_batch(docs[:2], [5, 80], [17, 100])
     second = build_batch(docs[2:], [30], [45])
     whole = build_batch(docs, [5, 80, 141], [17, 100, 156])  # the same spans, packed together
@@ -129,13 +132,16 @@ def test_rank_share_and_schedule():
     assert learning_rate(10, config) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"grad_accum": 0}, "grad_accum must be >= 1"),
-    ({"parallel": "zero"}, "parallel must be one of"),
-    ({"device": "tpu"}, "device must be one of"),
-    ({"resume": True}, "resume needs out_dir"),
-    ({"lr": 0.0}, "lr must be > 0"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"grad_accum": 0}, "grad_accum must be >= 1"),
+        ({"parallel": "zero"}, "parallel must be one of"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"resume": True}, "resume needs out_dir"),
+        ({"lr": 0.0}, "lr must be > 0"),
+    ],
+)
 def test_bad_train_config(changes, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes)
