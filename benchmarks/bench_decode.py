@@ -50,7 +50,7 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_lines, time_interleaved, write_result  # noqa: E402
+from benchmarks.common import Panel, machine_lines, time_interleaved, write_result  # noqa: E402
 from metalm_fast import PagedKVCache, SpanMask, paged_decode_attention  # noqa: E402
 from metalm_fast.nn import SpanSelfAttention, packed_positions  # noqa: E402
 
@@ -121,7 +121,8 @@ def bench_decode(sizes: DecodeSizes, warmup: int, repeats: int) -> dict:
     max_diff = float((ours() - expected).abs().max())
     seconds = time_interleaved(
         {"ours": ours, "gather+sdpa": gather_sdpa, "sdpa contiguous": sdpa_contiguous},
-        warmup, repeats,
+        warmup,
+        repeats,
     )
     kv_bytes = 2 * sizes.batch * sizes.kv_len * sizes.kv_heads * sizes.head_dim * 4
     return {"seconds": seconds, "kv_bytes": kv_bytes, "max_diff": max_diff}
@@ -135,9 +136,10 @@ class _Block(nn.Module):
         self.attention = SpanSelfAttention(sizes.dim, sizes.heads, sizes.kv_heads, backend="cpu")
         self.mlp_norm = nn.LayerNorm(sizes.dim)
         # SiLU, not exact GELU: torch 2.13's CPU erf-GELU opens a parallel region
-        # even for one row, which stalls ~15 ms whenever another process holds a core.
-        self.mlp = nn.Sequential(nn.Linear(sizes.dim, 4 * sizes.dim), nn.SiLU(),
-                                 nn.Linear(4 * sizes.dim, sizes.dim))
+        # even for one row, which stalls whenever another process holds a core.
+        self.mlp = nn.Sequential(
+            nn.Linear(sizes.dim, 4 * sizes.dim), nn.SiLU(), nn.Linear(4 * sizes.dim, sizes.dim)
+        )
 
 
 class SmallDecoder(nn.Module):
@@ -153,8 +155,9 @@ class SmallDecoder(nn.Module):
     def forward(self, ids, mask=None, positions=None, cache=None, step=None):
         x = self.embed(ids)
         for index, block in enumerate(self.blocks):
-            x = x + block.attention(block.attention_norm(x), mask, positions, cache=cache,
-                                    layer_idx=index, step=step)
+            x = x + block.attention(
+                block.attention_norm(x), mask, positions, cache=cache, layer_idx=index, step=step
+            )
             x = x + block.mlp(block.mlp_norm(x))
         return self.head(self.norm(x))
 
@@ -165,11 +168,16 @@ def generate_recompute(model: SmallDecoder, prompt: list[int], new_tokens: int) 
         cu = torch.tensor([0, len(tokens)])
         logits = model(torch.tensor(tokens), SpanMask.causal(cu), packed_positions(cu))
         tokens.append(int(logits[-1].argmax()))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
-def generate_cached(model: SmallDecoder, prompt: list[int], new_tokens: int,
-                    sizes: GenerationSizes, block_size: int = 16) -> list[int]:
+def generate_cached(
+    model: SmallDecoder,
+    prompt: list[int],
+    new_tokens: int,
+    sizes: GenerationSizes,
+    block_size: int = 16,
+) -> list[int]:
     head_dim = sizes.dim // sizes.heads
     pages = math.ceil((len(prompt) + new_tokens) / block_size)
     cache = PagedKVCache(sizes.layers, pages, block_size, sizes.kv_heads, head_dim)
@@ -187,16 +195,17 @@ def generate_cached(model: SmallDecoder, prompt: list[int], new_tokens: int,
 def bench_generation(sizes: GenerationSizes) -> dict:
     torch.manual_seed(0)
     model = SmallDecoder(sizes).eval()
-    prompt = torch.randint(0, sizes.vocab, (sizes.prompt,),
-                           generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = torch.randint(
+        0, sizes.vocab, (sizes.prompt,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     results = {}
     with torch.no_grad():
         generate_cached(model, prompt[:32], 4, sizes)  # warm-up: first-call costs
         generate_recompute(model, prompt[:32], 2)
-        for name, run in (("cached", lambda: generate_cached(model, prompt, sizes.new_tokens,
-                                                               sizes)),
-                          ("recompute", lambda: generate_recompute(model, prompt,
-                                                                   sizes.new_tokens))):
+        for name, run in (
+            ("cached", lambda: generate_cached(model, prompt, sizes.new_tokens, sizes)),
+            ("recompute", lambda: generate_recompute(model, prompt, sizes.new_tokens)),
+        ):
             begin = time.perf_counter()
             tokens = run()
             results[name] = {"seconds": time.perf_counter() - begin, "tokens": tokens}
@@ -204,8 +213,9 @@ def bench_generation(sizes: GenerationSizes) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-def render(decode: dict, generation: dict, dsizes: DecodeSizes,
-           gsizes: GenerationSizes) -> tuple[str, list[tuple[bool, str]]]:
+def render(
+    decode: dict, generation: dict, dsizes: DecodeSizes, gsizes: GenerationSizes
+) -> tuple[str, list[tuple[bool, str]]]:
     seconds = decode["seconds"]
     ours = seconds["ours"]
     lines = [
@@ -214,24 +224,33 @@ def render(decode: dict, generation: dict, dsizes: DecodeSizes,
     ]
     for name, value in seconds.items():
         ratio = "-" if name == "ours" else f"{value / ours:.2f}x"
-        lines.append(f"| decode | {name} | {value * 1e3:.2f} | "
-                     f"{decode['kv_bytes'] / value / 1e9:.2f} | - | {ratio} |")
+        lines.append(
+            f"| decode | {name} | {value * 1e3:.2f} | "
+            f"{decode['kv_bytes'] / value / 1e9:.2f} | - | {ratio} |"
+        )
     cached = generation["cached"]["seconds"]
     for name, result in generation.items():
         rate = gsizes.new_tokens / result["seconds"]
         ratio = "-" if name == "cached" else f"{result['seconds'] / cached:.2f}x"
-        lines.append(f"| generation | {name} | {result['seconds'] * 1e3:.0f} | - | "
-                     f"{rate:.1f} | {ratio} |")
+        lines.append(
+            f"| generation | {name} | {result['seconds'] * 1e3:.0f} | - | {rate:.1f} | {ratio} |"
+        )
     same = generation["cached"]["tokens"] == generation["recompute"]["tokens"]
     checks = [
-        (ours <= seconds["gather+sdpa"],
-         f"decode at least as fast as gather+sdpa: {seconds['gather+sdpa'] / ours:.2f}x"),
-        (ours <= 1.5 * seconds["sdpa contiguous"],
-         f"decode within 1.5x of sdpa over a contiguous cache: "
-         f"{ours / seconds['sdpa contiguous']:.2f}x its time"),
-        (generation["recompute"]["seconds"] >= 5 * cached,
-         f"cached generation >= 5x the recompute loop in tokens/s: "
-         f"{generation['recompute']['seconds'] / cached:.1f}x"),
+        (
+            ours <= seconds["gather+sdpa"],
+            f"decode at least as fast as gather+sdpa: {seconds['gather+sdpa'] / ours:.2f}x",
+        ),
+        (
+            ours <= 1.5 * seconds["sdpa contiguous"],
+            f"decode within 1.5x of sdpa over a contiguous cache: "
+            f"{ours / seconds['sdpa contiguous']:.2f}x its time",
+        ),
+        (
+            generation["recompute"]["seconds"] >= 5 * cached,
+            f"cached generation >= 5x the recompute loop in tokens/s: "
+            f"{generation['recompute']['seconds'] / cached:.1f}x",
+        ),
         (same, f"cached and recompute generation produce the same {gsizes.new_tokens} tokens"),
     ]
     notes = (
@@ -245,12 +264,37 @@ def render(decode: dict, generation: dict, dsizes: DecodeSizes,
     return "\n".join(lines) + "\n\n" + notes, checks
 
 
+def chart(decode: dict, generation: dict, gsizes: GenerationSizes) -> list[Panel]:
+    """Decode step time against the SDPA paths; generation tokens/s, cached vs recompute."""
+    seconds = decode["seconds"]
+    rates = {name: [gsizes.new_tokens / result["seconds"]] for name, result in generation.items()}
+    return [
+        Panel(
+            "paged decode step",
+            "time (ms)",
+            ["decode step"],
+            {name: [value * 1e3] for name, value in seconds.items()},
+            ours="ours",
+        ),
+        Panel(
+            "greedy generation",
+            "new tokens/s",
+            [f"{gsizes.new_tokens} new tokens"],
+            rates,
+            ours="cached",
+            lower_is_better=False,
+        ),
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--no-write", action="store_true", help="do not write results/")
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not write results/ (table and chart)"
+    )
     args = parser.parse_args(argv)
     dsizes, gsizes = DecodeSizes(), GenerationSizes()
     if args.quick:
@@ -273,9 +317,11 @@ def main(argv=None) -> int:
             "- the machine is shared: compare ratios within this table only"
         )
         write_result(
-            f"cpu_decode_{today}{'_quick' if args.quick else ''}", title,
+            f"cpu_decode_{today}{'_quick' if args.quick else ''}",
+            title,
             f"{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n{check_lines}\n```",
             f"python benchmarks/bench_decode.py{' --quick' if args.quick else ''}",
+            chart=chart(decode, generation, gsizes),
         )
     return 0 if all(ok for ok, _ in checks) else 1
 

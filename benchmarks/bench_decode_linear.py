@@ -15,9 +15,8 @@ M in {1, 8, 32} (the decode batch).
   of a layer's weight in a decode step; then the same implementation runs once
   on a 16-row weight, untimed, to bring its code path (Python, dispatcher,
   kernel) back into cache, as the other layers of a step keep it. Without that
-  call the misses of the code path itself dominated the small layers (F.linear
-  on the 256 x 256 layer at M = 1: ~80 us instead of ~25 us). Only the linear
-  is timed.
+  call the misses of the code path itself dominated the small layers' times.
+  Only the linear is timed.
 
 Each figure is the median over repeats, with the two implementations
 alternating, so load from other processes hits them alike. GB/s counts the
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_lines, write_result  # noqa: E402
+from benchmarks.common import Panel, machine_lines, write_result  # noqa: E402
 from metalm_fast.ops.decode_linear import _kernel_available, decode_linear  # noqa: E402
 
 SHAPES = [
@@ -90,11 +89,33 @@ def time_layer(x, weight, bias, evict, repeats: dict[str, int]) -> dict[str, lis
     }
 
 
-def main() -> None:
+def chart(times: dict[str, dict[str, list[float]]]) -> list[Panel]:
+    """Per-layer time, F.linear against decode_linear, hot and cold (``times``: mode ->
+    {"cases": labels, "F.linear": seconds, "decode_linear": seconds})."""
+    return [
+        Panel(
+            f"{mode} weight",
+            "time per call (us)",
+            measured["cases"],
+            {name: [t * 1e6 for t in measured[name]] for name in ("decode_linear", "F.linear")},
+            ours="decode_linear",
+        )
+        for mode, measured in times.items()
+    ]
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--no-write", action="store_true", help="do not write results/")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not write results/ (table and chart)"
+    )
+    parser.add_argument(
+        "--out",
+        help="markdown file (default benchmarks/results/"
+        "cpu_decode_linear_<date>.md; --quick writes only here)",
+    )
+    args = parser.parse_args(argv)
     if not _kernel_available():
         sys.exit("metalm_fast._C has no _decode_linear_cpu: rebuild it (pip install -e .)")
     torch.set_num_threads(1)
@@ -109,6 +130,7 @@ def main() -> None:
     )
     lines = [header, "-" * len(header)]
     totals: dict[tuple[int, str], list[float]] = {}
+    per_layer: dict[str, dict[str, list]] = {}
     with torch.inference_mode():
         for rows in ROWS:
             for name, n, k in SHAPES:
@@ -119,6 +141,12 @@ def main() -> None:
                     total = totals.setdefault((rows, mode), [0.0, 0.0])
                     total[0] += times[0]
                     total[1] += times[1]
+                    measured = per_layer.setdefault(
+                        mode, {"cases": [], "F.linear": [], "decode_linear": []}
+                    )
+                    measured["cases"].append(f"{name} M={rows}")
+                    measured["F.linear"].append(times[0])
+                    measured["decode_linear"].append(times[1])
                     weight_bytes, flops = n * k * 4, 2 * rows * n * k
                     cells = " | ".join(
                         f"{t * 1e6:>{w}.1f} {weight_bytes / t / 1e9:>6.1f} {flops / t / 1e9:>7.1f}"
@@ -135,16 +163,19 @@ def main() -> None:
             f"  M={rows:<3} {mode:<5} F.linear {theirs * 1e6:8.1f} us   decode_linear "
             f"{ours * 1e6:8.1f} us   speedup {theirs / ours:5.2f}x"
         )
-    print("\n".join(lines[lines.index("\nall five layers (sum of medians):"):]))
-    if not args.no_write and not args.quick:
+    print("\n".join(lines[lines.index("\nall five layers (sum of medians):") :]))
+    if not args.no_write and (args.out or not args.quick):
         today = datetime.date.today().isoformat()
         write_result(
-            f"cpu_decode_linear_{today}", f"CPU decode_linear vs F.linear ({today})",
+            f"cpu_decode_linear_{today}",
+            f"CPU decode_linear vs F.linear ({today})",
             f"{machine_lines()}\n"
             f"- hot: the same weight every call; cold: a 64 MiB buffer summed before every call "
             f"(see the script's docstring); medians of {repeats['hot']} (hot) and "
             f"{repeats['cold']} (cold) alternating calls\n\n```\n" + "\n".join(lines) + "\n```",
             "python benchmarks/bench_decode_linear.py",
+            path=args.out,
+            chart=chart(per_layer),
         )
 
 

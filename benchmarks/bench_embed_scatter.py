@@ -16,7 +16,8 @@ Prints PASS/FAIL for the acceptance criteria: forward and forward+backward at
 least 1.5x the faster eager path, peak memory no higher.
 
 Usage: python benchmarks/bench_embed_scatter.py [--quick] [--no-write] [--out FILE.md]
-(writes benchmarks/results/cpu_embed_scatter_<date>.md unless --no-write or --quick).
+(writes benchmarks/results/cpu_embed_scatter_<date>.md and its .png chart unless --no-write
+or --quick; with --quick only to --out).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metalm_fast  # noqa: E402
-from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.common import Panel, cpu_model, write_result  # noqa: E402
 
 PATHS = ("hf", "kosmos", "ours")
 
@@ -143,13 +144,32 @@ def measure_peaks(args) -> dict[str, float]:
     return peaks
 
 
+def chart(times, peaks) -> list[Panel]:
+    """Forward and forward+backward time, and peak memory, ours against both eager paths."""
+    order = ("ours", "kosmos", "hf")
+    return [
+        Panel(
+            "time",
+            "time (ms)",
+            ["forward", "forward + backward"],
+            {path: [times[path]["fwd_ms"], times[path]["fwd_bwd_ms"]] for path in order},
+            ours="ours",
+        ),
+        Panel(
+            "peak memory",
+            "MiB over the inputs",
+            ["forward + backward"],
+            {path: [peaks[path]] for path in order},
+            ours="ours",
+        ),
+    ]
+
+
 def render(args, times, peaks) -> tuple[str, bool]:
     eager_fwd = min(times["hf"]["fwd_ms"], times["kosmos"]["fwd_ms"])
     eager_fb = min(times["hf"]["fwd_bwd_ms"], times["kosmos"]["fwd_bwd_ms"])
     eager_peak = min(peaks["hf"], peaks["kosmos"])
     lines = [
-        f"# embed_scatter CPU benchmark ({datetime.date.today()})",
-        "",
         f"T={args.tokens}, Dm={args.width}, V={args.vocab}, features {args.fraction:.0%}, fp32, "
         f"scale {args.scale}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{cpu_model()}",
@@ -196,9 +216,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(
         "--out",
-        help="markdown file for the table (default benchmarks/results/cpu_embed_scatter_<date>.md)",
+        help="markdown file for the table (default benchmarks/results/cpu_embed_scatter_<date>.md;"
+        " --quick writes only here)",
     )
-    parser.add_argument("--no-write", action="store_true", help="only print the table")
+    parser.add_argument("--no-write", action="store_true", help="only print the table (no chart)")
     parser.add_argument("--child-peak", dest="path", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.path:
@@ -209,16 +230,17 @@ def main(argv=None) -> int:
     times = measure_times(args)
     peaks = measure_peaks(args)
     table, ok = render(args, times, peaks)
-    print(table)
-    if not args.no_write and not args.quick:
-        results = Path(__file__).resolve().parent / "results"
-        out = (
-            Path(args.out)
-            if args.out
-            else results / f"cpu_embed_scatter_{datetime.date.today()}.md"
+    title = f"embed_scatter CPU benchmark ({datetime.date.today()})"
+    print(title, table, sep="\n\n")
+    if not args.no_write and (args.out or not args.quick):
+        write_result(
+            f"cpu_embed_scatter_{datetime.date.today()}",
+            title,
+            table,
+            "python benchmarks/bench_embed_scatter.py",
+            path=args.out,
+            chart=chart(times, peaks),
         )
-        out.write_text(table + "\n\nCommand: `python benchmarks/bench_embed_scatter.py`\n")
-        print(f"wrote {out}")
     return 0 if ok else 1
 
 

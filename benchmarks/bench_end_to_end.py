@@ -34,15 +34,14 @@ Threads: both paths run with the same intra-op thread count, 1 by default
 (``--threads 0``: torch's default). On a shared machine whose cores are busy
 with other processes, a second OpenMP thread turns every parallel region into
 a wait for a descheduled core, so step time then counts parallel regions rather
-than work. Measured here (2 cores, load average 2..4 from other processes):
-tiny preset greedy decode 1.0 ms/step fast and 0.74 HF-style with 1 thread, 23
-and 13 ms/step with 2; the small preset's full run with 2 threads took 10
-minutes (fast decode ~360 ms/step, against ~10 with 1 thread). On a dedicated
-machine use ``--threads 0``.
+than work: on a busy 2-core machine a decode step with 2 threads took many
+times as long as with 1, for both paths. On a dedicated machine use
+``--threads 0``.
 
 Usage: python benchmarks/bench_end_to_end.py [--quick] [--no-write] [--out FILE.md]
-(``--quick``: the tiny preset, small batches, ~15 s; writes
-benchmarks/results/cpu_end_to_end_<date>.md unless --no-write or --quick).
+(``--quick``: the tiny preset, small batches; writes
+benchmarks/results/cpu_end_to_end_<date>.md and its .png chart unless --no-write
+or --quick; with --quick only to --out).
 Importable: ``run(settings) -> list[Row]`` and ``render(rows, settings)``.
 """
 
@@ -69,7 +68,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_lines, write_result  # noqa: E402
+from benchmarks.common import Panel, machine_lines, write_result  # noqa: E402
 from benchmarks.hf_style import hf_style_generate, hf_style_loss  # noqa: E402
 from metalm_fast.data.collator import SemiCausalCollator, build_batch, pack_documents  # noqa: E402
 from metalm_fast.models import PRESETS, MetaLM  # noqa: E402
@@ -96,9 +95,20 @@ class Settings:
     threads: int = 1  # intra-op threads for both paths; 0: torch's default (see the docstring)
 
 
-QUICK = Settings(preset="tiny", token_budget=2048, doc_min=100, doc_max=800, micro_batches=2,
-                 repeats=2, prompts=4, serving_prompts=8, prompt_min=20, prompt_max=200,
-                 new_tokens=16, gen_repeats=2)
+QUICK = Settings(
+    preset="tiny",
+    token_budget=2048,
+    doc_min=100,
+    doc_max=800,
+    micro_batches=2,
+    repeats=2,
+    prompts=4,
+    serving_prompts=8,
+    prompt_min=20,
+    prompt_max=200,
+    new_tokens=16,
+    gen_repeats=2,
+)
 
 
 @dataclass
@@ -148,8 +158,9 @@ def prompt_batch(settings: Settings, vocab: int, count: int | None = None) -> li
     """``count`` (default ``settings.prompts``) prompts of uniform random lengths."""
     count = settings.prompts if count is None else count
     generator = torch.Generator().manual_seed(settings.seed + 1)
-    lengths = torch.randint(settings.prompt_min, settings.prompt_max + 1, (count,),
-                            generator=generator).tolist()
+    lengths = torch.randint(
+        settings.prompt_min, settings.prompt_max + 1, (count,), generator=generator
+    ).tolist()
     return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
@@ -174,8 +185,10 @@ def measure_training(settings: Settings, model, log) -> dict:
     with torch.no_grad():
         losses = {path: float(loss_fn(path)(model, batches[0])) for path in PATHS}
     relative = abs(losses["fast"] - losses["hf_style"]) / abs(losses["fast"])
-    log(f"training: {len(batches)} micro-batches, tokens {[b.input_ids.numel() for b in batches]}"
-        f", loss fast {losses['fast']:.6f} hf_style {losses['hf_style']:.6f}")
+    log(
+        f"training: {len(batches)} micro-batches, tokens {[b.input_ids.numel() for b in batches]}"
+        f", loss fast {losses['fast']:.6f} hf_style {losses['hf_style']:.6f}"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     for path in PATHS:  # first-call costs and the AdamW state, on a short batch
         train_step(model, optimizer, path, warm_up_batch(batches[0], settings))
@@ -187,8 +200,10 @@ def measure_training(settings: Settings, model, log) -> dict:
             begin = time.perf_counter()
             train_step(model, optimizer, path, batch)
             rates[path].append(batch.input_ids.numel() / (time.perf_counter() - begin))
-        log(f"  round {round_index}: " + ", ".join(
-            f"{path} {rates[path][-1]:.0f} tok/s" for path in PATHS))
+        log(
+            f"  round {round_index}: "
+            + ", ".join(f"{path} {rates[path][-1]:.0f} tok/s" for path in PATHS)
+        )
     batch = batches[0]
     return {
         "tokens_per_s": {path: statistics.median(values) for path, values in rates.items()},
@@ -239,15 +254,27 @@ def peak_memory_child(settings: Settings, path: str) -> None:
     optimizer.zero_grad(set_to_none=True)
     baseline = _release_and_reset_peak()
     train_step(model, optimizer, path, batch)
-    print(json.dumps({"peak_mib": (_proc_status_kib("VmHWM") - baseline) / 1024,
-                      "baseline_mib": baseline / 1024}))
+    print(
+        json.dumps(
+            {
+                "peak_mib": (_proc_status_kib("VmHWM") - baseline) / 1024,
+                "baseline_mib": baseline / 1024,
+            }
+        )
+    )
 
 
 def measure_peaks(settings: Settings) -> dict[str, dict]:
     peaks = {}
     for path in PATHS:
-        command = [sys.executable, str(Path(__file__).resolve()), "--child-peak", path,
-                   "--settings", json.dumps(dataclasses.asdict(settings))]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child-peak",
+            path,
+            "--settings",
+            json.dumps(dataclasses.asdict(settings)),
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         peaks[path] = json.loads(output.strip().splitlines()[-1])
     return peaks
@@ -263,8 +290,10 @@ def fast_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list
 def measure_generation(settings: Settings, model, log, count: int) -> dict:
     """Greedy generation of ``count`` prompts on both paths (alternating runs)."""
     prompts = prompt_batch(settings, model.config.vocab_size, count)
-    runners = {"fast": fast_generate,
-               "hf_style": lambda m, p, n: hf_style_generate(m, p, max_new_tokens=n)}
+    runners = {
+        "fast": fast_generate,
+        "hf_style": lambda m, p, n: hf_style_generate(m, p, max_new_tokens=n),
+    }
     model.eval()
     outputs = {}
     with torch.no_grad():
@@ -278,31 +307,43 @@ def measure_generation(settings: Settings, model, log, count: int) -> dict:
                     begin = time.perf_counter()
                     runners[path](model, prompts, new_tokens)
                     seconds.setdefault((path, new_tokens), []).append(time.perf_counter() - begin)
-            log(f"  generation ({count} prompts) repeat {repeat}: " + ", ".join(
-                f"{path} {seconds[(path, settings.new_tokens)][-1]:.2f} s"
-                f" (1 token: {seconds[(path, 1)][-1]:.2f} s)" for path in PATHS))
+            log(
+                f"  generation ({count} prompts) repeat {repeat}: "
+                + ", ".join(
+                    f"{path} {seconds[(path, settings.new_tokens)][-1]:.2f} s"
+                    f" (1 token: {seconds[(path, 1)][-1]:.2f} s)"
+                    for path in PATHS
+                )
+            )
     model.train()
     median = {key: statistics.median(values) for key, values in seconds.items()}
     count, new = len(prompts), settings.new_tokens
-    pairs = [(a, b) for fast, hf in zip(outputs["fast"], outputs["hf_style"])
-             for a, b in zip(fast, hf)]
+    pairs = [
+        (a, b) for fast, hf in zip(outputs["fast"], outputs["hf_style"]) for a, b in zip(fast, hf)
+    ]
     lengths_equal = [len(a) for a in outputs["fast"]] == [len(b) for b in outputs["hf_style"]]
-    result = {"matching_tokens": sum(a == b for a, b in pairs) if lengths_equal else 0,
-              "generated_tokens": sum(map(len, outputs["fast"])),
-              "prompt_lengths": [len(p) for p in prompts], "tokens_per_s": {},
-              "decode_tokens_per_s": {}, "prefill_tokens_per_s": {}}
+    result = {
+        "matching_tokens": sum(a == b for a, b in pairs) if lengths_equal else 0,
+        "generated_tokens": sum(map(len, outputs["fast"])),
+        "prompt_lengths": [len(p) for p in prompts],
+        "tokens_per_s": {},
+        "decode_tokens_per_s": {},
+        "prefill_tokens_per_s": {},
+    }
     for path in PATHS:
         total, first = median[(path, new)], median[(path, 1)]
         result["tokens_per_s"][path] = count * new / total
         result["prefill_tokens_per_s"][path] = sum(map(len, prompts)) / first
-        result["decode_tokens_per_s"][path] = (count * (new - 1) / (total - first)
-                                               if total > first else float("nan"))
+        result["decode_tokens_per_s"][path] = (
+            count * (new - 1) / (total - first) if total > first else float("nan")
+        )
     return result
 
 
 # ----------------------------------------------------------------------------- report
-def _row(name, unit, values: dict, target=None, note="", lower_is_better=False,
-         criterion="") -> Row:
+def _row(
+    name, unit, values: dict, target=None, note="", lower_is_better=False, criterion=""
+) -> Row:
     fast, hf = values["fast"], values["hf_style"]
     ratio = hf / fast if lower_is_better else fast / hf
     return Row(name, unit, fast, hf, ratio, target, note, criterion)
@@ -317,19 +358,36 @@ def generation_rows(settings: Settings, count: int, generation: dict) -> list[Ro
     """The rows of one generation case (``count`` prompts)."""
     case = f"{count} prompts"
     return [
-        _row(f"generation (incl. prefill), {case}", "new tokens/s", generation["tokens_per_s"],
-             3.0, f"{case}, {settings.new_tokens} new tokens each, greedy",
-             criterion=f"generation >= 3x, {case} (new tokens/s incl. prefill vs HF-style)"),
-        Row(f"greedy tokens identical, {case}", "tokens", generation["generated_tokens"],
+        _row(
+            f"generation (incl. prefill), {case}",
+            "new tokens/s",
+            generation["tokens_per_s"],
+            3.0,
+            f"{case}, {settings.new_tokens} new tokens each, greedy",
+            criterion=f"generation >= 3x, {case} (new tokens/s incl. prefill vs HF-style)",
+        ),
+        Row(
+            f"greedy tokens identical, {case}",
+            "tokens",
+            generation["generated_tokens"],
             generation["matching_tokens"],
-            generation["matching_tokens"] / max(generation["generated_tokens"], 1), 1.0,
+            generation["matching_tokens"] / max(generation["generated_tokens"], 1),
+            1.0,
             "fast: tokens generated; hf_style: how many equal the fast path's",
-            f"fast and HF-style greedy generation produce the same tokens, {case}"),
-        _row(f"prefill (1 new token), {case}", "prompt tokens/s",
-             generation["prefill_tokens_per_s"],
-             note=f"prompt lengths {generation['prompt_lengths']}"),
-        _row(f"decode only, {case}", "new tokens/s", generation["decode_tokens_per_s"],
-             note=f"time({settings.new_tokens} tokens) - time(1 token)"),
+            f"fast and HF-style greedy generation produce the same tokens, {case}",
+        ),
+        _row(
+            f"prefill (1 new token), {case}",
+            "prompt tokens/s",
+            generation["prefill_tokens_per_s"],
+            note=f"prompt lengths {generation['prompt_lengths']}",
+        ),
+        _row(
+            f"decode only, {case}",
+            "new tokens/s",
+            generation["decode_tokens_per_s"],
+            note=f"time({settings.new_tokens} tokens) - time(1 token)",
+        ),
     ]
 
 
@@ -344,24 +402,39 @@ def run(settings: Settings | None = None, *, log=print) -> list[Row]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             training = measure_training(settings, model, log)
-            generations = {count: measure_generation(settings, model, log, count)
-                           for count in generation_cases(settings)}
+            generations = {
+                count: measure_generation(settings, model, log, count)
+                for count in generation_cases(settings)
+            }
         peaks = measure_peaks(dataclasses.replace(settings, threads=torch.get_num_threads()))
     finally:
         torch.set_num_threads(threads)
     log(f"peak memory: {peaks}")
-    train_note = (f"{len(training['tokens'])} micro-batches of {min(training['tokens'])}.."
-                  f"{max(training['tokens'])} tokens, {min(training['documents'])}.."
-                  f"{max(training['documents'])} documents; loss abs(fast - hf) / fast = "
-                  f"{training['loss_relative_diff']:.1e}")
+    train_note = (
+        f"{len(training['tokens'])} micro-batches of {min(training['tokens'])}.."
+        f"{max(training['tokens'])} tokens, {min(training['documents'])}.."
+        f"{max(training['documents'])} documents; loss abs(fast - hf) / fast = "
+        f"{training['loss_relative_diff']:.1e}"
+    )
     rows = [
-        _row("training (fwd+bwd+AdamW)", "tokens/s", training["tokens_per_s"], 2.0, train_note,
-             criterion="training >= 2x the HF-style tokens/s"),
-        _row("training peak memory (one step)", "MiB over baseline",
-             {path: peaks[path]["peak_mib"] for path in PATHS}, 1.0 + 1e-9,
-             "fresh process per path; baseline: weights, AdamW state, batch "
-             f"({peaks['fast']['baseline_mib']:.0f} MiB RSS)", lower_is_better=True,
-             criterion="fast path training peak memory lower"),
+        _row(
+            "training (fwd+bwd+AdamW)",
+            "tokens/s",
+            training["tokens_per_s"],
+            2.0,
+            train_note,
+            criterion="training >= 2x the HF-style tokens/s",
+        ),
+        _row(
+            "training peak memory (one step)",
+            "MiB over baseline",
+            {path: peaks[path]["peak_mib"] for path in PATHS},
+            1.0 + 1e-9,
+            "fresh process per path; baseline: weights, AdamW state, batch "
+            f"({peaks['fast']['baseline_mib']:.0f} MiB RSS)",
+            lower_is_better=True,
+            criterion="fast path training peak memory lower",
+        ),
     ]
     for count, generation in generations.items():
         rows += generation_rows(settings, count, generation)
@@ -369,33 +442,77 @@ def run(settings: Settings | None = None, *, log=print) -> list[Row]:
 
 
 def render(rows: list[Row], settings: Settings) -> tuple[str, str]:
-    lines = ["| quantity | unit | fast | hf_style | fast vs hf_style | notes |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| quantity | unit | fast | hf_style | fast vs hf_style | notes |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row.name} | {row.unit} | {row.fast:,.1f} | {row.hf_style:,.1f} | "
-                     f"{row.ratio:.2f}x | {row.note} |")
+        lines.append(
+            f"| {row.name} | {row.unit} | {row.fast:,.1f} | {row.hf_style:,.1f} | "
+            f"{row.ratio:.2f}x | {row.note} |"
+        )
     config = PRESETS[settings.preset]
-    lines += ["", f"preset {settings.preset} (vocab {config.vocab_size}, decoder "
-              f"{config.decoder_layers}x{config.decoder_dim}, encoder {config.encoder_layers}x"
-              f"{config.encoder_dim}), fp32, intra-op threads: "
-              f"{settings.threads or torch.get_num_threads()}, both paths in one process; "
-              f"token budget {settings.token_budget}, documents "
-              f"{settings.doc_min}..{settings.doc_max} tokens (log-uniform), spans 64..128 "
-              f"(~25%); prompts {settings.prompt_min}..{settings.prompt_max} tokens"]
-    checks = [f"{'PASS' if row.passed else 'FAIL'}: {row.criterion}: {row.ratio:.2f}x"
-              for row in rows if row.target is not None]
+    lines += [
+        "",
+        f"preset {settings.preset} (vocab {config.vocab_size}, decoder "
+        f"{config.decoder_layers}x{config.decoder_dim}, encoder {config.encoder_layers}x"
+        f"{config.encoder_dim}), fp32, intra-op threads: "
+        f"{settings.threads or torch.get_num_threads()}, both paths in one process; "
+        f"token budget {settings.token_budget}, documents "
+        f"{settings.doc_min}..{settings.doc_max} tokens (log-uniform), spans 64..128 "
+        f"(~25%); prompts {settings.prompt_min}..{settings.prompt_max} tokens",
+    ]
+    checks = [
+        f"{'PASS' if row.passed else 'FAIL'}: {row.criterion}: {row.ratio:.2f}x"
+        for row in rows
+        if row.target is not None
+    ]
     return "\n".join(lines), "\n".join(checks)
+
+
+def chart(rows: list[Row], settings: Settings) -> list[Panel]:
+    """One panel per quantity (training, generation, prefill, decode, memory), its cases
+    (the prompt counts) side by side, fast against HF-style."""
+    grouped: dict[str, list[tuple[str, Row]]] = {}
+    for row in rows:
+        if row.unit == "tokens":  # the identical-tokens check: a count, not a speed
+            continue
+        quantity, _, case = row.name.partition(", ")
+        grouped.setdefault(quantity, []).append((case or f"preset {settings.preset}", row))
+    return [
+        Panel(
+            quantity,
+            items[0][1].unit,
+            [case for case, _ in items],
+            {
+                "fast": [row.fast for _, row in items],
+                "hf_style": [row.hf_style for _, row in items],
+            },
+            ours="fast",
+            lower_is_better="MiB" in items[0][1].unit,
+        )
+        for quantity, items in grouped.items()
+    ]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny preset, ~15 s")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, small batches")
     parser.add_argument("--repeats", type=int, default=None, help="timed training rounds")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads for both paths (default 1; 0: torch's default)")
-    parser.add_argument("--no-write", action="store_true", help="only print the table")
-    parser.add_argument("--out", help="markdown file (default benchmarks/results/"
-                                      "cpu_end_to_end_<date>.md)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for both paths (default 1; 0: torch's default)",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="only print the table (no markdown, no chart)"
+    )
+    parser.add_argument(
+        "--out",
+        help="markdown file (default benchmarks/results/"
+        "cpu_end_to_end_<date>.md; --quick writes only here)",
+    )
     parser.add_argument("--child-peak", dest="child_path", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -424,20 +541,31 @@ def main(argv=None) -> int:
         # The acceptance criteria are stated for the small preset; the tiny quick run is
         # dominated by per-call overhead and only shows the plumbing and the ratios.
         same_tokens = [line for line in checks.splitlines() if "same tokens" in line]
-        checks = "\n".join(same_tokens + [
-            "(--quick: tiny preset, speed ratios informational; the speed criteria apply to the "
-            "small preset: run without --quick, recorded in benchmarks/results/)"])
+        checks = "\n".join(
+            same_tokens
+            + [
+                "(--quick: tiny preset, speed ratios informational; the speed criteria apply to "
+                "the small preset: run without --quick, recorded in benchmarks/results/)"
+            ]
+        )
     print(title, table, checks, sep="\n\n")
     print(f"({time.perf_counter() - start:.0f} s)")
-    if not args.no_write and not args.quick:
-        machine = (f"{machine_lines()}\n- load average {load:.1f} at start\n"
-                   f"- training: median over {settings.repeats} alternating steps per path after "
-                   f"a warm-up step on a short batch; generation: median of "
-                   f"{settings.gen_repeats} alternating runs after a warm-up run\n"
-                   "- the machine is shared: compare ratios within this table only")
-        write_result(f"cpu_end_to_end_{today}", title,
-                     f"{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n{checks}\n```",
-                     "python benchmarks/bench_end_to_end.py", path=args.out)
+    if not args.no_write and (args.out or not args.quick):
+        machine = (
+            f"{machine_lines()}\n- load average {load:.1f} at start\n"
+            f"- training: median over {settings.repeats} alternating steps per path after "
+            f"a warm-up step on a short batch; generation: median of "
+            f"{settings.gen_repeats} alternating runs after a warm-up run\n"
+            "- the machine is shared: compare ratios within this table only"
+        )
+        write_result(
+            f"cpu_end_to_end_{today}",
+            title,
+            f"{machine}\n\n{table}\n\n## Acceptance criteria\n\n```\n{checks}\n```",
+            "python benchmarks/bench_end_to_end.py",
+            path=args.out,
+            chart=chart(rows, settings),
+        )
     judged = [row for row in rows if not args.quick or "identical" in row.name]
     return 0 if all(row.passed is not False for row in judged) else 1
 

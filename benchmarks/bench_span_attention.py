@@ -42,6 +42,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import (  # noqa: E402
     Case,
+    Panel,
     PracticalLimit,
     cpu_tile_stats,
     flex_mask_mod,
@@ -207,6 +208,23 @@ def render_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def chart(rows: list[Row]) -> list[Panel]:
+    """Forward and forward+backward time per case, the cpu backend against each peer."""
+    cases = list(dict.fromkeys(row["case"] for row in rows))
+    impls = list(dict.fromkeys(row["impl"] for row in rows))
+    by_key = {(row["case"], row["impl"]): row for row in rows}
+    return [
+        Panel(
+            title,
+            "time (ms)",
+            cases,
+            {impl: [by_key[case, impl][key] for case in cases] for impl in impls},
+            ours="cpu",
+        )
+        for title, key in (("forward", "fwd_ms"), ("forward + backward", "fb_ms"))
+    ]
+
+
 def criteria(extras: dict[str, dict]) -> list[tuple[bool, str]]:
     results = []
     for name, extra in extras.items():
@@ -276,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true", help="do not write the markdown copy")
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not write the markdown copy and chart"
+    )
     args = parser.parse_args(argv)
     total, doc_len = (1024, 256) if args.quick else (4096, 1024)
     args.repeats = args.repeats or (5 if args.quick else 9)
@@ -314,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
             "- the machine is shared: compare ratios within this table only"
         )
         write_result(
-            f"cpu_span_attention_{today}{suffix}", title,
+            f"cpu_span_attention_{today}{suffix}",
+            title,
             f"{machine}\n\n{table}\n\n{notes(extras)}\n\n"
             f"## Acceptance criteria\n\n```\n{check_lines}\n```",
             f"python benchmarks/bench_span_attention.py{suffix.replace('_', ' --')}",
+            chart=chart(rows),
         )
     return 0 if all(ok for ok, _ in checks) else 1
 

@@ -20,13 +20,14 @@ import platform
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.charts import Panel, draw_chart
 from metalm_fast import SpanMask
 
 # Mirrors the planner of csrc/cpu/span_attention_plan.h (kQueryRows, kKeyTile), for tile counts.
@@ -322,15 +323,27 @@ def machine_lines() -> str:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_result(stem: str, title: str, body: str, command: str, path: Path | None = None) -> Path:
+def write_result(
+    stem: str,
+    title: str,
+    body: str,
+    command: str,
+    path: Path | None = None,
+    *,
+    chart: Sequence[Panel],
+) -> Path:
     """Record a run: ``# title``, ``body``, then the command that reproduces it, in
-    benchmarks/results/<stem>.md (or ``path``); prints where it went."""
+    benchmarks/results/<stem>.md (or ``path``), and beside it <stem>.png, the chart
+    of ``chart``'s panels (benchmarks/charts.py); prints where they went."""
+    if not chart:
+        raise ValueError("write_result needs the chart's panels (benchmarks/charts.py Panel)")
     path = RESULTS / f"{stem}.md" if path is None else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# {title}\n\n{body}\n\nCommand: `{command}`\n")
+    picture = draw_chart(path.with_suffix(".png"), title, chart)
     try:
         shown = path.resolve().relative_to(RESULTS.parent.parent)
     except ValueError:  # a path outside the checkout
         shown = path
-    print(f"wrote {shown}")
+    print(f"wrote {shown} and {picture.name}")
     return path
