@@ -69,7 +69,7 @@ def _check_cu_seqlens(cu_seqlens, num_tokens: int | None) -> torch.Tensor:
 def _document_bounds(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: (start, end) of the sequence holding it. Zero-length sequences hold none."""
     # searchsorted, not repeat_interleave: the latter's intra-op parallel scan
-    # stalls for milliseconds on a busy 2-core machine, 100x its useful work.
+    # stalls whenever a core is busy, for far longer than its useful work.
     positions = torch.arange(int(cu[-1]), device=cu.device)
     sequence = torch.searchsorted(cu, positions, right=True) - 1
     return cu[sequence], cu[sequence + 1]

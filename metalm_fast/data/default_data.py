@@ -185,7 +185,7 @@ class DefaultData:
         self.image_budget = round(image_fraction * token_budget)
         self._check_caption_fits()
         self.digits = load_digits(digits_split)
-        # Encoded once (about 0.1 s for the whole corpus): the stream only slices lists.
+        # Encoded once, up front: the stream then only slices lists.
         self.text_documents = [
             [tokenizer.bos_id, *ids, tokenizer.eos_id]
             for ids in tokenizer.encode_batch(pydoc_documents(text_split))

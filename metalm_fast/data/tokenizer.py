@@ -9,8 +9,8 @@ any text. The four special tokens come first, with fixed ids::
 They are never produced by ``encode``: a literal "<image>" in the text is
 tokenised as ordinary characters, so text cannot forge an image placeholder.
 
-``load_tokenizer`` trains on the corpus's train split at first use (about
-0.1 s, deterministic: the same vocab size gives the same file byte for byte)
+``load_tokenizer`` trains on the corpus's train split at first use (quickly
+and deterministically: the same vocab size gives the same file byte for byte)
 and caches the result as ``<cache_dir>/tokenizer-bpe-<vocab_size>.json``. The
 cache is written to a temporary file and moved into place with ``os.replace``,
 so concurrent processes (torchrun ranks) never read a half-written file; if two
