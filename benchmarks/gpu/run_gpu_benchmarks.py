@@ -8,8 +8,8 @@ It installs nothing, stops starting new measurements once its budget
 (``--budget-s``, default 480 s = 8 minutes, including start-up) is nearly
 spent and prints every measurement it skipped; a watchdog ends the process at
 the budget, after writing what it has. Results are written after every case, as
-``gpu_bench_<gpu>_<date>.md`` and ``.json`` in ``--out`` (default
-benchmarks/results/).
+``gpu_bench_<gpu>_<date>.md``, ``.json`` and a ``.png`` chart of the span
+attention times in ``--out`` (default benchmarks/results/).
 
 Cases (T=16384 packed tokens, H=16 heads, D in {64, 128}, bf16):
 
@@ -591,7 +591,41 @@ def write_results(out_dir: Path, env: dict, settings: Settings, reports, tag: st
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(payload, indent=2, default=str))
     paths[1].write_text(markdown)
-    return paths
+    chart = write_chart(stem.with_suffix(".png"), f"GPU span attention ({gpu})", reports)
+    return paths + ([chart] if chart else [])
+
+
+def span_chart(reports: list[CaseReport]):
+    """Forward and forward+backward ms per case and head dim, ours against each peer."""
+    from benchmarks.charts import Panel
+
+    panels = []
+    for mode in ("fwd", "fwd+bwd"):
+        cases = [f"{report.case} D={report.head_dim}" for report in reports]
+        series: dict[str, list] = {}
+        for index, report in enumerate(reports):
+            for m in report.measurements:
+                if m.mode == mode:
+                    series.setdefault(m.implementation, [None] * len(reports))[index] = m.ms
+        if "ours" in series:
+            panels.append(Panel("forward" if mode == "fwd" else "forward + backward",
+                                "time (ms)", cases, series, ours="ours"))
+    return panels
+
+
+def write_chart(path: Path, title: str, reports: list[CaseReport]) -> Path | None:
+    """The PNG beside the .md (benchmarks/charts.py); None, with a note, when there is
+    nothing to draw or no matplotlib (this script installs nothing, and must never lose
+    its tables to a missing plotting library)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    try:
+        from benchmarks.charts import draw_chart
+    except ImportError as error:
+        print(f"no chart: {error}")
+        return None
+    panels = span_chart(reports)
+    return draw_chart(path, title, panels) if panels else None
 
 
 def load_suite(filename: str):
