@@ -104,8 +104,17 @@ class Settings:
 
 def dry_run_settings() -> Settings:
     """Tiny CPU sizes: plumbing only, no meaningful numbers."""
-    return Settings(num_tokens=512, num_heads=2, head_dims=(32,), dtype=torch.float32,
-                    device="cpu", span_range=(16, 32), compile_flex=False, warmup=1, repeats=2)
+    return Settings(
+        num_tokens=512,
+        num_heads=2,
+        head_dims=(32,),
+        dtype=torch.float32,
+        device="cpu",
+        span_range=(16, 32),
+        compile_flex=False,
+        warmup=1,
+        repeats=2,
+    )
 
 
 class Deadline:
@@ -174,9 +183,14 @@ def encoder_case(settings: Settings, generator) -> Case:
 
     lengths = _random_lengths(settings.num_tokens, *settings.span_range, generator)
     cu = _cu_seqlens(lengths, settings.device)
-    return Case("encoder", f"{len(lengths)} packed spans of {settings.span_range[0]}.."
-                f"{settings.span_range[1]} tokens, bidirectional",
-                cu, SpanMask.bidirectional(cu), causal=False)
+    return Case(
+        "encoder",
+        f"{len(lengths)} packed spans of {settings.span_range[0]}.."
+        f"{settings.span_range[1]} tokens, bidirectional",
+        cu,
+        SpanMask.bidirectional(cu),
+        causal=False,
+    )
 
 
 def decoder_case(settings: Settings, generator) -> Case:
@@ -184,8 +198,13 @@ def decoder_case(settings: Settings, generator) -> Case:
 
     doc_len = settings.num_tokens // settings.num_documents
     cu = _cu_seqlens([doc_len] * settings.num_documents, settings.device)
-    return Case("decoder", f"{settings.num_documents} documents of {doc_len} tokens, causal",
-                cu, SpanMask.causal(cu), causal=True)
+    return Case(
+        "decoder",
+        f"{settings.num_documents} documents of {doc_len} tokens, causal",
+        cu,
+        SpanMask.causal(cu),
+        causal=True,
+    )
 
 
 def semi_causal_case(settings: Settings, generator) -> Case:
@@ -199,9 +218,14 @@ def semi_causal_case(settings: Settings, generator) -> Case:
         starts += doc_starts
         ends += doc_ends
     covered = sum(e - s for s, e in zip(starts, ends, strict=True)) / settings.num_tokens
-    return Case("semi_causal", f"{settings.num_documents} documents of {doc_len} tokens, "
-                f"{len(starts)} spans covering {covered:.0%}, semi-causal",
-                cu, SpanMask.semi_causal(cu, starts, ends), causal=None)
+    return Case(
+        "semi_causal",
+        f"{settings.num_documents} documents of {doc_len} tokens, "
+        f"{len(starts)} spans covering {covered:.0%}, semi-causal",
+        cu,
+        SpanMask.semi_causal(cu, starts, ends),
+        causal=None,
+    )
 
 
 CASES: dict[str, Callable[[Settings, torch.Generator], Case]] = {
@@ -241,8 +265,9 @@ def flex_factory(case: Case, settings: Settings, timings: dict) -> Callable:
         return (kv_idx >= kv_start[q_idx]) & (kv_idx < kv_end[q_idx])
 
     start = time.perf_counter()
-    block_mask = create_block_mask(mask_mod, None, None, settings.num_tokens,
-                                   settings.num_tokens, device=settings.device)
+    block_mask = create_block_mask(
+        mask_mod, None, None, settings.num_tokens, settings.num_tokens, device=settings.device
+    )
     _sync(settings)
     timings["block_mask_ms"] = (time.perf_counter() - start) * 1e3
     attend = flex_attention
@@ -269,8 +294,9 @@ def flash_attn_factory(case: Case, settings: Settings, timings: dict) -> Callabl
         raise Unavailable(f"flash-attn not importable ({error})") from None
     cu = case.cu_seqlens.to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
-    return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len,
-                                                  causal=case.causal)
+    return lambda q, k, v: flash_attn_varlen_func(
+        q, k, v, cu, cu, max_len, max_len, causal=case.causal
+    )
 
 
 def sdpa_factory(case: Case, settings: Settings, timings: dict) -> Callable:
@@ -290,19 +316,25 @@ def sdpa_factory(case: Case, settings: Settings, timings: dict) -> Callable:
     if case.causal is None:  # dense per-document masks from the intervals
         for length, docs in groups.items():
             local = torch.arange(length, device=settings.device)
-            rows = [(case.mask.kv_start[bounds[d]:bounds[d] + length, None] - bounds[d] <= local)
-                    & (local < case.mask.kv_end[bounds[d]:bounds[d] + length, None] - bounds[d])
-                    for d in docs]
+            rows = [
+                (case.mask.kv_start[bounds[d] : bounds[d] + length, None] - bounds[d] <= local)
+                & (local < case.mask.kv_end[bounds[d] : bounds[d] + length, None] - bounds[d])
+                for d in docs
+            ]
             masks[length] = torch.stack(rows)[:, None]  # [B, 1, L, L]
-    index = {length: torch.tensor([bounds[d] for d in docs], device=settings.device)[:, None]
-             + torch.arange(length, device=settings.device) for length, docs in groups.items()}
+    index = {
+        length: torch.tensor([bounds[d] for d in docs], device=settings.device)[:, None]
+        + torch.arange(length, device=settings.device)
+        for length, docs in groups.items()
+    }
 
     def run(q, k, v):
         out = torch.empty_like(q)
         for length, rows in index.items():
             batch = [x[rows].transpose(1, 2) for x in (q, k, v)]  # [B, H, L, D]
             result = F.scaled_dot_product_attention(
-                *batch, attn_mask=masks.get(length), is_causal=bool(case.causal))
+                *batch, attn_mask=masks.get(length), is_causal=bool(case.causal)
+            )
             out[rows] = result.transpose(1, 2)
         return out
 
@@ -360,8 +392,10 @@ class Measurement:
 
 def _inputs(settings: Settings, head_dim: int, generator, requires_grad: bool):
     shape = (settings.num_tokens, settings.num_heads, head_dim)
-    tensors = [torch.randn(shape, generator=generator).to(settings.device, settings.dtype)
-               for _ in range(3)]
+    tensors = [
+        torch.randn(shape, generator=generator).to(settings.device, settings.dtype)
+        for _ in range(3)
+    ]
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
@@ -397,8 +431,11 @@ def check_against_reference(case, settings, head_dim, runners, generator) -> dic
     q, k, v = _inputs(settings, head_dim, generator, requires_grad=False)
     with torch.no_grad():
         expected = runners[REFERENCE_IMPLEMENTATION](q, k, v).float()
-        return {name: float((fn(q, k, v).float() - expected).abs().max())
-                for name, fn in runners.items() if name != REFERENCE_IMPLEMENTATION}
+        return {
+            name: float((fn(q, k, v).float() - expected).abs().max())
+            for name, fn in runners.items()
+            if name != REFERENCE_IMPLEMENTATION
+        }
 
 
 # ----------------------------------------------------------------------------- running
@@ -427,36 +464,55 @@ def _build_runners(case, settings, timings_by_impl, report: CaseReport) -> dict[
 
 
 def new_case_report(case: Case, settings: Settings, head_dim: int) -> CaseReport:
-    return CaseReport(case.name, case.description, head_dim, case.pairs, {
-        mode: roofline_ms(case, settings, head_dim, mode == "fwd+bwd")
-        for mode in ("fwd", "fwd+bwd")})
+    return CaseReport(
+        case.name,
+        case.description,
+        head_dim,
+        case.pairs,
+        {
+            mode: roofline_ms(case, settings, head_dim, mode == "fwd+bwd")
+            for mode in ("fwd", "fwd+bwd")
+        },
+    )
 
 
-def run_attention_case(case, settings, head_dim, deadline, generator,
-                       report: CaseReport) -> CaseReport:
+def run_attention_case(
+    case, settings, head_dim, deadline, generator, report: CaseReport
+) -> CaseReport:
     """Fill ``report`` in place, so a watchdog flush mid-case still writes what is done."""
     timings_by_impl: dict[str, dict] = {}
     runners = _build_runners(case, settings, timings_by_impl, report)
     for mode in ("fwd", "fwd+bwd"):
         for name, fn in runners.items():
             if not deadline.has_room():
-                report.measurements.append(Measurement(case.name, head_dim, name, mode,
-                                                       skipped="deadline"))
+                report.measurements.append(
+                    Measurement(case.name, head_dim, name, mode, skipped="deadline")
+                )
                 print(f"    {name} {mode}: skipped (deadline, {deadline.elapsed():.0f} s)")
                 continue
             try:
-                result = measure(name, fn, case, settings, head_dim, mode, generator,
-                                 timings_by_impl[name])
+                result = measure(
+                    name, fn, case, settings, head_dim, mode, generator, timings_by_impl[name]
+                )
             except NotImplementedError as error:  # e.g. flex backward on CPU: a known gap
-                result = Measurement(case.name, head_dim, name, mode,
-                                     skipped=f"unsupported: {error}"[:200])
+                result = Measurement(
+                    case.name, head_dim, name, mode, skipped=f"unsupported: {error}"[:200]
+                )
             except Exception as error:  # noqa: BLE001 - one failing peer must not end the run
-                result = Measurement(case.name, head_dim, name, mode,
-                                     skipped=f"error: {type(error).__name__}: {error}"[:300])
+                result = Measurement(
+                    case.name,
+                    head_dim,
+                    name,
+                    mode,
+                    skipped=f"error: {type(error).__name__}: {error}"[:300],
+                )
                 traceback.print_exc(limit=2)
             report.measurements.append(result)
-            status = (f"{result.ms:.3f} ms, {result.tflops:.4g} TFLOP/s" if result.ms is not None
-                      else result.skipped)
+            status = (
+                f"{result.ms:.3f} ms, {result.tflops:.4g} TFLOP/s"
+                if result.ms is not None
+                else result.skipped
+            )
             print(f"    {name} {mode}: {status}")
         if mode == "fwd" and deadline.has_room():  # after the first calls: compiles land there
             _check(report, case, settings, head_dim, runners, generator)
@@ -465,16 +521,22 @@ def run_attention_case(case, settings, head_dim, deadline, generator,
 
 def _check(report, case, settings, head_dim, runners, generator) -> None:
     try:
-        report.max_abs_diff_vs_flex = check_against_reference(case, settings, head_dim, runners,
-                                                              generator)
+        report.max_abs_diff_vs_flex = check_against_reference(
+            case, settings, head_dim, runners, generator
+        )
         print(f"    max |out - flex|: {report.max_abs_diff_vs_flex}")
     except Exception as error:  # noqa: BLE001 - a failed check is reported, the run goes on
         report.unavailable["correctness check"] = f"{type(error).__name__}: {error}"[:300]
         print(f"    correctness check failed: {error}")
 
 
-def run_attention(settings: Settings, deadline: Deadline, on_case_done,
-                  case_names: list[str], reports: list[CaseReport]) -> list[CaseReport]:
+def run_attention(
+    settings: Settings,
+    deadline: Deadline,
+    on_case_done,
+    case_names: list[str],
+    reports: list[CaseReport],
+) -> list[CaseReport]:
     """Run the cases in order, appending to ``reports`` (shared with the writers)."""
     for name in case_names:
         build = CASES[name]
@@ -482,8 +544,11 @@ def run_attention(settings: Settings, deadline: Deadline, on_case_done,
             generator = torch.Generator().manual_seed(settings.seed)
             if not deadline.has_room():
                 print(f"  {name} D={head_dim}: skipped (deadline)")
-                reports.append(CaseReport(name, "skipped (deadline)", head_dim, 0, {},
-                                          unavailable={"all": "deadline"}))
+                reports.append(
+                    CaseReport(
+                        name, "skipped (deadline)", head_dim, 0, {}, unavailable={"all": "deadline"}
+                    )
+                )
                 continue
             case = build(settings, generator)
             print(f"  {name} D={head_dim}: {case.description}, {case.pairs:,} allowed pairs")
@@ -495,8 +560,11 @@ def run_attention(settings: Settings, deadline: Deadline, on_case_done,
 
 #: Suites beyond attention: name -> file beside this script. Each module has
 #: run(deadline, device=, dtype=) -> rows (dataclasses) and to_markdown(rows).
-EXTRA_SUITES = {"decode": "decode_cases.py", "embed_scatter": "embed_scatter_cases.py",
-                "e2e": "e2e_cases.py"}
+EXTRA_SUITES = {
+    "decode": "decode_cases.py",
+    "embed_scatter": "embed_scatter_cases.py",
+    "e2e": "e2e_cases.py",
+}
 
 
 def run_extra_suite(name: str, settings: Settings, deadline: Deadline, results: dict) -> None:
@@ -519,9 +587,13 @@ SUITES = ("attention", *EXTRA_SUITES)
 
 # ----------------------------------------------------------------------------- output
 def environment(settings: Settings) -> dict:
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": settings.device}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": settings.device,
+    }
     if settings.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -545,20 +617,27 @@ def _ratio(ours: Measurement | None, peer: Measurement) -> str:
 
 
 def to_markdown(env: dict, settings: Settings, reports: list[CaseReport]) -> str:
-    lines = ["# GPU benchmark: span attention", "",
-             *(f"- {key}: {value}" for key, value in env.items()),
-             f"- sizes: T={settings.num_tokens}, H={settings.num_heads}, "
-             f"D={list(settings.head_dims)}, {str(settings.dtype).replace('torch.', '')}",
-             f"- roofline: H200 {H200_PEAK_BF16_TFLOPS:.0f} TFLOP/s bf16 dense, "
-             f"{H200_HBM_TBPS} TB/s HBM; FLOPs over allowed pairs, backward 2.5x forward",
-             "- speedup = peer ms / ours ms (> 1: ours is faster)", ""]
+    lines = [
+        "# GPU benchmark: span attention",
+        "",
+        *(f"- {key}: {value}" for key, value in env.items()),
+        f"- sizes: T={settings.num_tokens}, H={settings.num_heads}, "
+        f"D={list(settings.head_dims)}, {str(settings.dtype).replace('torch.', '')}",
+        f"- roofline: H200 {H200_PEAK_BF16_TFLOPS:.0f} TFLOP/s bf16 dense, "
+        f"{H200_HBM_TBPS} TB/s HBM; FLOPs over allowed pairs, backward 2.5x forward",
+        "- speedup = peer ms / ours ms (> 1: ours is faster)",
+        "",
+    ]
     for report in reports:
         lines += [f"## {report.case}, D={report.head_dim}", "", report.description, ""]
         if report.max_abs_diff_vs_flex:
             lines.append(f"max |out - flex|: {report.max_abs_diff_vs_flex}")
         lines += [f"unavailable: {name}: {why}" for name, why in report.unavailable.items()]
-        lines += ["", "| impl | mode | ms | TFLOP/s | speedup of ours | % of roofline | one-off |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| impl | mode | ms | TFLOP/s | speedup of ours | % of roofline | one-off |",
+            "|---|---|---|---|---|---|---|",
+        ]
         ours = {m.mode: m for m in report.measurements if m.implementation == "ours"}
         for m in report.measurements:
             if m.ms is None:
@@ -569,20 +648,25 @@ def to_markdown(env: dict, settings: Settings, reports: list[CaseReport]) -> str
                 f"| {m.implementation} | {m.mode} | {m.ms:.3f} | {m.tflops:.4g} | "
                 f"{_ratio(ours.get(m.mode), m) if m.implementation != 'ours' else '-'} | "
                 f"{100 * roof / m.ms:.0f}% | "
-                f"{_format_one_off(m.one_off)} |")
+                f"{_format_one_off(m.one_off)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, env: dict, settings: Settings, reports, tag: str,
-                  extra=None) -> list[Path]:
+def write_results(
+    out_dir: Path, env: dict, settings: Settings, reports, tag: str, extra=None
+) -> list[Path]:
     """Write the .json and .md; ``extra`` maps suite name -> (module, its rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = env.get("gpu", "cpu-dry-run")
     slug = "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
     stem = out_dir / f"gpu_bench_{slug}_{env['date'][:10]}{tag}"
-    payload = {"environment": env, "settings": {**asdict(settings), "dtype": str(settings.dtype)},
-               "cases": [asdict(report) for report in reports]}
+    payload = {
+        "environment": env,
+        "settings": {**asdict(settings), "dtype": str(settings.dtype)},
+        "cases": [asdict(report) for report in reports],
+    }
     markdown = to_markdown(env, settings, reports)
     for name, (module, rows) in (extra or {}).items():
         if rows:
@@ -608,8 +692,15 @@ def span_chart(reports: list[CaseReport]):
                 if m.mode == mode:
                     series.setdefault(m.implementation, [None] * len(reports))[index] = m.ms
         if "ours" in series:
-            panels.append(Panel("forward" if mode == "fwd" else "forward + backward",
-                                "time (ms)", cases, series, ours="ours"))
+            panels.append(
+                Panel(
+                    "forward" if mode == "fwd" else "forward + backward",
+                    "time (ms)",
+                    cases,
+                    series,
+                    ours="ours",
+                )
+            )
     return panels
 
 
@@ -646,6 +737,7 @@ def load_suite(filename: str):
 
 def _start_watchdog(budget_s: float, deadline: Deadline, flush: Callable[[], None]) -> None:
     """End the process at the budget even if one measurement hangs, after writing results."""
+
     def fire():
         print(f"watchdog: {budget_s:.0f} s budget spent; writing partial results and exiting")
         try:
@@ -660,21 +752,42 @@ def _start_watchdog(budget_s: float, deadline: Deadline, flush: Callable[[], Non
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results directory (default benchmarks/results/; a temp dir "
-                             "for --dry-run)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default benchmarks/results/; a temp dir for --dry-run)",
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="total time budget (s)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny CPU sizes, CPU-capable implementations: checks the plumbing")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="cases to run, in this order (default: all)")
-    parser.add_argument("--head-dims", nargs="+", type=int, default=None,
-                        help="head dims (default 64 128; 32 for --dry-run)")
-    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES),
-                        help="attention (span attention vs peers), decode (paged decode and "
-                             "KV append, decode_cases.py), embed_scatter (embed_scatter_cases.py),"
-                             " e2e (MetaLM fast path vs HF-style, e2e_cases.py); run in this "
-                             "order")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny CPU sizes, CPU-capable implementations: checks the plumbing",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="cases to run, in this order (default: all)",
+    )
+    parser.add_argument(
+        "--head-dims",
+        nargs="+",
+        type=int,
+        default=None,
+        help="head dims (default 64 128; 32 for --dry-run)",
+    )
+    parser.add_argument(
+        "--suites",
+        nargs="+",
+        choices=SUITES,
+        default=list(SUITES),
+        help="attention (span attention vs peers), decode (paged decode and "
+        "KV append, decode_cases.py), embed_scatter (embed_scatter_cases.py),"
+        " e2e (MetaLM fast path vs HF-style, e2e_cases.py); run in this "
+        "order",
+    )
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)
 
@@ -684,8 +797,11 @@ def main(argv=None) -> int:
     settings = dry_run_settings() if args.dry_run else Settings()
     if args.head_dims:
         settings = dataclasses.replace(settings, head_dims=tuple(args.head_dims))
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_bench_dry_")) if args.dry_run
-                           else REPO_ROOT / "benchmarks" / "results")
+    out_dir = args.out or (
+        Path(tempfile.mkdtemp(prefix="gpu_bench_dry_"))
+        if args.dry_run
+        else REPO_ROOT / "benchmarks" / "results"
+    )
     env = environment(settings)
     tag = "_dry_run" if args.dry_run else ""
     reports: list[CaseReport] = []
