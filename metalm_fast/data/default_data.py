@@ -163,9 +163,10 @@ class DefaultData:
 
     Example
     -------
-    >>> data = DefaultData(load_tokenizer(), tokens_per_image=16)   # doctest: +SKIP
-    >>> batch = next(data.micro_batches())                          # doctest: +SKIP
-    >>> batch.input_ids.numel(), batch.images.shape[1:]             # doctest: +SKIP
+    >>> from metalm_fast.data.tokenizer import load_tokenizer
+    >>> data = DefaultData(load_tokenizer(), tokens_per_image=16)
+    >>> batch = next(data.micro_batches())
+    >>> batch.input_ids.numel(), batch.images.shape[1:]
     (2048, torch.Size([1, 8, 8]))
     """
 

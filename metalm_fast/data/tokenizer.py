@@ -47,8 +47,8 @@ class Tokenizer:
 
     Example
     -------
-    >>> tokenizer = load_tokenizer(300)                           # doctest: +SKIP
-    >>> tokenizer.decode(tokenizer.encode("def f(): pass"))       # doctest: +SKIP
+    >>> tokenizer = load_tokenizer(300)
+    >>> tokenizer.decode(tokenizer.encode("def f(): pass"))
     'def f(): pass'
     """
 
