@@ -74,8 +74,11 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
     batch, heads, length, dim = x.shape
-    return x[:, :, None].expand(batch, heads, groups, length, dim).reshape(
-        batch, heads * groups, length, dim)
+    return (
+        x[:, :, None]
+        .expand(batch, heads, groups, length, dim)
+        .reshape(batch, heads * groups, length, dim)
+    )
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +95,13 @@ def mlp(module, x: torch.Tensor) -> torch.Tensor:
     return linear(module.down, F.gelu(hidden))
 
 
-def attention(module, x: torch.Tensor, position_ids: torch.Tensor | None, mask: torch.Tensor | None,
-              past: tuple[torch.Tensor, torch.Tensor] | None = None):
+def attention(
+    module,
+    x: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """HF-style self-attention with the weights of a SpanSelfAttention.
 
     x [B, L, Dm], position_ids [B, L], mask bool [B or 1, 1, L, L_past + L] or None.
@@ -104,8 +112,8 @@ def attention(module, x: torch.Tensor, position_ids: torch.Tensor | None, mask: 
     fused = linear(module.qkv, x)
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
     q = fused[..., :q_width].view(batch, length, heads, head_dim).transpose(1, 2)
-    k = fused[..., q_width:q_width + kv_width].view(batch, length, kv_heads, head_dim)
-    v = fused[..., q_width + kv_width:].view(batch, length, kv_heads, head_dim)
+    k = fused[..., q_width : q_width + kv_width].view(batch, length, kv_heads, head_dim)
+    v = fused[..., q_width + kv_width :].view(batch, length, kv_heads, head_dim)
     k, v = k.transpose(1, 2), v.transpose(1, 2)
     if module.rotary is not None:
         cos, sin = rotary_cos_sin(module.rotary.inv_freq, position_ids, x.dtype)
@@ -113,18 +121,29 @@ def attention(module, x: torch.Tensor, position_ids: torch.Tensor | None, mask: 
     if past is not None:  # the KV cache grows by concatenation, one copy per step
         k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
     groups = heads // kv_heads
-    out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
-                                         attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask
+    )
     return linear(module.out, out.transpose(1, 2).reshape(batch, length, q_width)), (k, v)
 
 
-def stack_forward(stack, x: torch.Tensor, position_ids: torch.Tensor | None,
-                  mask: torch.Tensor | None, past: list | None = None):
+def stack_forward(
+    stack,
+    x: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    past: list | None = None,
+):
     """A TransformerStack's blocks and final norm, HF-style. Returns (hidden, new cache)."""
     cache = []
     for index, block in enumerate(stack.blocks):
-        attended, kv = attention(block.attention, block.attention_norm(x), position_ids, mask,
-                                 None if past is None else past[index])
+        attended, kv = attention(
+            block.attention,
+            block.attention_norm(x),
+            position_ids,
+            mask,
+            None if past is None else past[index],
+        )
         x = x + attended
         x = x + mlp(block.mlp, block.mlp_norm(x))
         cache.append(kv)
@@ -211,8 +230,12 @@ def encode_images(model, batch) -> torch.Tensor | None:
     weight = encoder.patch_embedding.weight
     patch, channels = encoder.patch_size, encoder.image_channels
     kernel = weight.view(weight.shape[0], channels, patch, patch)
-    patches = F.conv2d(images.to(device=weight.device, dtype=weight.dtype), kernel,
-                       encoder.patch_embedding.bias, stride=patch)  # [I, Dv, S/p, S/p]
+    patches = F.conv2d(
+        images.to(device=weight.device, dtype=weight.dtype),
+        kernel,
+        encoder.patch_embedding.bias,
+        stride=patch,
+    )  # [I, Dv, S/p, S/p]
     hidden = patches.flatten(2).transpose(1, 2) + encoder.position_embedding  # [I, P, Dv]
     hidden, _ = stack_forward(encoder.transformer, hidden, None, None)
     return model.vision_connector(hidden.reshape(-1, hidden.shape[-1]))
@@ -268,8 +291,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     attention_mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         if prompt:
-            ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, longest - len(prompt):] = 1
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, longest - len(prompt) :] = 1
     return ids.to(device), attention_mask.to(device)
 
 
@@ -282,8 +305,14 @@ def prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hf_style_generate(model, prompts: list[list[int]], *, max_new_tokens: int,
-                      eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
+def hf_style_generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
     """Greedy decoding, HF-style: left padding, a KV cache grown by torch.cat, dense masks.
 
     Returns the new tokens of each prompt (a sequence stops after emitting ``eos_id``;

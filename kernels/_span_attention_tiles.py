@@ -25,8 +25,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rows(base, offs_t, offs_d, stride_t, num_rows, head_dim,
-               BOUNDS_T: tl.constexpr, EVEN_D: tl.constexpr):
+def _load_rows(
+    base, offs_t, offs_d, stride_t, num_rows, head_dim, BOUNDS_T: tl.constexpr, EVEN_D: tl.constexpr
+):
     """Load rows ``offs_t`` (x the head dim) of a [T, D] view; zeros outside it.
 
     ``BOUNDS_T=False`` is used where the caller already knows every row is in
@@ -38,8 +39,9 @@ def _load_rows(base, offs_t, offs_d, stride_t, num_rows, head_dim,
         if EVEN_D:
             tile = tl.load(ptrs, mask=offs_t[:, None] < num_rows, other=0.0)
         else:
-            tile = tl.load(ptrs, mask=(offs_t[:, None] < num_rows) & (offs_d[None, :] < head_dim),
-                           other=0.0)
+            tile = tl.load(
+                ptrs, mask=(offs_t[:, None] < num_rows) & (offs_d[None, :] < head_dim), other=0.0
+            )
     else:
         if EVEN_D:
             tile = tl.load(ptrs)
@@ -150,9 +152,26 @@ def _monotone_row_bounds(kv_start_ptr, kv_end_ptr, num_queries, n0, n1):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, row_start, row_end, offs_n, offs_d,
-              stride_kt, stride_vt, num_keys, head_dim, qk_scale,
-              MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    row_start,
+    row_end,
+    offs_n,
+    offs_d,
+    stride_kt,
+    stride_vt,
+    num_keys,
+    head_dim,
+    qk_scale,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """One key tile of the online softmax: acc, m_i (log2 domain), l_i updated.
 
     Only MASKED tiles can hold a row whose running max is still -inf (nothing
@@ -178,9 +197,27 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, row_start, row_end, offs_n, offs
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, row_start, row_end, offs_n, offs_d,
-             stride_kt, stride_vt, num_keys, head_dim, qk_scale,
-             MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    row_start,
+    row_end,
+    offs_n,
+    offs_d,
+    stride_kt,
+    stride_vt,
+    num_keys,
+    head_dim,
+    qk_scale,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """dq += dS K for one key tile, with P rebuilt from the saved lse (log2 domain)."""
     k = _load_rows(k_base, offs_n, offs_d, stride_kt, num_keys, head_dim, MASKED, EVEN_D)
     v = _load_rows(v_base, offs_n, offs_d, stride_vt, num_keys, head_dim, MASKED, EVEN_D)
@@ -195,9 +232,29 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, row_start, row_end, offs_n,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d,
-               row_start, row_end, stride_qt, stride_dot, num_queries, head_dim, qk_scale,
-               MASKED, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    offs_m,
+    offs_n,
+    offs_d,
+    row_start,
+    row_end,
+    stride_qt,
+    stride_dot,
+    num_queries,
+    head_dim,
+    qk_scale,
+    MASKED,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """dv += P^T dO and dk += dS^T Q for one query block, computed transposed ([keys, queries]).
 
     The transposed layout keeps the key tile as the M side of every dot, so k,

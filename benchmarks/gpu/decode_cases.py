@@ -104,9 +104,11 @@ class AppendCase:
 
 def cases(dry_run: bool) -> list:
     if dry_run:
-        return [DecodeCase("decode_uniform", (256,) * 4, 8, 2, 64),
-                DecodeCase("decode_long_short", (1024,) + (64,) * 3, 8, 2, 64),
-                AppendCase("append_decode_step", 4, 2, 64)]
+        return [
+            DecodeCase("decode_uniform", (256,) * 4, 8, 2, 64),
+            DecodeCase("decode_long_short", (1024,) + (64,) * 3, 8, 2, 64),
+            AppendCase("append_decode_step", 4, 2, 64),
+        ]
     return [
         DecodeCase("decode_uniform", (4096,) * 64, 32, 8, 128),
         DecodeCase("decode_long_short", (32768,) + (512,) * 63, 32, 8, 128),
@@ -169,8 +171,11 @@ def _flashinfer(inputs, backend):
     pages = [math.ceil(n / PAGE) for n in lengths]
     indptr = torch.tensor([0] + pages, device=q.device).cumsum(0).to(torch.int32)
     indices = torch.cat([table[b, :p] for b, p in enumerate(pages)]).to(torch.int32)
-    last = torch.tensor([n - (p - 1) * PAGE for n, p in zip(lengths, pages, strict=True)],
-                        dtype=torch.int32, device=q.device)
+    last = torch.tensor(
+        [n - (p - 1) * PAGE for n, p in zip(lengths, pages, strict=True)],
+        dtype=torch.int32,
+        device=q.device,
+    )
     workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=q.device)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
     layout = (indptr, indices, last, q.shape[1], k_cache.shape[2], q.shape[2], PAGE)
@@ -190,8 +195,9 @@ def _flash_attn(inputs, backend):
     k_big, big_table = repage(k_cache, table, lengths, FLASH_ATTN_PAGE)
     v_big, _ = repage(v_cache, table, lengths, FLASH_ATTN_PAGE)
     q4 = q[:, None]
-    return lambda: flash_attn_with_kvcache(q4, k_big, v_big, cache_seqlens=seq_lens,
-                                           block_table=big_table)[:, 0]
+    return lambda: flash_attn_with_kvcache(
+        q4, k_big, v_big, cache_seqlens=seq_lens, block_table=big_table
+    )[:, 0]
 
 
 def _sdpa(inputs, backend):
@@ -204,8 +210,12 @@ def _sdpa(inputs, backend):
     return lambda: F.scaled_dot_product_attention(q4, keys, values, enable_gqa=True)[:, :, 0]
 
 
-DECODE_IMPLEMENTATIONS = {"ours": _ours, "flashinfer": _flashinfer, "flash_attn": _flash_attn,
-                          "sdpa": _sdpa}
+DECODE_IMPLEMENTATIONS = {
+    "ours": _ours,
+    "flashinfer": _flashinfer,
+    "flash_attn": _flash_attn,
+    "sdpa": _sdpa,
+}
 
 
 # ----------------------------------------------------------------------------- append peers
@@ -237,19 +247,24 @@ def _measure(rows, case_name, name, factory, device, moved_bytes, check) -> None
         rows.append(DecodeRow(case_name, name, note=note))
         return
     gb_per_s = moved_bytes / (ms * 1e-3) / 1e9
-    rows.append(DecodeRow(case_name, name, ms, gb_per_s, 100 * gb_per_s / (HBM_TBPS * 1e3),
-                          check(fn)))
+    rows.append(
+        DecodeRow(case_name, name, ms, gb_per_s, 100 * gb_per_s / (HBM_TBPS * 1e3), check(fn))
+    )
 
 
 def run_decode_case(case: DecodeCase, device, dtype, rows, deadline, log) -> None:
     generator = torch.Generator().manual_seed(0)
-    k_cache, v_cache, table, seq_lens = paged_kv(case.lengths, case.kv_heads, case.head_dim, PAGE,
-                                                 dtype, device, generator)
+    k_cache, v_cache, table, seq_lens = paged_kv(
+        case.lengths, case.kv_heads, case.head_dim, PAGE, dtype, device, generator
+    )
     q = torch.randn(len(case.lengths), case.heads, case.head_dim, generator=generator)
     inputs = (q.to(device, dtype), k_cache, v_cache, table, seq_lens, list(case.lengths))
     element = torch.tensor([], dtype=dtype).element_size()
-    moved = (2 * sum(case.lengths) * case.kv_heads + 2 * len(case.lengths) * case.heads) \
-        * case.head_dim * element
+    moved = (
+        (2 * sum(case.lengths) * case.kv_heads + 2 * len(case.lengths) * case.heads)
+        * case.head_dim
+        * element
+    )
     backend = "triton" if device == "cuda" else "cpu"
     expected = _ours(inputs, backend)().float()
 
@@ -260,8 +275,9 @@ def run_decode_case(case: DecodeCase, device, dtype, rows, deadline, log) -> Non
         if deadline is not None and not deadline.has_room():
             rows.append(DecodeRow(case.name, name, note="skipped (deadline)"))
             continue
-        _measure(rows, case.name, name, lambda make=make: make(inputs, backend), device, moved,
-                 check)
+        _measure(
+            rows, case.name, name, lambda make=make: make(inputs, backend), device, moved, check
+        )
         log(f"  {case.name} {name}: {rows[-1].ms} ms {rows[-1].note}")
 
 
@@ -292,14 +308,25 @@ def run_append_case(case: AppendCase, device, dtype, rows, deadline, log) -> Non
         if deadline is not None and not deadline.has_room():
             rows.append(DecodeRow(case.name, name, note="skipped (deadline)"))
             continue
-        _measure(rows, case.name, name,
-                 lambda factory=factory: factory(k_cache, v_cache, k_new, v_new, slots),
-                 device, moved, check)
+        _measure(
+            rows,
+            case.name,
+            name,
+            lambda factory=factory: factory(k_cache, v_cache, k_new, v_new, slots),
+            device,
+            moved,
+            check,
+        )
         log(f"  {case.name} {name}: {rows[-1].ms} ms {rows[-1].note}")
 
 
-def run(deadline=None, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-        log: Callable[[str], None] = print) -> list[DecodeRow]:
+def run(
+    deadline=None,
+    *,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    log: Callable[[str], None] = print,
+) -> list[DecodeRow]:
     """Every case and implementation that fits the deadline; one row per measurement."""
     dry_run = device != "cuda"
     if dry_run:
@@ -312,18 +339,24 @@ def run(deadline=None, *, device: str = "cuda", dtype: torch.dtype = torch.bfloa
 
 
 def to_markdown(rows: list[DecodeRow], title: str = "Paged decode and KV append") -> str:
-    lines = [f"## {title}", "",
-             f"GB/s = bytes that must move / median time; % of the {HBM_TBPS} TB/s HBM peak. "
-             "max |diff|: decode against ours, append 0 = bit-exact.", "",
-             "| case | impl | ms | GB/s | % HBM | max abs diff | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "",
+        f"GB/s = bytes that must move / median time; % of the {HBM_TBPS} TB/s HBM peak. "
+        "max |diff|: decode against ours, append 0 = bit-exact.",
+        "",
+        "| case | impl | ms | GB/s | % HBM | max abs diff | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if row.ms is None:
             lines.append(f"| {row.case} | {row.implementation} | | | | | {row.note} |")
             continue
-        lines.append(f"| {row.case} | {row.implementation} | {row.ms:.4f} | "
-                     f"{row.gb_per_s:.1f} | {row.hbm_percent:.1f} | {row.max_abs_diff:.2e} | "
-                     f"{row.note} |")
+        lines.append(
+            f"| {row.case} | {row.implementation} | {row.ms:.4f} | "
+            f"{row.gb_per_s:.1f} | {row.hbm_percent:.1f} | {row.max_abs_diff:.2e} | "
+            f"{row.note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -350,7 +383,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(f"# GPU decode benchmark ({gpu})\n\n{to_markdown(rows)}")
     stem.with_suffix(".json").write_text(
-        json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+        json.dumps([dataclasses.asdict(row) for row in rows], indent=2)
+    )
     print(to_markdown(rows))
     print(f"wrote {stem}.md and .json")
     return 0

@@ -85,8 +85,14 @@ def _sync(device: torch.device) -> None:
 
 def _to_device(batch, device: torch.device):
     moved = {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch)}
-    return dataclasses.replace(batch, **{name: value.to(device) for name, value in moved.items()
-                                         if isinstance(value, torch.Tensor)})
+    return dataclasses.replace(
+        batch,
+        **{
+            name: value.to(device)
+            for name, value in moved.items()
+            if isinstance(value, torch.Tensor)
+        },
+    )
 
 
 def _model(sizes: Sizes, device: torch.device, dtype: torch.dtype):
@@ -94,8 +100,9 @@ def _model(sizes: Sizes, device: torch.device, dtype: torch.dtype):
 
     config = PRESETS[sizes.preset]
     if sizes.layers is not None:
-        config = dataclasses.replace(config, decoder_layers=sizes.layers,
-                                     encoder_layers=sizes.layers)
+        config = dataclasses.replace(
+            config, decoder_layers=sizes.layers, encoder_layers=sizes.layers
+        )
     torch.manual_seed(0)
     with torch.device(device):
         model = MetaLM(config)
@@ -120,8 +127,9 @@ def _training(model, sizes: Sizes, device, rows, deadline, log) -> None:
     from benchmarks.bench_end_to_end import Settings, loss_fn, train_step, training_batches
 
     settings = Settings(token_budget=sizes.token_budget, micro_batches=sizes.micro_batches)
-    batches = [_to_device(batch, device)
-               for batch in training_batches(settings, model.config.vocab_size)]
+    batches = [
+        _to_device(batch, device) for batch in training_batches(settings, model.config.vocab_size)
+    ]
     tokens = [batch.input_ids.numel() for batch in batches]
     with torch.no_grad():
         losses = {path: float(loss_fn(path)(model, batches[0])) for path in PATHS}
@@ -141,14 +149,29 @@ def _training(model, sizes: Sizes, device, rows, deadline, log) -> None:
     if all(rates.values()):
         fast, hf = (statistics.median(rates[path]) for path in PATHS)
         relative = abs(losses["fast"] - losses["hf_style"]) / abs(losses["fast"])
-        rows.append(E2ERow(device.type, "training (fwd+bwd+AdamW)", "tokens/s", fast, hf,
-                           fast / hf, f"{len(rates['fast'])} steps per path, micro-batches of "
-                           f"{min(tokens)}..{max(tokens)} tokens; loss abs(fast - hf) / fast = "
-                           f"{relative:.1e}"))
+        rows.append(
+            E2ERow(
+                device.type,
+                "training (fwd+bwd+AdamW)",
+                "tokens/s",
+                fast,
+                hf,
+                fast / hf,
+                f"{len(rates['fast'])} steps per path, micro-batches of "
+                f"{min(tokens)}..{max(tokens)} tokens; loss abs(fast - hf) / fast = "
+                f"{relative:.1e}",
+            )
+        )
         log(f"  e2e training: fast {fast:,.0f} tok/s, hf_style {hf:,.0f} tok/s")
     if device.type != "cuda":
-        rows.append(E2ERow(device.type, "training peak memory (one step)", "MiB",
-                           note="not measured on the CPU dry run"))
+        rows.append(
+            E2ERow(
+                device.type,
+                "training peak memory (one step)",
+                "MiB",
+                note="not measured on the CPU dry run",
+            )
+        )
         return
     peaks = {}
     for path in PATHS:
@@ -161,9 +184,17 @@ def _training(model, sizes: Sizes, device, rows, deadline, log) -> None:
         train_step(model, optimizer, path, batches[0])
         torch.cuda.synchronize()
         peaks[path] = (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    rows.append(E2ERow(device.type, "training peak memory (one step)", "MiB over baseline",
-                       peaks["fast"], peaks["hf_style"], peaks["hf_style"] / peaks["fast"],
-                       "max_memory_allocated - memory_allocated before the step"))
+    rows.append(
+        E2ERow(
+            device.type,
+            "training peak memory (one step)",
+            "MiB over baseline",
+            peaks["fast"],
+            peaks["hf_style"],
+            peaks["hf_style"] / peaks["fast"],
+            "max_memory_allocated - memory_allocated before the step",
+        )
+    )
 
 
 def _generation(model, sizes: Sizes, device, rows, deadline, log) -> None:
@@ -172,8 +203,9 @@ def _generation(model, sizes: Sizes, device, rows, deadline, log) -> None:
     from metalm_fast.data.collator import build_batch
     from metalm_fast.models.generation import generate
 
-    settings = Settings(prompts=sizes.prompts, prompt_min=sizes.prompt_min,
-                        prompt_max=sizes.prompt_max)
+    settings = Settings(
+        prompts=sizes.prompts, prompt_min=sizes.prompt_min, prompt_max=sizes.prompt_max
+    )
     prompts = prompt_batch(settings, model.config.vocab_size)
     packed = _to_device(build_batch(prompts, [], []), device)
     runners = {
@@ -194,24 +226,36 @@ def _generation(model, sizes: Sizes, device, rows, deadline, log) -> None:
     if all(seconds.values()):
         new = sizes.prompts * sizes.new_tokens
         fast, hf = (new / statistics.median(seconds[path]) for path in PATHS)
-        rows.append(E2ERow(device.type, "generation (incl. prefill)", "new tokens/s", fast, hf,
-                           fast / hf, f"{sizes.prompts} prompts of {sizes.prompt_min}.."
-                           f"{sizes.prompt_max} tokens, {sizes.new_tokens} new, greedy; "
-                           f"{'same tokens' if same else 'TOKENS DIFFER'}"))
+        rows.append(
+            E2ERow(
+                device.type,
+                "generation (incl. prefill)",
+                "new tokens/s",
+                fast,
+                hf,
+                fast / hf,
+                f"{sizes.prompts} prompts of {sizes.prompt_min}.."
+                f"{sizes.prompt_max} tokens, {sizes.new_tokens} new, greedy; "
+                f"{'same tokens' if same else 'TOKENS DIFFER'}",
+            )
+        )
         log(f"  e2e generation: fast {fast:,.0f} tok/s, hf_style {hf:,.0f} tok/s, same: {same}")
 
 
-def run(deadline=None, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-        log=print) -> list[E2ERow]:
+def run(
+    deadline=None, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, log=print
+) -> list[E2ERow]:
     """Training and generation rows; a CPU device is the dry run (tiny preset, fp32)."""
     device = torch.device(device)
     sizes = GPU_SIZES if device.type == "cuda" else DRY_RUN_SIZES
     if device.type != "cuda":
         dtype = torch.float32
     model, config = _model(sizes, device, dtype)
-    log(f"  e2e: preset {sizes.preset} (decoder {config.decoder_layers}x{config.decoder_dim}, "
+    log(
+        f"  e2e: preset {sizes.preset} (decoder {config.decoder_layers}x{config.decoder_dim}, "
         f"encoder {config.encoder_layers}x{config.encoder_dim}, vocab {config.vocab_size}), "
-        f"{str(dtype).replace('torch.', '')} on {device}")
+        f"{str(dtype).replace('torch.', '')} on {device}"
+    )
     rows: list[E2ERow] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -228,15 +272,18 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
 
 
-def to_markdown(rows: list[E2ERow], title: str = "End-to-end MetaLM: fast path vs HF-style"
-                ) -> str:
+def to_markdown(rows: list[E2ERow], title: str = "End-to-end MetaLM: fast path vs HF-style") -> str:
     lines = [f"## {title}", ""]
     if any(row.device != "cuda" for row in rows):
         lines += ["CPU dry run (tiny preset, fp32): plumbing only; these are not GPU figures.", ""]
-    lines += ["| quantity | unit | fast | hf_style | fast vs hf_style | notes |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "| quantity | unit | fast | hf_style | fast vs hf_style | notes |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}x"
-        lines.append(f"| {row.quantity} | {row.unit} | {_number(row.fast)} | "
-                     f"{_number(row.hf_style)} | {ratio} | {row.note} |")
+        lines.append(
+            f"| {row.quantity} | {row.unit} | {_number(row.fast)} | "
+            f"{_number(row.hf_style)} | {ratio} | {row.note} |"
+        )
     return "\n".join(lines)

@@ -77,7 +77,8 @@ def _implementations(device):
         reason = unavailable_reason(backend, device)
         if reason is None:
             impls[backend] = lambda *a, b=backend, s=1.0: metalm_fast.embed_scatter(
-                *a, scale=s, backend=b)
+                *a, scale=s, backend=b
+            )
         else:
             print(f"  embed_scatter {backend}: skipped ({reason})")
     impls["hf"] = lambda *a, s=1.0: _eager("hf", *a, s)
@@ -119,11 +120,17 @@ def _run_case(name, tokens, width, vocab, device, dtype, rows, deadline):
         moved = _bytes(tokens, width, vocab, features.shape[0], element, with_backward)
         for impl, ms in timings.items():
             gbps = moved / ms / 1e6
-            rows.append(ScatterRow(
-                case=name, impl=impl, pass_name=pass_name, ms=ms, gbps=gbps,
-                hbm_share=gbps / HBM_PEAK_GBPS,
-                speedup_vs_eager=(eager / ms) if eager else None,
-            ))
+            rows.append(
+                ScatterRow(
+                    case=name,
+                    impl=impl,
+                    pass_name=pass_name,
+                    ms=ms,
+                    gbps=gbps,
+                    hbm_share=gbps / HBM_PEAK_GBPS,
+                    speedup_vs_eager=(eager / ms) if eager else None,
+                )
+            )
             print(f"  {name} {pass_name:7s} {impl:7s} {ms:8.3f} ms {gbps:8.1f} GB/s")
 
 
@@ -141,11 +148,16 @@ def run(deadline=None, *, device: str = "cuda", dtype: torch.dtype = torch.bfloa
 
 
 def to_markdown(rows: list[ScatterRow], title: str = "embed_scatter") -> str:
-    lines = [f"## {title}", "",
-             "| case | pass | impl | ms | GB/s | share of HBM peak | speedup vs faster eager |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "",
+        "| case | pass | impl | ms | GB/s | share of HBM peak | speedup vs faster eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         speedup = f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-"
-        lines.append(f"| {r.case} | {r.pass_name} | {r.impl} | {r.ms:.3f} | {r.gbps:.0f} | "
-                     f"{100 * r.hbm_share:.0f}% | {speedup} |")
+        lines.append(
+            f"| {r.case} | {r.pass_name} | {r.impl} | {r.ms:.3f} | {r.gbps:.0f} | "
+            f"{100 * r.hbm_share:.0f}% | {speedup} |"
+        )
     return "\n".join(lines)

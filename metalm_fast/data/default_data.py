@@ -63,14 +63,21 @@ def image_tokens(tokenizer: Tokenizer, tokens_per_image: int) -> list[int]:
 
 def caption_document(tokenizer: Tokenizer, caption: str, tokens_per_image: int) -> list[int]:
     """``<bos> I encode(" " + caption) <eos>``: a captioned image (one image)."""
-    return [tokenizer.bos_id, *image_tokens(tokenizer, tokens_per_image),
-            *tokenizer.encode(" " + caption), tokenizer.eos_id]
+    return [
+        tokenizer.bos_id,
+        *image_tokens(tokenizer, tokens_per_image),
+        *tokenizer.encode(" " + caption),
+        tokenizer.eos_id,
+    ]
 
 
 def vqa_prompt(tokenizer: Tokenizer, question: str, tokens_per_image: int) -> list[int]:
     """``<bos> I encode(" question: " + question + " answer:")``: what the model is given."""
-    return [tokenizer.bos_id, *image_tokens(tokenizer, tokens_per_image),
-            *tokenizer.encode(" question: " + question + " answer:")]
+    return [
+        tokenizer.bos_id,
+        *image_tokens(tokenizer, tokens_per_image),
+        *tokenizer.encode(" question: " + question + " answer:"),
+    ]
 
 
 def answer_tokens(tokenizer: Tokenizer, answer: str) -> list[int]:
@@ -78,11 +85,15 @@ def answer_tokens(tokenizer: Tokenizer, answer: str) -> list[int]:
     return tokenizer.encode(" " + answer)
 
 
-def vqa_document(tokenizer: Tokenizer, question: str, answer: str,
-                 tokens_per_image: int) -> list[int]:
+def vqa_document(
+    tokenizer: Tokenizer, question: str, answer: str, tokens_per_image: int
+) -> list[int]:
     """``vqa_prompt + answer_tokens + <eos>``: one VQA training document (one image)."""
-    return [*vqa_prompt(tokenizer, question, tokens_per_image),
-            *answer_tokens(tokenizer, answer), tokenizer.eos_id]
+    return [
+        *vqa_prompt(tokenizer, question, tokens_per_image),
+        *answer_tokens(tokenizer, answer),
+        tokenizer.eos_id,
+    ]
 
 
 def _epochs(size: int, rng: random.Random) -> Iterator[int]:
@@ -114,8 +125,9 @@ class _TextStream:
 class _CaptionStream:
     """Captioned digits in shuffled epochs; one that does not fit waits for the next batch."""
 
-    def __init__(self, tokenizer: Tokenizer, digits: DigitImages, tokens_per_image: int,
-                 rng: random.Random):
+    def __init__(
+        self, tokenizer: Tokenizer, digits: DigitImages, tokens_per_image: int, rng: random.Random
+    ):
         self._tokenizer, self._digits, self._tokens_per_image = tokenizer, digits, tokens_per_image
         self._rng = rng
         self._order = _epochs(len(digits), rng)
@@ -170,10 +182,20 @@ class DefaultData:
     (2048, torch.Size([1, 8, 8]))
     """
 
-    def __init__(self, tokenizer: Tokenizer, tokens_per_image: int, *, token_budget: int = 2048,
-                 image_fraction: float = 0.5, span_min: int = 64, span_max: int = 128,
-                 span_fraction: float = 0.25, seed: int = 0, digits_split: str = "train",
-                 text_split: str = "train"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        tokens_per_image: int,
+        *,
+        token_budget: int = 2048,
+        image_fraction: float = 0.5,
+        span_min: int = 64,
+        span_max: int = 128,
+        span_fraction: float = 0.25,
+        seed: int = 0,
+        digits_split: str = "train",
+        text_split: str = "train",
+    ):
         _check_tokens_per_image(tokens_per_image)
         if not isinstance(token_budget, int) or token_budget < 1:
             raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
@@ -197,7 +219,8 @@ class DefaultData:
             return
         longest = max(
             len(caption_document(self.tokenizer, text, self.tokens_per_image))
-            for label in range(10) for text in caption_variants(label)
+            for label in range(10)
+            for text in caption_variants(label)
         )
         if longest > self.image_budget:
             raise ValueError(
@@ -209,14 +232,19 @@ class DefaultData:
     def micro_batches(self) -> Iterator[SemiCausalBatch]:
         """Packed text + caption micro-batches, forever; the same sequence at every call."""
         text = _TextStream(self.text_documents, random.Random(f"text-{self.seed}"))
-        captions = _CaptionStream(self.tokenizer, self.digits, self.tokens_per_image,
-                                  random.Random(f"captions-{self.seed}"))
+        captions = _CaptionStream(
+            self.tokenizer,
+            self.digits,
+            self.tokens_per_image,
+            random.Random(f"captions-{self.seed}"),
+        )
         generator = torch.Generator().manual_seed(self.seed)
         while True:
             yield self._mixed_batch(text, captions, generator)
 
-    def _mixed_batch(self, text: _TextStream, captions: _CaptionStream,
-                     generator: torch.Generator) -> SemiCausalBatch:
+    def _mixed_batch(
+        self, text: _TextStream, captions: _CaptionStream, generator: torch.Generator
+    ) -> SemiCausalBatch:
         caption_docs: list[list[int]] = []
         rows: list[int] = []
         room = self.image_budget
@@ -231,16 +259,26 @@ class DefaultData:
             room -= len(text_docs[-1])
         # Text goes first so that spans sampled over the text pieces alone are already
         # absolute packed offsets, and can never reach a caption's placeholders.
-        starts, ends = sample_spans([len(doc) for doc in text_docs], span_min=self.span_min,
-                                    span_max=self.span_max, fraction=self.span_fraction,
-                                    generator=generator)
+        starts, ends = sample_spans(
+            [len(doc) for doc in text_docs],
+            span_min=self.span_min,
+            span_max=self.span_max,
+            fraction=self.span_fraction,
+            generator=generator,
+        )
         images = self.digits.images[rows] if rows else None
-        return build_batch(text_docs + caption_docs, starts, ends, images=images,
-                           image_token_id=self.tokenizer.image_id,
-                           tokens_per_image=self.tokens_per_image)
+        return build_batch(
+            text_docs + caption_docs,
+            starts,
+            ends,
+            images=images,
+            image_token_id=self.tokenizer.image_id,
+            tokens_per_image=self.tokens_per_image,
+        )
 
-    def vqa_micro_batches(self, split: str = "train", *,
-                          answer_only: bool = True) -> Iterator[SemiCausalBatch]:
+    def vqa_micro_batches(
+        self, split: str = "train", *, answer_only: bool = True
+    ) -> Iterator[SemiCausalBatch]:
         """Packed digit VQA documents (random task, random scan of ``split``), forever.
 
         Each micro-batch holds as many whole :func:`vqa_document` s as fit in
@@ -249,16 +287,21 @@ class DefaultData:
         otherwise every target except image placeholders is (the collator's rule).
         """
         digits = load_digits(split)
-        longest = max(len(vqa_document(self.tokenizer, task.question, answer,
-                                       self.tokens_per_image))
-                      for task in QUESTIONS for answer in task.candidates)
+        longest = max(
+            len(vqa_document(self.tokenizer, task.question, answer, self.tokens_per_image))
+            for task in QUESTIONS
+            for answer in task.candidates
+        )
         if longest > self.token_budget:
-            raise ValueError(f"token_budget {self.token_budget} cannot hold a VQA document "
-                             f"({longest} tokens); raise token_budget")
+            raise ValueError(
+                f"token_budget {self.token_budget} cannot hold a VQA document "
+                f"({longest} tokens); raise token_budget"
+            )
         return self._vqa_stream(digits, random.Random(f"vqa-{split}-{self.seed}"), answer_only)
 
-    def _vqa_stream(self, digits: DigitImages, rng: random.Random,
-                    answer_only: bool) -> Iterator[SemiCausalBatch]:
+    def _vqa_stream(
+        self, digits: DigitImages, rng: random.Random, answer_only: bool
+    ) -> Iterator[SemiCausalBatch]:
         items = (self._vqa_item(digits, row, rng) for row in _epochs(len(digits), rng))
         pending = next(items)
         while True:
@@ -271,9 +314,14 @@ class DefaultData:
 
     def _vqa_batch(self, group, digits: DigitImages, answer_only: bool) -> SemiCausalBatch:
         documents, rows, scored = zip(*group)
-        batch = build_batch(list(documents), [], [], images=digits.images[list(rows)],
-                            image_token_id=self.tokenizer.image_id,
-                            tokens_per_image=self.tokens_per_image)
+        batch = build_batch(
+            list(documents),
+            [],
+            [],
+            images=digits.images[list(rows)],
+            image_token_id=self.tokenizer.image_id,
+            tokens_per_image=self.tokens_per_image,
+        )
         if answer_only:
             keep = torch.tensor([flag for flags in scored for flag in flags], dtype=torch.bool)
             batch.labels = torch.where(keep, batch.labels, IGNORE_INDEX)

@@ -168,8 +168,9 @@ def _yes_no(condition: bool) -> str:
 QUESTIONS: tuple[DigitQuestion, ...] = (
     DigitQuestion("digit", "what digit is this?", str, tuple(str(d) for d in range(10))),
     DigitQuestion("even", "is it even?", lambda d: _yes_no(d % 2 == 0), ("yes", "no")),
-    DigitQuestion("greater_than_four", "is it greater than four?", lambda d: _yes_no(d > 4),
-                  ("yes", "no")),
+    DigitQuestion(
+        "greater_than_four", "is it greater than four?", lambda d: _yes_no(d > 4), ("yes", "no")
+    ),
 )
 
 

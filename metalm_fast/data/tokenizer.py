@@ -141,8 +141,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer(backend)
 
 
-def load_tokenizer(vocab_size: int = 1024, cache_dir: str | os.PathLike | None = None
-                   ) -> Tokenizer:
+def load_tokenizer(vocab_size: int = 1024, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The pydoc BPE tokenizer of ``vocab_size`` tokens, trained at first use and cached.
 
     Parameters

@@ -57,8 +57,9 @@ def _forward_triton(token_ids, weight, features, feature_index, scale):
     return embed_scatter_forward(token_ids, weight, features, feature_index, scale)
 
 
-def _backward_triton(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
-                     padding_idx):
+def _backward_triton(
+    grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
+):
     from metalm_fast.kernels.embed_scatter import embed_scatter_backward
 
     return embed_scatter_backward(
@@ -73,8 +74,9 @@ def _forward_cuda(token_ids, weight, features, feature_index, scale):
     )
 
 
-def _backward_cuda(grad_out, token_ids, feature_index, num_embeddings, num_features, scale,
-                   padding_idx):
+def _backward_cuda(
+    grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
+):
     cuda_extension()
     return torch.ops.metalm._embed_scatter_bwd_cuda(
         grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx

@@ -64,9 +64,7 @@ def _decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale):
     # seq_len (possible only with validate=False) reads no page past the table.
     capacity = block_table.shape[1] * k_cache.shape[1]
     lengths = seq_lens.to(torch.int64).clamp(0, capacity)
-    return reference.paged_decode_attention(
-        q, k_cache, v_cache, block_table, lengths, scale=scale
-    )
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_table, lengths, scale=scale)
 
 
 _DECODE = {"triton": _decode_triton, "cpu": _decode_cpu, "reference": _decode_reference}
@@ -102,8 +100,7 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale) -> None:
         raise ValueError(f"q is on {q.device} but k_cache is on {k_cache.device}")
     if q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(
-            f"q and k_cache must have the same head dim, got {q.shape[-1]} and "
-            f"{k_cache.shape[-1]}"
+            f"q and k_cache must have the same head dim, got {q.shape[-1]} and {k_cache.shape[-1]}"
         )
     check_head_dim(q.shape[-1], "q.shape[-1]")
     check_gqa_heads(q.shape[1], k_cache.shape[2], "q.shape[1]", "k_cache.shape[2]")
@@ -200,15 +197,25 @@ def paged_decode_attention(
     >>> paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens).shape
     torch.Size([2, 8, 64])
     """
-    resolved, scale = checked_decode_backend(q, k_cache, v_cache, block_table, seq_lens,
-                                             scale=scale, validate=validate, backend=backend)
-    return decode_unchecked(q, k_cache, v_cache, block_table.to(torch.int32),
-                            seq_lens.to(torch.int32), scale, resolved)
+    resolved, scale = checked_decode_backend(
+        q, k_cache, v_cache, block_table, seq_lens, scale=scale, validate=validate, backend=backend
+    )
+    return decode_unchecked(
+        q, k_cache, v_cache, block_table.to(torch.int32), seq_lens.to(torch.int32), scale, resolved
+    )
 
 
-def checked_decode_backend(q, k_cache, v_cache, block_table, seq_lens, *,
-                           scale: float | None = None, validate: bool = False,
-                           backend: str = "auto") -> tuple[str, float]:
+def checked_decode_backend(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    *,
+    scale: float | None = None,
+    validate: bool = False,
+    backend: str = "auto",
+) -> tuple[str, float]:
     """Every check of :func:`paged_decode_attention`; returns (backend, scale) for the call."""
     _check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale)
     if validate:
@@ -223,8 +230,9 @@ def checked_decode_backend(q, k_cache, v_cache, block_table, seq_lens, *,
     return resolved, float(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
-def decode_unchecked(q, k_cache, v_cache, block_table, seq_lens, scale: float,
-                     backend: str) -> torch.Tensor:
+def decode_unchecked(
+    q, k_cache, v_cache, block_table, seq_lens, scale: float, backend: str
+) -> torch.Tensor:
     """:func:`paged_decode_attention` without its checks: int32 ``block_table`` and
     ``seq_lens``, ``scale`` and ``backend`` from :func:`checked_decode_backend`.
 

@@ -187,7 +187,8 @@ def import_kernel_module(op: str):
     except ModuleNotFoundError:
         kernels_dir = REPO_ROOT / "kernels"
         spec = importlib.util.spec_from_file_location(
-            "metalm_fast.kernels", kernels_dir / "__init__.py",
+            "metalm_fast.kernels",
+            kernels_dir / "__init__.py",
             submodule_search_locations=[str(kernels_dir)],
         )
         if spec is None:
@@ -224,8 +225,11 @@ def _describe(config) -> dict:
     """A JSON-safe summary of a KernelConfig, for selection and the table."""
     pointer_types = [t for t in config.signature.values() if str(t).startswith("*")]
     return {
-        "op": config.op, "pass_name": config.pass_name, "arch": config.arch,
-        "kernel": _unwrap_jit(config.kernel).__name__, "label": config.label,
+        "op": config.op,
+        "pass_name": config.pass_name,
+        "arch": config.arch,
+        "kernel": _unwrap_jit(config.kernel).__name__,
+        "label": config.label,
         "dtype": pointer_types[0][1:] if pointer_types else "",
         "tile_size": sum(v for v in config.constexprs.values() if type(v) is int),
     }
@@ -253,8 +257,11 @@ def divisible_by_16(config) -> list[str]:
     """
     if "divisible_by_16" in config.extra:
         return list(config.extra["divisible_by_16"])
-    return [name for name, ty in config.signature.items()
-            if str(ty).startswith("*") or name.startswith("stride")]
+    return [
+        name
+        for name, ty in config.signature.items()
+        if str(ty).startswith("*") or name.startswith("stride")
+    ]
 
 
 def _compile_triton(config) -> Result:
@@ -267,21 +274,32 @@ def _compile_triton(config) -> Result:
     kernel = _unwrap_jit(config.kernel)
     expected = config.extra.get("tensor_core", EXPECTED_TENSOR_CORE.get(config.arch))
     result = Result(
-        op=config.op, pass_name=config.pass_name, kernel=kernel.__name__, label=config.label,
-        arch=config.arch, uses_matmul=config.uses_matmul, expected_tensor_core=expected,
+        op=config.op,
+        pass_name=config.pass_name,
+        kernel=kernel.__name__,
+        label=config.label,
+        arch=config.arch,
+        uses_matmul=config.uses_matmul,
+        expected_tensor_core=expected,
         note=str(config.extra.get("note") or ""),
     )
     start = time.perf_counter()
     try:
         attrs = config.extra.get("attrs") or {
             (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-            for name in divisible_by_16(config)}
-        source = ASTSource(fn=kernel, signature=config.signature,
-                           constexprs=config.constexprs, attrs=attrs)
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
-                   **config.extra.get("compile_options", {})}
-        compiled = triton.compile(source, target=GPUTarget("cuda", config.arch, 32),
-                                  options=options)
+            for name in divisible_by_16(config)
+        }
+        source = ASTSource(
+            fn=kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs
+        )
+        options = {
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+            **config.extra.get("compile_options", {}),
+        }
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", config.arch, 32), options=options
+        )
     except Exception as error:  # noqa: BLE001 - any compiler error is this config's verdict
         lines = [line for line in str(error).splitlines() if line.strip()] or [""]
         result.error = f"compile: {type(error).__name__}: {lines[-1].strip()[:200]}"
@@ -295,9 +313,17 @@ def _compile_triton(config) -> Result:
         cubin_path.write_bytes(compiled.asm["cubin"])
         # The flags of Triton's make_cubin, so the numbers are the shipped cubin's.
         fmad = [] if getattr(compiled.metadata, "enable_fp_fusion", True) else ["--fmad=false"]
-        command = [get_ptxas(config.arch).path, "-v", "-lineinfo", "--regAllocOptLevel=2", *fmad,
-                   f"--gpu-name={sm_arch_from_capability(config.arch)}", str(ptx_path),
-                   "-o", str(Path(tmp) / "reassembled.cubin")]
+        command = [
+            get_ptxas(config.arch).path,
+            "-v",
+            "-lineinfo",
+            "--regAllocOptLevel=2",
+            *fmad,
+            f"--gpu-name={sm_arch_from_capability(config.arch)}",
+            str(ptx_path),
+            "-o",
+            str(Path(tmp) / "reassembled.cubin"),
+        ]
         assembled = _run(command)
         usage = parse_ptxas_verbose(assembled.stderr + assembled.stdout).get(compiled.name)
         sass = _sass_counts(str(cubin_path))
@@ -331,8 +357,11 @@ def _source_digests(configs) -> dict[str, str]:
     what it measured.
     """
     directories = {Path(inspect.getsourcefile(_unwrap_jit(c.kernel).fn)).parent for c in configs}
-    paths = {Path(module.__file__) for module in list(sys.modules.values())
-             if getattr(module, "__file__", None) and Path(module.__file__).parent in directories}
+    paths = {
+        Path(module.__file__)
+        for module in list(sys.modules.values())
+        if getattr(module, "__file__", None) and Path(module.__file__).parent in directories
+    }
     digests = {}
     for path in sorted(paths):
         label = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
@@ -353,8 +382,14 @@ def worker_main(providers: Sequence[str]) -> int:
         configs += found
         notes += [note] if note else []
         errors += [error] if error else []
-    _emit({"listing": [_describe(c) for c in configs], "notes": notes, "errors": errors,
-           "tools": {**_tool_versions(), **_source_digests(configs)}})
+    _emit(
+        {
+            "listing": [_describe(c) for c in configs],
+            "notes": notes,
+            "errors": errors,
+            "tools": {**_tool_versions(), **_source_digests(configs)},
+        }
+    )
     for line in sys.stdin:
         index = int(line)
         result = _compile_triton(configs[index])
@@ -370,14 +405,19 @@ class _Worker:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "metalm_fast.tools.gpu_readiness", "--worker", *providers],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            text=True, bufsize=1, cwd=str(REPO_ROOT), env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            bufsize=1,
+            cwd=str(REPO_ROOT),
+            env=env,
         )
 
     def read(self) -> dict:
         for line in self.process.stdout:
             if line.startswith(_MARKER):
-                return json.loads(line[len(_MARKER):])
+                return json.loads(line[len(_MARKER) :])
         self.process.wait()
         self.stderr.seek(0)
         tail = self.stderr.read().strip().splitlines()[-3:]
@@ -447,19 +487,34 @@ def _drive(worker_slot: list, providers, env, work: queue.Queue, out: dict, log)
             message = worker_slot[0].compile(index)
             result = Result(**message["result"])
         except (RuntimeError, OSError) as error:  # died mid-config, or its pipe broke
-            result = Result(op=desc["op"], pass_name=desc["pass_name"], kernel=desc["kernel"],
-                            label=desc["label"], arch=desc["arch"], error=f"crashed: {error}")
+            result = Result(
+                op=desc["op"],
+                pass_name=desc["pass_name"],
+                kernel=desc["kernel"],
+                label=desc["label"],
+                arch=desc["arch"],
+                error=f"crashed: {error}",
+            )
             worker_slot[0].close()
             worker_slot[0] = _Worker(providers, env)
             worker_slot[0].read()  # its listing
         result.failures = check(result)
         out[index] = result
-        log(f"  [{len(out)}/{work.maxsize}] {result.kernel} {result.label} sm_{result.arch}: "
-            f"{result.status} ({result.compile_seconds:.1f} s)")
+        log(
+            f"  [{len(out)}/{work.maxsize}] {result.kernel} {result.label} sm_{result.arch}: "
+            f"{result.status} ({result.compile_seconds:.1f} s)"
+        )
 
 
-def collect_triton(providers, archs=(80, 90), jobs=2, name_filter=None, subset=False,
-                   no_cache=False, log: Callable[[str], None] = print):
+def collect_triton(
+    providers,
+    archs=(80, 90),
+    jobs=2,
+    name_filter=None,
+    subset=False,
+    no_cache=False,
+    log: Callable[[str], None] = print,
+):
     """Compile the selected Triton configs in ``jobs`` workers: (results, listing message)."""
     with tempfile.TemporaryDirectory(prefix="gpu_readiness_cache_") as cache_dir:
         env = worker_env(cache_dir if no_cache else None)
@@ -473,8 +528,10 @@ def collect_triton(providers, archs=(80, 90), jobs=2, name_filter=None, subset=F
             for index in selected:
                 work.put((index, listing[index]))
             out: dict[int, Result] = {}
-            threads = [threading.Thread(target=_drive, args=(slot, providers, env, work, out, log))
-                       for slot in slots]
+            threads = [
+                threading.Thread(target=_drive, args=(slot, providers, env, work, out, log))
+                for slot in slots
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -489,17 +546,40 @@ def compile_cuda_source(source: Path, arch: int, nvcc: str) -> list[Result]:
     """nvcc one .cu file for one arch; one Result per __global__ kernel in it."""
     with tempfile.TemporaryDirectory(prefix="gpu_readiness_nvcc_") as tmp:
         cubin = Path(tmp) / "out.cubin"
-        command = [nvcc, "-cubin", "-O3", "--use_fast_math", "-std=c++17",
-                   "-gencode", NVCC_GENCODE[arch], "-Xptxas", "-v",
-                   "-I", str(source.parent), str(source), "-o", str(cubin)]
+        command = [
+            nvcc,
+            "-cubin",
+            "-O3",
+            "--use_fast_math",
+            "-std=c++17",
+            "-gencode",
+            NVCC_GENCODE[arch],
+            "-Xptxas",
+            "-v",
+            "-I",
+            str(source.parent),
+            str(source),
+            "-o",
+            str(cubin),
+        ]
         start = time.perf_counter()
         built = _run(command)
         seconds = time.perf_counter() - start
         if built.returncode != 0:
             error = (built.stderr.strip().splitlines() or ["?"])[-1]
-            return [Result(op=source.stem, pass_name="cuda", kernel="-", label=source.name,
-                           arch=arch, source="cuda", error=f"nvcc: {error}",
-                           compile_seconds=seconds, failures=[f"nvcc: {error}"])]
+            return [
+                Result(
+                    op=source.stem,
+                    pass_name="cuda",
+                    kernel="-",
+                    label=source.name,
+                    arch=arch,
+                    source="cuda",
+                    error=f"nvcc: {error}",
+                    compile_seconds=seconds,
+                    failures=[f"nvcc: {error}"],
+                )
+            ]
         usage = parse_ptxas_verbose(built.stderr + built.stdout)
         sass = _sass_counts(str(cubin))
     names = _demangle(usage)
@@ -507,12 +587,18 @@ def compile_cuda_source(source: Path, arch: int, nvcc: str) -> list[Result]:
     for mangled, entry in usage.items():
         kernel, template = _short_name(names[mangled])
         result = Result(
-            op=source.stem, pass_name="cuda", kernel=kernel,
-            label=f"{source.name} {template}".strip(), arch=arch, source="cuda",
+            op=source.stem,
+            pass_name="cuda",
+            kernel=kernel,
+            label=f"{source.name} {template}".strip(),
+            arch=arch,
+            source="cuda",
             registers=entry.registers,
-            spill_stores=entry.spill_stores, spill_loads=entry.spill_loads,
+            spill_stores=entry.spill_stores,
+            spill_loads=entry.spill_loads,
             static_smem=entry.static_smem,
-            sass_tensor_core_count=sass.get(mangled), compile_seconds=seconds,
+            sass_tensor_core_count=sass.get(mangled),
+            compile_seconds=seconds,
             ptx_tensor_core="mma" if sass.get(mangled) else "none",
         )
         result.failures = check(result)
@@ -520,8 +606,9 @@ def compile_cuda_source(source: Path, arch: int, nvcc: str) -> list[Result]:
     return results
 
 
-def collect_cuda(sources: Sequence[Path], archs=(80, 90), name_filter=None,
-                 jobs: int = 2) -> list[Result]:
+def collect_cuda(
+    sources: Sequence[Path], archs=(80, 90), name_filter=None, jobs: int = 2
+) -> list[Result]:
     """nvcc every (source, arch) in ``jobs`` parallel compiler processes."""
     nvcc = find_nvcc()
     if nvcc is None:
@@ -538,9 +625,16 @@ def _source_serves(source: Path, op: str) -> bool:
     return op.startswith(source.stem) or source.stem.startswith(op)
 
 
-def collect(ops: Sequence[str] | None = None, archs: Sequence[int] = (80, 90), jobs: int = 2,
-            name_filter: str | None = None, subset: bool = False, cuda: bool = True,
-            no_cache: bool = False, log: Callable[[str], None] = print) -> Report:
+def collect(
+    ops: Sequence[str] | None = None,
+    archs: Sequence[int] = (80, 90),
+    jobs: int = 2,
+    name_filter: str | None = None,
+    subset: bool = False,
+    cuda: bool = True,
+    no_cache: bool = False,
+    log: Callable[[str], None] = print,
+) -> Report:
     """Compile and check every selected configuration; the Python entry point.
 
     Parameters
@@ -554,12 +648,16 @@ def collect(ops: Sequence[str] | None = None, archs: Sequence[int] = (80, 90), j
     no_cache : compile into a fresh Triton cache (honest compile times).
     """
     start = time.perf_counter()
-    results, listing = collect_triton(list(ops or OPS), archs, jobs, name_filter, subset,
-                                      no_cache, log)
+    results, listing = collect_triton(
+        list(ops or OPS), archs, jobs, name_filter, subset, no_cache, log
+    )
     notes, tools = listing["notes"], listing["tools"]
     if cuda:
-        sources = [source for source in sorted((REPO_ROOT / "csrc" / "cuda").glob("*.cu"))
-                   if ops is None or any(_source_serves(source, op) for op in ops)]
+        sources = [
+            source
+            for source in sorted((REPO_ROOT / "csrc" / "cuda").glob("*.cu"))
+            if ops is None or any(_source_serves(source, op) for op in ops)
+        ]
         nvcc = find_nvcc()
         if not sources:
             notes.append("no csrc/cuda/*.cu for these ops: no CUDA kernels to check")
@@ -576,24 +674,53 @@ def collect(ops: Sequence[str] | None = None, archs: Sequence[int] = (80, 90), j
 
 
 # ----------------------------------------------------------------------------- output
-_COLUMNS = ("op", "pass", "kernel", "configuration", "arch", "regs", "spill st/ld B",
-            "smem B (static+dyn)", "tensor cores", "compile s", "status")
+_COLUMNS = (
+    "op",
+    "pass",
+    "kernel",
+    "configuration",
+    "arch",
+    "regs",
+    "spill st/ld B",
+    "smem B (static+dyn)",
+    "tensor cores",
+    "compile s",
+    "status",
+)
 
 
 def _row(result: Result) -> list[str]:
     if result.error:
-        return [result.op, result.pass_name, result.kernel, result.label, f"sm_{result.arch}",
-                "-", "-", "-", "-", f"{result.compile_seconds:.1f}", result.status]
+        return [
+            result.op,
+            result.pass_name,
+            result.kernel,
+            result.label,
+            f"sm_{result.arch}",
+            "-",
+            "-",
+            "-",
+            "-",
+            f"{result.compile_seconds:.1f}",
+            result.status,
+        ]
     dynamic = "?" if result.dynamic_smem is None else str(result.dynamic_smem)
     sass_name = {"wgmma": "HGMMA", "mma": "HMMA"}.get(result.ptx_tensor_core, "MMA")
     tensor = result.ptx_tensor_core
     if result.sass_tensor_core_count:
         tensor += f" ({sass_name} x{result.sass_tensor_core_count})"
     return [
-        result.op, result.pass_name, result.kernel, result.label, f"sm_{result.arch}",
-        str(result.registers), f"{result.spill_stores}/{result.spill_loads}",
-        f"{result.shared_bytes} ({result.static_smem}+{dynamic})", tensor,
-        f"{result.compile_seconds:.1f}", result.status,
+        result.op,
+        result.pass_name,
+        result.kernel,
+        result.label,
+        f"sm_{result.arch}",
+        str(result.registers),
+        f"{result.spill_stores}/{result.spill_loads}",
+        f"{result.shared_bytes} ({result.static_smem}+{dynamic})",
+        tensor,
+        f"{result.compile_seconds:.1f}",
+        result.status,
     ]
 
 
@@ -601,8 +728,10 @@ def format_table(results: Sequence[Result]) -> str:
     """A fixed-width text table, one row per result."""
     rows = [list(_COLUMNS)] + [_row(result) for result in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -618,8 +747,9 @@ def _config_notes(results: Sequence[Result]) -> list[str]:
         return []
     lines = ["notes from shipped_configs():"]
     for note, kernels in covered.items():
-        where = ", ".join(f"{kernel} ({'/'.join(sorted(archs))})"
-                          for kernel, archs in kernels.items())
+        where = ", ".join(
+            f"{kernel} ({'/'.join(sorted(archs))})" for kernel, archs in kernels.items()
+        )
         lines.append(f"  {note}  [{where}]")
     return [*lines, ""]
 
@@ -637,28 +767,45 @@ def format_report(report: Report, command: str) -> str:
         f"wall time: {report.seconds:.1f} s",
         "",
     ]
-    footer = ["", *_config_notes(report.results),
-              *(f"note: {note}" for note in report.notes),
-              *(f"FAIL: {error}" for error in report.errors),
-              f"{len(report.results)} configurations, {len(report.results) - failed} OK, "
-              f"{failed} FAIL"]
+    footer = [
+        "",
+        *_config_notes(report.results),
+        *(f"note: {note}" for note in report.notes),
+        *(f"FAIL: {error}" for error in report.errors),
+        f"{len(report.results)} configurations, {len(report.results) - failed} OK, {failed} FAIL",
+    ]
     return "\n".join(header) + format_table(report.results) + "\n" + "\n".join(footer) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m metalm_fast.tools.gpu_readiness", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", nargs="+", default=None,
-                        help=f"ops to check (default: {' '.join(OPS)}) or module:function specs")
+        prog="python -m metalm_fast.tools.gpu_readiness", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        default=None,
+        help=f"ops to check (default: {' '.join(OPS)}) or module:function specs",
+    )
     parser.add_argument("--arch", nargs="+", type=int, default=[80, 90], choices=[80, 90])
     parser.add_argument("--jobs", type=int, default=2, help="compile worker processes")
-    parser.add_argument("--filter", dest="name_filter", default=None,
-                        help="only configs whose 'op pass kernel label sm_XX' contains this")
-    parser.add_argument("--representative", action="store_true",
-                        help="one config per op/pass/arch/dtype (the largest tiles)")
+    parser.add_argument(
+        "--filter",
+        dest="name_filter",
+        default=None,
+        help="only configs whose 'op pass kernel label sm_XX' contains this",
+    )
+    parser.add_argument(
+        "--representative",
+        action="store_true",
+        help="one config per op/pass/arch/dtype (the largest tiles)",
+    )
     parser.add_argument("--no-cuda", action="store_true", help="skip csrc/cuda/*.cu")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="compile into a fresh Triton cache (honest compile times)")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compile into a fresh Triton cache (honest compile times)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the report here")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -667,8 +814,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
 
-    report = collect(args.ops, args.arch, args.jobs, args.name_filter, args.representative,
-                     not args.no_cuda, args.no_cache)
+    report = collect(
+        args.ops,
+        args.arch,
+        args.jobs,
+        args.name_filter,
+        args.representative,
+        not args.no_cuda,
+        args.no_cache,
+    )
     command = "python -m metalm_fast.tools.gpu_readiness " + shlex.join(argv or sys.argv[1:])
     text = format_report(report, command.strip())
     print("\n" + text, end="")

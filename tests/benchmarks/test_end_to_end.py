@@ -28,23 +28,33 @@ def _model(variant="two_stack", seed=0) -> MetaLM:
 
 def _text_batch(seed=0):
     generator = torch.Generator().manual_seed(seed)
-    documents = [torch.randint(0, TINY.vocab_size, (n,), generator=generator).tolist()
-                 for n in (300, 90, 200, 7)]
+    documents = [
+        torch.randint(0, TINY.vocab_size, (n,), generator=generator).tolist()
+        for n in (300, 90, 200, 7)
+    ]
     return SemiCausalCollator(seed=seed)(documents)
 
 
 def _image_batch(seed=0):
     """Two documents with 16-token image placeholder runs and text spans beside them."""
     generator = torch.Generator().manual_seed(seed)
-    documents = [torch.randint(2, TINY.vocab_size, (n,), generator=generator).tolist()
-                 for n in (120, 90)]
+    documents = [
+        torch.randint(2, TINY.vocab_size, (n,), generator=generator).tolist() for n in (120, 90)
+    ]
     per_image = TINY.tokens_per_image
     for document, offset in ((0, 10), (1, 40)):
-        documents[document][offset:offset + per_image] = [IMAGE] * per_image
-    images = torch.rand(2, TINY.image_channels, TINY.image_size, TINY.image_size,
-                        generator=generator)
-    return build_batch(documents, [60, 125], [100, 150], images=images, image_token_id=IMAGE,
-                       tokens_per_image=per_image)
+        documents[document][offset : offset + per_image] = [IMAGE] * per_image
+    images = torch.rand(
+        2, TINY.image_channels, TINY.image_size, TINY.image_size, generator=generator
+    )
+    return build_batch(
+        documents,
+        [60, 125],
+        [100, 150],
+        images=images,
+        image_token_id=IMAGE,
+        tokens_per_image=per_image,
+    )
 
 
 def _loss_and_grads(model, loss_fn, batch):
@@ -57,10 +67,11 @@ def _loss_and_grads(model, loss_fn, batch):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("variant,make_batch", [("two_stack", _text_batch),
-                                                ("single_stack", _text_batch),
-                                                ("two_stack", _image_batch)],
-                         ids=["two_stack", "single_stack", "two_stack_images"])
+@pytest.mark.parametrize(
+    "variant,make_batch",
+    [("two_stack", _text_batch), ("single_stack", _text_batch), ("two_stack", _image_batch)],
+    ids=["two_stack", "single_stack", "two_stack_images"],
+)
 def test_hf_style_loss_and_gradients_equal_the_fast_path(variant, make_batch):
     batch = make_batch()
     assert batch.span_starts.numel() > 0
@@ -84,15 +95,18 @@ def test_hf_style_masks_are_the_span_masks():
     causal = SpanMask.causal(batch.cu_seqlens).to_dense()
     semi = SpanMask.semi_causal(batch.cu_seqlens, batch.span_starts, batch.span_ends).to_dense()
     assert torch.equal(packed_causal_mask(batch.cu_seqlens, total)[0, 0], causal)
-    semi_dense = packed_semi_causal_mask(batch.cu_seqlens, batch.span_starts, batch.span_ends,
-                                         total)
+    semi_dense = packed_semi_causal_mask(
+        batch.cu_seqlens, batch.span_starts, batch.span_ends, total
+    )
     assert torch.equal(semi_dense[0, 0], semi)
 
 
 def _prompts(seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, TINY.vocab_size, (n,), generator=generator).tolist()
-            for n in (5, 37, 1, 19, 64)]
+    return [
+        torch.randint(0, TINY.vocab_size, (n,), generator=generator).tolist()
+        for n in (5, 37, 1, 19, 64)
+    ]
 
 
 needs_generation = pytest.mark.skipif(
@@ -130,8 +144,11 @@ def test_quick_benchmark_runs_end_to_end(capsys):
     status = bench_end_to_end.main(["--quick", "--no-write", "--repeats", "1"])
     out = capsys.readouterr().out
     assert status == 0  # --quick judges only correctness (identical tokens), not speed
-    for line in ("training (fwd+bwd+AdamW)", "generation (incl. prefill)",
-                 "training peak memory (one step)"):
+    for line in (
+        "training (fwd+bwd+AdamW)",
+        "generation (incl. prefill)",
+        "training peak memory (one step)",
+    ):
         assert line in out
     assert "PASS: fast and HF-style greedy generation produce the same tokens" in out
 
@@ -145,8 +162,11 @@ def test_gpu_e2e_suite_dry_runs_on_cpu():
     spec.loader.exec_module(module)
     rows = module.run(None, device="cpu", log=lambda line: None)
     quantities = [row.quantity for row in rows]
-    assert quantities == ["training (fwd+bwd+AdamW)", "training peak memory (one step)",
-                          "generation (incl. prefill)"]
+    assert quantities == [
+        "training (fwd+bwd+AdamW)",
+        "training peak memory (one step)",
+        "generation (incl. prefill)",
+    ]
     assert all(row.device == "cpu" for row in rows)
     assert "same tokens" in rows[2].note
     assert "not GPU figures" in module.to_markdown(rows)

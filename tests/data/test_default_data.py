@@ -50,13 +50,21 @@ def _assert_same(a: SemiCausalBatch, b: SemiCausalBatch) -> None:
 def test_prompt_formats(tokenizer):
     bos, eos, image = tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_id
     assert image_tokens(tokenizer, 3) == [image] * 3
-    assert caption_document(tokenizer, "a 7.", 2) == [bos, image, image,
-                                                      *tokenizer.encode(" a 7."), eos]
+    assert caption_document(tokenizer, "a 7.", 2) == [
+        bos,
+        image,
+        image,
+        *tokenizer.encode(" a 7."),
+        eos,
+    ]
     prompt = vqa_prompt(tokenizer, "is it even?", 2)
     assert prompt == [bos, image, image, *tokenizer.encode(" question: is it even? answer:")]
     assert answer_tokens(tokenizer, "yes") == tokenizer.encode(" yes")
-    assert vqa_document(tokenizer, "is it even?", "yes", 2) == [*prompt, *answer_tokens(
-        tokenizer, "yes"), eos]
+    assert vqa_document(tokenizer, "is it even?", "yes", 2) == [
+        *prompt,
+        *answer_tokens(tokenizer, "yes"),
+        eos,
+    ]
     with pytest.raises(ValueError, match="tokens_per_image"):
         image_tokens(tokenizer, 0)
 
@@ -66,8 +74,9 @@ def test_stream_is_deterministic(tokenizer, data, batches):
     for a, b, c in zip(batches, again.micro_batches(), data.micro_batches()):
         _assert_same(a, b)
         _assert_same(a, c)
-    other = next(DefaultData(tokenizer, TOKENS_PER_IMAGE, token_budget=BUDGET,
-                             seed=2).micro_batches())
+    other = next(
+        DefaultData(tokenizer, TOKENS_PER_IMAGE, token_budget=BUDGET, seed=2).micro_batches()
+    )
     assert not torch.equal(other.input_ids, batches[0].input_ids)
 
 
@@ -113,8 +122,13 @@ def test_spans_stay_in_text_and_the_loss_follows_the_collator_rule(data, batches
 
 def test_text_pieces_rejoin_into_whole_corpus_documents(data, batches):
     tokenizer = data.tokenizer
-    stream = [token for batch in batches for d in _documents(batch)
-              if tokenizer.image_id not in d for token in d]
+    stream = [
+        token
+        for batch in batches
+        for d in _documents(batch)
+        if tokenizer.image_id not in d
+        for token in d
+    ]
     corpus = {tuple(document) for document in data.text_documents}
     whole = []
     for token in stream:
@@ -146,8 +160,9 @@ def test_bad_arguments_raise(tokenizer):
     with pytest.raises(ValueError, match="split"):
         DefaultData(tokenizer, TOKENS_PER_IMAGE, text_split="test")
     with pytest.raises(ValueError, match="token_budget"):
-        DefaultData(tokenizer, TOKENS_PER_IMAGE, token_budget=16,
-                    image_fraction=0.0).vqa_micro_batches()
+        DefaultData(
+            tokenizer, TOKENS_PER_IMAGE, token_budget=16, image_fraction=0.0
+        ).vqa_micro_batches()
 
 
 def test_vqa_stream_scores_only_answers(data):
@@ -181,5 +196,5 @@ def test_default_settings(tokenizer):
     data = DefaultData(tokenizer, tokens_per_image=16)
     batch = next(data.micro_batches())
     assert batch.input_ids.numel() == 2048
-    caption_tokens = int(sum(batch.cu_seqlens.diff()[-batch.images.shape[0]:]))
+    caption_tokens = int(sum(batch.cu_seqlens.diff()[-batch.images.shape[0] :]))
     assert 0.45 * 2048 <= caption_tokens <= 0.5 * 2048, "image_fraction is a share of tokens"

@@ -28,12 +28,13 @@ def _decode_problem(lengths, block_size, heads, kv_heads, head_dim, dtype=torch.
 
 def _check_decode(problem, num_splits, scale=0.2):
     q, k_cache, v_cache, table, seq_lens = problem
-    out = decode_kernels.paged_decode_attention_forward(q, k_cache, v_cache, table, seq_lens,
-                                                        scale, num_splits=num_splits)
-    golden = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(),
-                                              table, seq_lens, scale=scale)
-    baseline = reference.paged_decode_attention(q, k_cache, v_cache, table, seq_lens,
-                                                scale=scale)
+    out = decode_kernels.paged_decode_attention_forward(
+        q, k_cache, v_cache, table, seq_lens, scale, num_splits=num_splits
+    )
+    golden = reference.paged_decode_attention(
+        q.double(), k_cache.double(), v_cache.double(), table, seq_lens, scale=scale
+    )
+    baseline = reference.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, scale=scale)
     assert_within_tolerance(out, golden, baseline, f"out (num_splits={num_splits})")
     assert torch.all(out[seq_lens == 0] == 0)
 
@@ -69,14 +70,24 @@ def test_choose_splits():
 
 def test_launchers_use_only_shipped_configs():
     """Every (dtype, head dim) the launcher can meet maps to a config in shipped_configs()."""
-    shipped = {(c.pass_name, c.signature["q_ptr" if c.pass_name == "split" else "out_ptr"],
-                tuple(sorted(c.constexprs.items()))) for c in decode_kernels.shipped_configs()}
+    shipped = {
+        (
+            c.pass_name,
+            c.signature["q_ptr" if c.pass_name == "split" else "out_ptr"],
+            tuple(sorted(c.constexprs.items())),
+        )
+        for c in decode_kernels.shipped_configs()
+    }
     for dtype, name in decode_kernels._DTYPE_NAMES.items():
         for head_dim in range(16, 257, 8):
             block_d = decode_kernels._block_d(head_dim)
             tiles = decode_kernels._tiles(block_d, dtype)
-            split = {"BLOCK_H": decode_kernels.BLOCK_H, "BLOCK_N": tiles.block_n,
-                     "BLOCK_D": block_d, "DOT_PRECISION": decode_kernels._dot_precision(dtype)}
+            split = {
+                "BLOCK_H": decode_kernels.BLOCK_H,
+                "BLOCK_N": tiles.block_n,
+                "BLOCK_D": block_d,
+                "DOT_PRECISION": decode_kernels._dot_precision(dtype),
+            }
             merge = {"BLOCK_S": decode_kernels.MAX_SPLITS, "BLOCK_D": block_d}
             assert ("split", "*" + name, tuple(sorted(split.items()))) in shipped
             assert ("merge", "*" + name, tuple(sorted(merge.items()))) in shipped

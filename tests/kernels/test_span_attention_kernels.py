@@ -37,7 +37,7 @@ def _qkv(num_q, num_k, heads, kv_heads, head_dim, dtype, *, fused=False, seed=0)
     if fused:
         assert num_q == num_k
         qkv = torch.randn(num_q, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
-        return qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+        return qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
     q = torch.randn(num_q, heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(num_k, kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(num_k, kv_heads, head_dim, generator=gen).to(dtype)
@@ -226,8 +226,9 @@ def test_tile_walk_visits_exactly_the_needed_tiles(kind, monkeypatch):
         monkeypatch.setattr(kernels, name, counted)
     q, k, v = _qkv(num, num, heads, kv_heads, 32, torch.float16, seed=13)
     _check(q, k, v, mask, monotone=monotone)  # numerics too, so full tiles are checked
-    fwd, dq, dkdv = (kernels._select_config(p, torch.float16, 32, 80)
-                     for p in ("fwd", "bwd_dq", "bwd_dkdv"))
+    fwd, dq, dkdv = (
+        kernels._select_config(p, torch.float16, 32, 80) for p in ("fwd", "bwd_dq", "bwd_dkdv")
+    )
     assert calls["_fwd_tile"] == _expected_tile_calls(mask, fwd.block_m, fwd.block_n, heads)
     assert calls["_dq_tile"] == _expected_tile_calls(mask, dq.block_m, dq.block_n, heads)
     assert calls["_dkdv_tile"] == _expected_tile_calls(mask, dkdv.block_m, dkdv.block_n, heads)
@@ -312,7 +313,7 @@ def test_fp32_tf32x3_precision_meets_tolerance():
     mask = SpanMask.semi_causal(cu, [10], [60])
     q, k, v = _qkv(160, 160, 1, 1, 128, torch.float32, seed=10)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(11))
-    scale = 128 ** -0.5
+    scale = 128**-0.5
     q2, k2, v2, do2 = q[:, 0], k[:, 0], v[:, 0], do[:, 0]
     allowed = mask.to_dense()
     scores = (_tf32x3_matmul(q2, k2.T) * scale).masked_fill(~allowed, -math.inf)
@@ -321,13 +322,16 @@ def test_fp32_tf32x3_precision_meets_tolerance():
     delta = (do2 * out).sum(-1, keepdim=True)
     dscores = probs * (_tf32x3_matmul(do2, v2.T) - delta)
     emulated = [
-        out, _tf32x3_matmul(dscores, k2) * scale, _tf32x3_matmul(dscores.T, q2) * scale,
+        out,
+        _tf32x3_matmul(dscores, k2) * scale,
+        _tf32x3_matmul(dscores.T, q2) * scale,
         _tf32x3_matmul(probs.T, do2),
     ]
     golden = _reference(q, k, v, mask, do, None, torch.float64)
     baseline = _reference(q, k, v, mask, do, None, torch.float32)
-    for name, a, g, b in zip(("out", "dq", "dk", "dv"), emulated, golden[:1] + golden[2:],
-                             baseline[:1] + baseline[2:]):
+    for name, a, g, b in zip(
+        ("out", "dq", "dk", "dv"), emulated, golden[:1] + golden[2:], baseline[:1] + baseline[2:]
+    ):
         assert_within_tolerance(a[:, None], g, b, name)
 
 
@@ -361,8 +365,14 @@ def test_shipped_configs_cover_every_launch():
 def test_launcher_tiles_are_shipped(head_dim, dtype):
     """What a launcher would pick on each arch is one of the shipped configs."""
     shipped = {
-        (c.pass_name, c.arch, c.signature["q_ptr"], tuple(sorted(c.constexprs.items())),
-         c.num_warps, c.num_stages)
+        (
+            c.pass_name,
+            c.arch,
+            c.signature["q_ptr"],
+            tuple(sorted(c.constexprs.items())),
+            c.num_warps,
+            c.num_stages,
+        )
         for c in kernels.shipped_configs()
     }
     block_d = max(32, triton.next_power_of_2(head_dim))  # D < 32 runs padded to 32
@@ -370,8 +380,14 @@ def test_launcher_tiles_are_shipped(head_dim, dtype):
         for arch in (80, 90):
             tiles = kernels._select_config(pass_name, dtype, head_dim, arch)
             constexprs = kernels._constexprs(tiles, dtype, block_d, head_dim == block_d)
-            key = (pass_name, arch, "*" + kernels._DTYPE_NAMES[dtype],
-                   tuple(sorted(constexprs.items())), tiles.num_warps, tiles.num_stages)
+            key = (
+                pass_name,
+                arch,
+                "*" + kernels._DTYPE_NAMES[dtype],
+                tuple(sorted(constexprs.items())),
+                tiles.num_warps,
+                tiles.num_stages,
+            )
             assert key in shipped
 
 

@@ -24,10 +24,12 @@ def test_gpu_backends_match_reference(backend, dtype):
     feature_index = feature_index.cuda()
     weight = torch.randn(vocab, width, generator=generator).to(dtype).cuda().requires_grad_(True)
     features = torch.randn(300, width, generator=generator).to(dtype).cuda().requires_grad_(True)
-    out = embed_scatter(ids, weight, features, feature_index, scale=2.0, padding_idx=3,
-                        backend=backend)
-    assert torch.equal(out, reference.embed_scatter(ids, weight, features, feature_index,
-                                                    scale=2.0))
+    out = embed_scatter(
+        ids, weight, features, feature_index, scale=2.0, padding_idx=3, backend=backend
+    )
+    assert torch.equal(
+        out, reference.embed_scatter(ids, weight, features, feature_index, scale=2.0)
+    )
     grad_out = torch.randn(tokens, width, generator=generator).to(dtype).cuda()
     out.backward(grad_out)
     is_token = feature_index < 0
@@ -37,6 +39,7 @@ def test_gpu_backends_match_reference(backend, dtype):
     torch.testing.assert_close(weight.grad.double(), golden, rtol=1e-2, atol=1e-2)
     first = weight.grad.clone()
     weight.grad = None
-    embed_scatter(ids, weight, features, feature_index, scale=2.0, padding_idx=3,
-                  backend=backend).backward(grad_out)
+    embed_scatter(
+        ids, weight, features, feature_index, scale=2.0, padding_idx=3, backend=backend
+    ).backward(grad_out)
     assert torch.equal(weight.grad, first)

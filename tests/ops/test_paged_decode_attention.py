@@ -13,8 +13,9 @@ BACKENDS = ["reference", "cpu", "triton"]
 CPU_OP = "_paged_decode_attention_cpu"
 
 
-def _problem(lengths, block_size, heads, kv_heads, head_dim, dtype, seed=0, strided_q=False,
-             contiguous=False):
+def _problem(
+    lengths, block_size, heads, kv_heads, head_dim, dtype, seed=0, strided_q=False, contiguous=False
+):
     num_blocks, table = paged_layout(lengths, block_size, seed=seed, contiguous=contiguous)
     k_cache, v_cache = random_caches(num_blocks, block_size, kv_heads, head_dim, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 3)
@@ -27,10 +28,12 @@ def _problem(lengths, block_size, heads, kv_heads, head_dim, dtype, seed=0, stri
 
 
 def _check(backend, q, k_cache, v_cache, table, seq_lens, **kwargs):
-    out = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, validate=True,
-                                 backend=backend, **kwargs)
-    golden = reference.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(),
-                                              table, seq_lens, **kwargs)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, table, seq_lens, validate=True, backend=backend, **kwargs
+    )
+    golden = reference.paged_decode_attention(
+        q.double(), k_cache.double(), v_cache.double(), table, seq_lens, **kwargs
+    )
     baseline = reference.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, **kwargs)
     assert out.dtype == q.dtype and out.is_contiguous()
     assert_within_tolerance(out, golden, baseline, "out")
@@ -62,8 +65,16 @@ def test_long_sequence_splits(backend, block_size):
     # The cpu kernel's cases: query heads per score vector 1 (5), 2 (6), 4 (12), 8 (24:
     # three blocks), 16 (16, 32); head dims in registers (16, 32, 64, 128) or looped (80,
     # 40 -> 48); one kv head per query head (adjacent heads) or shared (GQA).
-    [(4, 4, 16), (6, 2, 80), (12, 4, 40), (2, 1, 128), (32, 1, 32), (5, 5, 32), (24, 24, 32),
-     (16, 4, 64)],
+    [
+        (4, 4, 16),
+        (6, 2, 80),
+        (12, 4, 40),
+        (2, 1, 128),
+        (32, 1, 32),
+        (5, 5, 32),
+        (24, 24, 32),
+        (16, 4, 64),
+    ],
 )
 def test_gqa_and_head_dims(backend, heads, kv_heads, head_dim):
     require_backend(backend, CPU_OP)
@@ -95,16 +106,26 @@ def test_one_query_head_per_kv_head(backend, block_size, dtype):
     "heads, kv_heads, head_dim",
     # The cpu kernel's register-resident step (Hq a power of two, Hq * D <= 256), adjacent
     # heads and GQA, 1 to 16 keys per score vector; (16, 16, 32) does not fit: tile step.
-    [(8, 8, 32), (8, 2, 32), (16, 16, 16), (16, 4, 16), (4, 1, 64), (2, 2, 128), (1, 1, 256),
-     (16, 16, 32)],
+    [
+        (8, 8, 32),
+        (8, 2, 32),
+        (16, 16, 16),
+        (16, 4, 16),
+        (4, 1, 64),
+        (2, 2, 128),
+        (1, 1, 256),
+        (16, 16, 32),
+    ],
 )
 def test_pages_in_order(backend, block_size, dtype, heads, kv_heads, head_dim):
     """Pages handed out in order, as a fresh cache does: the cpu kernel's tiles are
     contiguous runs of rows, which it streams with its register-resident step."""
     require_backend(backend, CPU_OP)
     lengths = [1, 2, 15, 16, 17, 33, 97, 700, 0]
-    _check(backend, *_problem(lengths, block_size, heads, kv_heads, head_dim, dtype, seed=8,
-                              contiguous=True))
+    _check(
+        backend,
+        *_problem(lengths, block_size, heads, kv_heads, head_dim, dtype, seed=8, contiguous=True),
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -113,11 +134,13 @@ def test_pages_in_order_then_scattered(backend):
     sequences: tiles of both kinds in one sequence, and a long one split across threads."""
     require_backend(backend, CPU_OP)
     lengths = [1000, 300, 45]
-    q, k_cache, v_cache, table, seq_lens = _problem(lengths, 16, 8, 8, 32, torch.float32,
-                                                    seed=9, contiguous=True)
+    q, k_cache, v_cache, table, seq_lens = _problem(
+        lengths, 16, 8, 8, 32, torch.float32, seed=9, contiguous=True
+    )
     tail = table[0, table.shape[1] // 2 :].clone()  # the second half of sequence 0's pages
-    table[0, table.shape[1] // 2 :] = tail[torch.randperm(len(tail), generator=torch.Generator()
-                                                          .manual_seed(9))]
+    table[0, table.shape[1] // 2 :] = tail[
+        torch.randperm(len(tail), generator=torch.Generator().manual_seed(9))
+    ]
     _check(backend, q, k_cache, v_cache, table, seq_lens)
 
 
@@ -126,8 +149,9 @@ def test_pages_in_order_then_scattered(backend):
 def test_non_contiguous_caches(backend, heads, kv_heads):
     """Caches sliced from a wider pool (every stride differs from a packed layout)."""
     require_backend(backend, CPU_OP)
-    q, k_cache, v_cache, table, seq_lens = _problem([45, 130, 3], 8, heads, kv_heads, 32,
-                                                    torch.float32, seed=7)
+    q, k_cache, v_cache, table, seq_lens = _problem(
+        [45, 130, 3], 8, heads, kv_heads, 32, torch.float32, seed=7
+    )
     wide = torch.randn(2, k_cache.shape[0], 8, kv_heads, 64)
     wide[0, :, :, :, 16:48], wide[1, :, :, :, 16:48] = k_cache, v_cache
     k_view, v_view = wide[0, ..., 16:48], wide[1, ..., 16:48]
@@ -150,7 +174,8 @@ def test_float64_and_bfloat16(backend):
     q, k_cache, v_cache, table, seq_lens = _problem([40, 0, 7], 16, 4, 2, 32, torch.float64)
     out = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend=backend)
     torch.testing.assert_close(
-        out, reference.paged_decode_attention(q, k_cache, v_cache, table, seq_lens))
+        out, reference.paged_decode_attention(q, k_cache, v_cache, table, seq_lens)
+    )
     _check(backend, *_problem([40, 0, 7], 16, 4, 2, 32, torch.bfloat16))
 
 

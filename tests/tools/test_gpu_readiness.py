@@ -50,8 +50,7 @@ def tiny_configs():
     from metalm_fast.kernels._config import KernelConfig
 
     @triton.jit
-    def tiny_matmul(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+    def tiny_matmul(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         inner = tl.arange(0, BK)
@@ -70,23 +69,47 @@ def tiny_configs():
     matmul_signature = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "K": "i32"}
     configs = []
     for arch in (80, 90):
-        configs.append(KernelConfig(
-            kernel=tiny_matmul, op="tiny", pass_name="fwd", arch=arch,
-            signature=matmul_signature, constexprs={"BM": 64, "BN": 64, "BK": 32},
-            num_warps=4, num_stages=2, label="bf16 64x64x32",
-        ))
+        configs.append(
+            KernelConfig(
+                kernel=tiny_matmul,
+                op="tiny",
+                pass_name="fwd",
+                arch=arch,
+                signature=matmul_signature,
+                constexprs={"BM": 64, "BN": 64, "BK": 32},
+                num_warps=4,
+                num_stages=2,
+                label="bf16 64x64x32",
+            )
+        )
         # 256x256 tiles, K=256, 4 stages: far over any per-block shared memory limit.
-        configs.append(KernelConfig(
-            kernel=tiny_matmul, op="tiny", pass_name="fwd", arch=arch,
-            signature=matmul_signature, constexprs={"BM": 256, "BN": 256, "BK": 256},
-            num_warps=8, num_stages=4, label="bf16 huge-smem",
-        ))
-        configs.append(KernelConfig(
-            kernel=tiny_copy, op="tiny", pass_name="copy", arch=arch,
-            signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "n": "i32"},
-            constexprs={"BLOCK": 1024}, num_warps=4, num_stages=1, uses_matmul=False,
-            label="fp32 BLOCK=1024",
-        ))
+        configs.append(
+            KernelConfig(
+                kernel=tiny_matmul,
+                op="tiny",
+                pass_name="fwd",
+                arch=arch,
+                signature=matmul_signature,
+                constexprs={"BM": 256, "BN": 256, "BK": 256},
+                num_warps=8,
+                num_stages=4,
+                label="bf16 huge-smem",
+            )
+        )
+        configs.append(
+            KernelConfig(
+                kernel=tiny_copy,
+                op="tiny",
+                pass_name="copy",
+                arch=arch,
+                signature={"src_ptr": "*fp32", "dst_ptr": "*fp32", "n": "i32"},
+                constexprs={"BLOCK": 1024},
+                num_warps=4,
+                num_stages=1,
+                uses_matmul=False,
+                label="fp32 BLOCK=1024",
+            )
+        )
     return configs
 
 
@@ -156,11 +179,24 @@ def test_ptx_tensor_core():
 
 def test_checks():
     base = dict(op="x", pass_name="fwd", kernel="k", label="l", uses_matmul=True)
-    good = gr.Result(arch=90, expected_tensor_core="wgmma", ptx_tensor_core="wgmma",
-                     static_smem=1024, dynamic_smem=227 * 1024 - 1024, **base)
+    good = gr.Result(
+        arch=90,
+        expected_tensor_core="wgmma",
+        ptx_tensor_core="wgmma",
+        static_smem=1024,
+        dynamic_smem=227 * 1024 - 1024,
+        **base,
+    )
     assert gr.check(good) == []
-    bad = gr.Result(arch=90, expected_tensor_core="wgmma", ptx_tensor_core="mma",
-                    spill_stores=8, static_smem=1024, dynamic_smem=227 * 1024, **base)
+    bad = gr.Result(
+        arch=90,
+        expected_tensor_core="wgmma",
+        ptx_tensor_core="mma",
+        spill_stores=8,
+        static_smem=1024,
+        dynamic_smem=227 * 1024,
+        **base,
+    )
     failures = gr.check(bad)
     assert len(failures) == 3, failures
     assert gr.check(gr.Result(arch=80, error="compile: boom", **base)) == ["compile: boom"]
@@ -235,8 +271,9 @@ def test_copy_kernel_needs_no_tensor_cores(tiny_report, arch):
 @needs_toolchain
 def test_compile_ignores_interpreter_flag(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    report = gr.collect(ops=[TINY], archs=(80,), jobs=1, name_filter="64x64x32", cuda=False,
-                        log=lambda line: None)
+    report = gr.collect(
+        ops=[TINY], archs=(80,), jobs=1, name_filter="64x64x32", cuda=False, log=lambda line: None
+    )
     assert [r.status for r in report.results] == ["OK"]
 
 
@@ -249,8 +286,9 @@ def test_missing_op_module_is_a_note_not_a_failure():
 
 @needs_toolchain
 def test_broken_provider_fails_the_run():
-    report = gr.collect(ops=[f"{__name__}:broken_configs"], jobs=1, cuda=False,
-                        log=lambda line: None)
+    report = gr.collect(
+        ops=[f"{__name__}:broken_configs"], jobs=1, cuda=False, log=lambda line: None
+    )
     assert not report.ok
     assert any("shipped_configs exploded" in error for error in report.errors)
 
