@@ -14,7 +14,7 @@ Entry point for benchmarks/gpu/run_gpu_benchmarks.py (shares its deadline)::
 ``deadline`` is anything with ``has_room() -> bool`` (run_gpu_benchmarks.Deadline);
 no measurement starts once it says no, and the skipped ones are listed. Or
 standalone: ``python benchmarks/gpu/decode_cases.py --out DIR [--budget-s S]
-[--dry-run]`` writes ``gpu_decode_<gpu>_<date>.md/.json``.
+[--dry-run]`` writes ``gpu_decode_<gpu>_<date>.md/.json/.png``.
 
 Cases (bf16, pages of 16 tokens drawn at random from a pool twice the size needed):
 
@@ -360,6 +360,42 @@ def to_markdown(rows: list[DecodeRow], title: str = "Paged decode and KV append"
     return "\n".join(lines) + "\n"
 
 
+def chart(rows: list[DecodeRow]):
+    """One panel of achieved GB/s per case, ours against each peer (benchmarks/charts.py)."""
+    from benchmarks.charts import Panel
+
+    cases = list(dict.fromkeys(row.case for row in rows))
+    series: dict[str, list] = {}
+    for row in rows:
+        values = series.setdefault(row.implementation, [None] * len(cases))
+        values[cases.index(row.case)] = row.gb_per_s
+    if "ours" not in series:
+        return []
+    return [
+        Panel(
+            "paged decode and KV append",
+            "achieved GB/s",
+            cases,
+            series,
+            ours="ours",
+            lower_is_better=False,
+        )
+    ]
+
+
+def write_chart(path: Path, title: str, rows: list[DecodeRow]) -> Path | None:
+    """The PNG beside the .md; None, with a note, without matplotlib or data to draw."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    try:
+        from benchmarks.charts import draw_chart
+    except ImportError as error:
+        print(f"no chart: {error}")
+        return None
+    panels = chart(rows)
+    return draw_chart(path, title, panels) if panels else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
@@ -385,8 +421,9 @@ def main(argv=None) -> int:
     stem.with_suffix(".json").write_text(
         json.dumps([dataclasses.asdict(row) for row in rows], indent=2)
     )
+    picture = write_chart(stem.with_suffix(".png"), f"GPU decode benchmark ({gpu})", rows)
     print(to_markdown(rows))
-    print(f"wrote {stem}.md and .json")
+    print(f"wrote {stem}.md, .json" + (" and .png" if picture else ""))
     return 0
 
 

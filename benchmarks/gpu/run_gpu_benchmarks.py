@@ -675,7 +675,8 @@ def write_results(
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(payload, indent=2, default=str))
     paths[1].write_text(markdown)
-    chart = write_chart(stem.with_suffix(".png"), f"GPU span attention ({gpu})", reports)
+    suites = [(module, rows) for module, rows in (extra or {}).values() if rows]
+    chart = write_chart(stem.with_suffix(".png"), f"GPU benchmarks ({gpu})", reports, suites)
     return paths + ([chart] if chart else [])
 
 
@@ -704,8 +705,9 @@ def span_chart(reports: list[CaseReport]):
     return panels
 
 
-def write_chart(path: Path, title: str, reports: list[CaseReport]) -> Path | None:
-    """The PNG beside the .md (benchmarks/charts.py); None, with a note, when there is
+def write_chart(path: Path, title: str, reports: list[CaseReport], suites=()) -> Path | None:
+    """The PNG beside the .md (benchmarks/charts.py): span attention, then the panels of
+    each (module, rows) suite whose module has ``chart(rows)``; None, with a note, when there is
     nothing to draw or no matplotlib (this script installs nothing, and must never lose
     its tables to a missing plotting library)."""
     if str(REPO_ROOT) not in sys.path:
@@ -716,6 +718,8 @@ def write_chart(path: Path, title: str, reports: list[CaseReport]) -> Path | Non
         print(f"no chart: {error}")
         return None
     panels = span_chart(reports)
+    for module, rows in suites:
+        panels += module.chart(rows) if hasattr(module, "chart") else []
     return draw_chart(path, title, panels) if panels else None
 
 
