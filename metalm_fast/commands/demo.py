@@ -56,10 +56,11 @@ SHADES = " .:-=+*#%@"
 CHANCE_NOTE = """\
 chance = 1 / (number of candidate answers of the task): the model's answer is the candidate
 it finds most likely, so guessing scores 10% on 'digit' (ten candidates) and 50% on the yes/no
-tasks. Before finetuning, a model this small, pretrained for a few minutes, sits near chance:
-its captions name the digit once per image, and pretraining has not yet tied the image
-features to the answer words in the question format; finetuning on that format is what
-teaches it."""
+tasks. Before finetuning, a model this small, pretrained for a few minutes, sits near chance
+(on 'digit' at most a little above it, from captions that name the digit): pretraining has
+not tied the image features to the answer words in the question-and-answer format, and
+in-context demonstrations cannot teach a model this size that mapping; finetuning on the
+format is what teaches it."""
 
 
 def demo_presets() -> list[str]:
