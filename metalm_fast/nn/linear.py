@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metalm_fast.ops.decode_linear import _uses_kernel, decode_linear
+from metalm_fast.ops.decode_linear import decode_linear, uses_kernel
 
 __all__ = ["DecodeLinear"]
 
@@ -24,4 +24,4 @@ class DecodeLinear(nn.Linear):
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs decode_linear's cpu kernel (else ``F.linear``)."""
-        return _uses_kernel(x, self.weight, self.bias)
+        return uses_kernel(x, self.weight, self.bias)

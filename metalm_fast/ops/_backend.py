@@ -45,11 +45,53 @@ def cuda_extension():
     return _import_extension("_cuda")[0]
 
 
+def _extension_for(backend: str):
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(f"backend must be 'cpu' or 'cuda' (a compiled backend), got {backend!r}")
+    return cpu_extension() if backend == "cpu" else cuda_extension()
+
+
+@functools.cache
+def compiled_op(name: str, backend: str = "cpu"):
+    """``torch.ops.metalm.<name>.default`` from the ``backend`` extension, or None.
+
+    None when the extension (``metalm_fast._C`` for "cpu", ``metalm_fast._cuda``
+    for "cuda") is not built, or was built before the op existed. The one place
+    that answers "is the compiled op built"; the answer is fixed for the process
+    (an extension is imported once).
+    """
+    if _extension_for(backend) is None or not hasattr(torch.ops.metalm, name):
+        return None
+    return getattr(torch.ops.metalm, name).default
+
+
+def compiled_op_available(name: str, backend: str = "cpu") -> bool:
+    """True when :func:`compiled_op` finds ``torch.ops.metalm.<name>``."""
+    return compiled_op(name, backend) is not None
+
+
+def compiled_op_missing(backend: str, op_name: str) -> str | None:
+    """Why ``torch.ops.metalm.<op_name>`` is missing from a built extension, or None.
+
+    An extension built before an op was added imports fine but lacks the op;
+    that must read as "not built", not as an AttributeError deep in a call.
+    None also when the extension itself is not built: :func:`unavailable_reason`
+    says that.
+    """
+    if _extension_for(backend) is None or compiled_op_available(op_name, backend):
+        return None
+    module = "_C" if backend == "cpu" else "_cuda"
+    return (
+        f"metalm_fast.{module} was built without {op_name}; rebuild it with "
+        "`pip install --no-build-isolation -e .`"
+    )
+
+
 def eager_inference() -> bool:
     """True under torch.inference_mode outside torch.compile tracing.
 
-    There a custom op's Python wrapper (dispatch, aliasing checks: 5-15 us a call)
-    guards nothing, so the per-layer fast paths of a decode step call the
+    There a custom op's Python wrapper (dispatch, aliasing checks: microseconds a
+    call) guards nothing, so the per-layer fast paths of a decode step call the
     backend's kernel directly; torch.compile still traces the custom op.
     """
     return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
@@ -123,3 +165,33 @@ def resolve_backend(op: str, backend: str, device: torch.device, supported: tupl
     reasons = [f"{c}: {unavailable_reason(c, device)}" for c in supported if c in preferred]
     _warn_fallback(op, "; ".join(reasons) or f"no fast backend exists for {device}")
     return "reference"
+
+
+# Eager under torch.compile (imports, environment, warnings), as resolve_backend is.
+@torch.compiler.assume_constant_result
+def resolve_with_compiled_op(
+    op: str, backend: str, device: torch.device, supported: tuple[str, ...], ops: dict[str, str]
+) -> str:
+    """:func:`resolve_backend`, plus a check that the compiled backend holds this op.
+
+    ``ops`` maps each compiled backend ("cpu", "cuda") to the op's name in
+    ``torch.ops.metalm``. An explicit request for a stale build raises
+    ValueError; "auto" falls back to the next backend (the reference, on CPU)
+    with a warning, as a missing build does.
+    """
+    resolved = resolve_backend(op, backend, device, supported)
+    if resolved not in ops:
+        return resolved
+    reason = compiled_op_missing(resolved, ops[resolved])
+    if reason is None:
+        return resolved
+    from_environment = os.environ.get("METALM_FAST_BACKEND", "auto") not in ("", "auto")
+    if backend != "auto" or from_environment:
+        raise ValueError(f"{op}: backend {resolved!r} is not available: {reason}")
+    fallback = "triton" if resolved == "cuda" and "triton" in supported else "reference"
+    warnings.warn(
+        f"metalm_fast.{op}: using the {fallback} backend because {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return fallback

@@ -5,30 +5,30 @@ first index of each row's maximum, a NaN counting as the maximum (the first NaN)
 
 Dispatch, by the arguments alone: fp32 CPU logits with contiguous rows, outside
 torch.compile tracing, run the ``cpu`` kernel (csrc/cpu/argmax_rows.cpp, a 16-lane
-vector scan: 9.6 us instead of torch.argmax's 62 us for [8, 8192] on one core of
-the benchmark machine, 35 instead of 241 us for [32, 8192]); everything else is
-``logits.argmax(-1)``.
+vector scan, several times faster than torch.argmax on a decode step's logits);
+everything else is ``logits.argmax(-1)``. :func:`uses_kernel` is that rule.
 """
 
 from __future__ import annotations
 
 import torch
 
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops._backend import compiled_op
 
-__all__ = ["argmax_rows"]
+__all__ = ["argmax_rows", "uses_kernel"]
 
 _CPU_OP = "_argmax_rows_cpu"
 
 
-def _uses_kernel(logits: torch.Tensor) -> bool:
+def uses_kernel(logits: torch.Tensor) -> bool:
+    """Whether :func:`argmax_rows` runs the cpu kernel for ``logits`` (else torch.argmax)."""
     if torch.compiler.is_compiling():
         return False
     if not (logits.is_cpu and logits.dtype == torch.float32):
         return False
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         return False
-    return cpu_extension() is not None and hasattr(torch.ops.metalm, _CPU_OP)
+    return compiled_op(_CPU_OP) is not None
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,6 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be [B, V] with V > 0, got shape {tuple(logits.shape)}")
-    if _uses_kernel(logits):
-        return getattr(torch.ops.metalm, _CPU_OP)(logits)
+    if uses_kernel(logits):
+        return compiled_op(_CPU_OP)(logits)
     return logits.argmax(-1)

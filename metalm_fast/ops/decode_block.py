@@ -6,26 +6,21 @@ paged_decode_attention, layer norms, activation, residual adds) from C++, in the
 order the modules make them, so its result is the module path's bit for bit.
 Each kernel it calls checks its own arguments.
 
-Internal: :mod:`metalm_fast.models.fused_decode` decides where it may serve a
-TransformerBlock (the modules' exact dispatch) and passes the block's
+Internal: :mod:`metalm_fast.nn.fused_decode` decides where it may serve a
+TransformerBlock (asking each module's kernel rule) and passes the block's
 parameters. There is no fake implementation: the fast path steps aside while
 torch.compile traces, and the modules are traced instead.
 """
 
 from __future__ import annotations
 
-import functools
-
-import torch
-
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops._backend import compiled_op
 
 __all__ = ["cpu_op"]
 
 _CPU_OP = "_decode_block_cpu"
 
 
-@functools.cache
 def cpu_op():
     """``torch.ops.metalm._decode_block_cpu``, or None without a build that has it.
 
@@ -35,6 +30,4 @@ def cpu_op():
     layer's k_cache and v_cache (written); slot_mapping; block_table; seq_lens;
     scale; rotary cos and signed_sin tables (or both None). Returns [B, Dm].
     """
-    if cpu_extension() is None or not hasattr(torch.ops.metalm, _CPU_OP):
-        return None
-    return getattr(torch.ops.metalm, _CPU_OP).default
+    return compiled_op(_CPU_OP)

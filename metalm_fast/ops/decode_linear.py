@@ -3,16 +3,17 @@
 In a decode step every linear layer multiplies a handful of rows (the decode
 batch, M = 1..32) by its weight, so the work is reading the weight once: 2 * M
 FLOPs per weight element. torch's ``F.linear`` (MKL sgemm on the AMD CPUs
-this was measured on) streams the weight at ~13 GB/s when it is cached and
-~5 GB/s when the KV cache streamed through the caches since the last step,
-which is the real case. The ``cpu`` kernel (csrc/cpu/decode_linear.cpp) reads
-the nn.Linear weight in place, row block by row block with software prefetch,
-and keeps the FMA units busy with register tiles of dot products.
+this was measured on) streams the weight well below memory speed for so few
+rows, slower still when the KV cache streamed through the caches since the last
+step, which is the real case (figures: benchmarks/results). The ``cpu`` kernel
+(csrc/cpu/decode_linear.cpp) reads the nn.Linear weight in place, row block by
+row block with software prefetch, and keeps the FMA units busy with register
+tiles of dot products.
 
 Layers: the ``metalm::decode_linear`` custom op with a fake implementation
 (``torch.compile`` traces it) and the public function, which validates on the
-host and dispatches by row count, dtype, device and autograd (see
-:func:`decode_linear`).
+host and dispatches by row count, dtype, device and autograd (:func:`uses_kernel`,
+the one home of that rule).
 Eager calls go straight to the compiled op: the custom op's Python wrapper
 costs microseconds, a noticeable share of a small layer.
 """
@@ -24,9 +25,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops._backend import compiled_op
 
-__all__ = ["DECODE_ROWS", "decode_linear"]
+__all__ = [
+    "DECODE_ROWS",
+    "decode_linear",
+    "input_uses_kernel",
+    "kernel_available",
+    "uses_kernel",
+    "weight_uses_kernel",
+]
 
 # The kernel runs for at most this many rows: a decode batch. Above it the work is
 # a real GEMM and MKL's packed sgemm is the faster kernel (prefill, training).
@@ -36,13 +44,16 @@ _CPU_OP = "_decode_linear_cpu"
 _cpu_kernel = None  # torch.ops.metalm._decode_linear_cpu.default once registered (it stays)
 
 
-def _kernel_available() -> bool:
+def kernel_available() -> bool:
+    """True when ``metalm_fast._C`` holds the cpu kernel."""
     global _cpu_kernel
     if _cpu_kernel is None:
-        cpu_extension()  # importing metalm_fast._C registers the op, when it is built
-        if hasattr(torch.ops.metalm, _CPU_OP):
-            _cpu_kernel = getattr(torch.ops.metalm, _CPU_OP).default
+        _cpu_kernel = compiled_op(_CPU_OP)
     return _cpu_kernel is not None
+
+
+# Compatibility for benchmarks/bench_decode_linear.py until it imports kernel_available.
+_kernel_available = kernel_available
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -89,24 +100,46 @@ def _check_inputs(x, weight, bias) -> None:
             )
 
 
-def _uses_kernel(x, weight, bias) -> bool:
-    """The dispatch rule of :func:`decode_linear` (its Notes)."""
+# The dispatch rule of decode_linear (its Notes), in two halves: the fused decode
+# step (metalm_fast.nn.fused_decode) asks the input half once for the rows every
+# projection of a block sees and the weight half once per projection.
+def input_uses_kernel(x: torch.Tensor) -> bool:
+    """The input half of :func:`uses_kernel`: x float32 on the CPU with at most
+    ``DECODE_ROWS`` rows, no gradient needed for x, CPU autocast off, and the kernel
+    built. Only x's dtype, device, row count and ``requires_grad`` are read, so any
+    tensor with those of a projection's input gives that input's answer."""
+    if not (x.is_cpu and x.dtype == torch.float32):
+        return False
+    if x.numel() > DECODE_ROWS * x.shape[-1]:  # more than DECODE_ROWS rows
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
+    if torch.is_autocast_enabled("cpu"):  # nn.Linear's semantics: F.linear in the autocast dtype
+        return False
+    return kernel_available()
+
+
+def weight_uses_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The parameter half of :func:`uses_kernel`: weight (last dim contiguous) and bias
+    float32 on the CPU, no gradient needed for either."""
     fp32 = torch.float32
-    if not (x.is_cpu and weight.is_cpu and x.dtype == fp32 and weight.dtype == fp32):
+    if not (weight.is_cpu and weight.dtype == fp32):
         return False
     if bias is not None and not (bias.is_cpu and bias.dtype == fp32):
         return False
     if weight.shape[1] > 1 and weight.stride(1) != 1:
         return False
-    if x.numel() > DECODE_ROWS * x.shape[-1]:  # more than DECODE_ROWS rows
-        return False
     if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return False
-    if torch.is_autocast_enabled("cpu"):  # nn.Linear's semantics: F.linear in the autocast dtype
-        return False
-    return _kernel_available()
+    return True
+
+
+def uses_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`decode_linear` runs the cpu kernel for these arguments (else
+    ``F.linear``): the rule of its Notes, and the only place it is written."""
+    return weight_uses_kernel(weight, bias) and input_uses_kernel(x)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -129,7 +162,8 @@ def decode_linear(
 
     Notes
     -----
-    Dispatch, by the arguments alone (as FlashAttention picks kernels by shape):
+    Dispatch, by the arguments alone (as FlashAttention picks kernels by shape;
+    :func:`uses_kernel` answers it for a call):
     the cpu kernel runs when x has at most ``DECODE_ROWS`` (32) rows, x, weight
     and bias are float32 CPU tensors, the
     weight's last dim is contiguous, no gradient is needed (``torch.is_grad_enabled()``
@@ -152,7 +186,7 @@ def decode_linear(
     torch.Size([8, 768])
     """
     _check_inputs(x, weight, bias)
-    if not _uses_kernel(x, weight, bias):
+    if not uses_kernel(x, weight, bias):
         return F.linear(x, weight, bias)
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if rows.shape[1] > 1 and rows.stride(1) != 1:

@@ -12,9 +12,10 @@ a - b is a + (-b) exactly) bit for bit, in four tensor ops instead of eight.
 Dispatch, by the arguments alone: in eager inference on CPU with x in the tables'
 dtype (fp32 or fp64) and a contiguous last dim, the ``cpu`` kernel
 (csrc/cpu/rotary.cpp) computes the same products and sums in one pass, bit for
-bit (the tensor expression makes four passes over q and k, ~15 % of a small
-model's prefill). Autograd, torch.compile (inductor fuses the expression
-itself), other devices and dtypes, and a missing build run the tensor expression.
+bit (the tensor expression makes four passes over q and k, a noticeable share
+of a small model's prefill). Autograd, torch.compile (inductor fuses the expression
+itself), other devices and dtypes, and a missing build run the tensor expression;
+:func:`uses_kernel` is that rule, written once.
 ``apply_rotary_`` is the same rotation written over x (inference: q and k inside
 their fused projection).
 """
@@ -23,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops._backend import compiled_op
 
-__all__ = ["apply_rotary", "apply_rotary_"]
+__all__ = ["apply_rotary", "apply_rotary_", "uses_kernel"]
 
 _CPU_OP = "_rotary_cpu"
 _CPU_OP_IN_PLACE = "_rotary_cpu_"
@@ -37,22 +38,27 @@ def _check_inputs(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     expected = (x.shape[0], 1, x.shape[2])
     for name, table in (("cos", cos), ("signed_sin", signed_sin)):
         if tuple(table.shape) != expected:
-            raise ValueError(f"{name} must be [T, 1, D] = {list(expected)}, got "
-                             f"{list(table.shape)}")
+            raise ValueError(
+                f"{name} must be [T, 1, D] = {list(expected)}, got {list(table.shape)}"
+            )
     if cos.dtype != signed_sin.dtype or cos.device != signed_sin.device:
-        raise ValueError(f"cos and signed_sin must share a dtype and device, got {cos.dtype} "
-                         f"on {cos.device} and {signed_sin.dtype} on {signed_sin.device}")
+        raise ValueError(
+            f"cos and signed_sin must share a dtype and device, got {cos.dtype} "
+            f"on {cos.device} and {signed_sin.dtype} on {signed_sin.device}"
+        )
 
 
-def _uses_kernel(x: torch.Tensor, cos: torch.Tensor) -> bool:
-    """The dispatch rule of the module docstring."""
+def uses_kernel(x: torch.Tensor, cos: torch.Tensor, *, in_place: bool = False) -> bool:
+    """Whether :func:`apply_rotary` (``in_place``: :func:`apply_rotary_`) runs the cpu
+    kernel for x and the tables' dtype (``cos``): the dispatch rule of the module
+    docstring."""
     if torch.compiler.is_compiling():
         return False
     if not (x.is_cpu and x.dtype == cos.dtype and x.stride(-1) == 1):
         return False
     if torch.is_grad_enabled() and x.requires_grad:  # the kernel has no backward
         return False
-    return cpu_extension() is not None and hasattr(torch.ops.metalm, _CPU_OP)
+    return compiled_op(_CPU_OP_IN_PLACE if in_place else _CPU_OP) is not None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -71,8 +77,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     [[[0.0, 1.0]]]
     """
     _check_inputs(x, cos, signed_sin)
-    if _uses_kernel(x, cos):
-        return getattr(torch.ops.metalm, _CPU_OP)(x, cos.contiguous(), signed_sin.contiguous())
+    if uses_kernel(x, cos):
+        return compiled_op(_CPU_OP)(x, cos.contiguous(), signed_sin.contiguous())
     return _expression(x, cos, signed_sin)
 
 
@@ -84,8 +90,8 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     elements must not share memory (an expanded tensor cannot be rotated in place).
     """
     _check_inputs(x, cos, signed_sin)
-    if _uses_kernel(x, cos) and hasattr(torch.ops.metalm, _CPU_OP_IN_PLACE):
-        getattr(torch.ops.metalm, _CPU_OP_IN_PLACE)(x, cos.contiguous(), signed_sin.contiguous())
+    if uses_kernel(x, cos, in_place=True):
+        compiled_op(_CPU_OP_IN_PLACE)(x, cos.contiguous(), signed_sin.contiguous())
         return x
     return x.copy_(_expression(x, cos, signed_sin))
 

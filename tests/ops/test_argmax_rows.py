@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metalm_fast.ops.argmax_rows import _uses_kernel, argmax_rows
+from metalm_fast.ops.argmax_rows import argmax_rows, uses_kernel
 
 
 def _cases(rows, width, seed):
@@ -16,12 +16,18 @@ def _cases(rows, width, seed):
     infinite = normal.clone()
     infinite[:, -1], infinite[:, 0] = float("inf"), float("-inf")
     all_minus_inf = torch.full((rows, width), float("-inf"))
-    return {"normal": normal, "ties": ties, "nan": with_nan, "inf": infinite,
-            "all -inf": all_minus_inf}
+    return {
+        "normal": normal,
+        "ties": ties,
+        "nan": with_nan,
+        "inf": infinite,
+        "all -inf": all_minus_inf,
+    }
 
 
-@pytest.mark.parametrize("rows, width", [(1, 1), (3, 5), (4, 16), (5, 17), (2, 33), (8, 8192),
-                                         (7, 1000)])
+@pytest.mark.parametrize(
+    "rows, width", [(1, 1), (3, 5), (4, 16), (5, 17), (2, 33), (8, 8192), (7, 1000)]
+)
 def test_matches_torch_argmax(rows, width):
     for name, logits in _cases(rows, width, seed=rows * 1000 + width).items():
         assert torch.equal(argmax_rows(logits), logits.argmax(-1)), name
@@ -30,10 +36,10 @@ def test_matches_torch_argmax(rows, width):
 def test_strided_rows_and_fallbacks():
     wide = torch.randn(6, 300)
     view = wide[:, :257]  # row stride 300: still the kernel
-    assert _uses_kernel(view) == _uses_kernel(wide)
+    assert uses_kernel(view) == uses_kernel(wide)
     assert torch.equal(argmax_rows(view), view.argmax(-1))
     columns = wide[:, ::2]  # strided columns, float64, int: torch.argmax
-    assert not _uses_kernel(columns)
+    assert not uses_kernel(columns)
     assert torch.equal(argmax_rows(columns), columns.argmax(-1))
     assert torch.equal(argmax_rows(wide.double()), wide.double().argmax(-1))
     ints = torch.randint(0, 9, (3, 11))
@@ -45,7 +51,7 @@ def test_the_cpu_kernel_runs_when_built():
         import metalm_fast._C  # noqa: F401
     except ImportError:
         pytest.skip("metalm_fast._C is not built")
-    assert _uses_kernel(torch.randn(2, 64))
+    assert uses_kernel(torch.randn(2, 64))
 
 
 @pytest.mark.parametrize(

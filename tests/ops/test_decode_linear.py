@@ -9,8 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metalm_fast.ops._backend import cpu_extension
-from metalm_fast.ops.decode_linear import DECODE_ROWS, _decode_linear, decode_linear
+from metalm_fast.ops._backend import compiled_op_available
+from metalm_fast.ops.decode_linear import (
+    DECODE_ROWS,
+    _decode_linear,
+    decode_linear,
+    input_uses_kernel,
+    kernel_available,
+    uses_kernel,
+    weight_uses_kernel,
+)
 from tests.tolerance import assert_within_tolerance
 
 CPU_OP = "_decode_linear_cpu"
@@ -19,8 +27,7 @@ DECODER_SHAPES = [(768, 256), (256, 256), (1024, 256), (256, 1024), (8192, 256)]
 
 def require_kernel() -> None:
     """Skip unless the built metalm_fast._C (or a dev build) registered the kernel."""
-    cpu_extension()
-    if not hasattr(torch.ops.metalm, CPU_OP):
+    if not compiled_op_available(CPU_OP):
         pytest.skip(f"metalm_fast._C has no {CPU_OP}: rebuild it (pip install -e .)")
 
 
@@ -187,8 +194,11 @@ def test_mixed_dtypes_raise_naming_the_argument():
     """A float64 bias (or x) with a float32 weight: a TypeError that names it (F.linear
     would raise about 'mat1 and mat2' instead)."""
     x, weight, _ = _inputs(2, 3, 4, bias=False)
-    with pytest.raises(TypeError, match=r"^bias must have weight's dtype and device \(torch"
-                                        r"\.float32 on cpu\), got torch\.float64 on cpu"):
+    with pytest.raises(
+        TypeError,
+        match=r"^bias must have weight's dtype and device \(torch"
+        r"\.float32 on cpu\), got torch\.float64 on cpu",
+    ):
         decode_linear(x, weight, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(TypeError, match="^x must have weight's dtype"):
         decode_linear(x.double(), weight)
@@ -236,3 +246,24 @@ def test_kernel_checks_name_the_argument(x, weight, bias, match):
     require_kernel()
     with pytest.raises(RuntimeError, match=match):
         getattr(torch.ops.metalm, CPU_OP)(x, weight, bias)
+
+
+def test_uses_kernel_is_its_two_halves():
+    """The fused decode step asks the rule in halves; together they are the whole rule."""
+    generator = torch.Generator().manual_seed(10)
+    weight = torch.randn(6, 16, generator=generator)
+    cases = [
+        (torch.randn(4, 16, generator=generator), weight, None),
+        (torch.randn(40, 16, generator=generator), weight, torch.zeros(6)),
+        (torch.randn(4, 16, generator=generator).double(), weight.double(), None),
+        (torch.randn(4, 16, generator=generator), torch.randn(16, 6).t(), None),
+        (torch.randn(4, 16, generator=generator, requires_grad=True), weight, None),
+        (torch.randn(4, 16, generator=generator), weight.requires_grad_(True), None),
+    ]
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for x, w, b in cases:
+                assert uses_kernel(x, w, b) == (weight_uses_kernel(w, b) and input_uses_kernel(x))
+    with torch.no_grad():
+        assert uses_kernel(*cases[0]) == kernel_available()
+        assert not uses_kernel(*cases[1]) and not uses_kernel(*cases[3])

@@ -8,29 +8,30 @@ import torch
 
 import metalm_fast.ops.rotary as rotary
 from metalm_fast.nn.rotary import RotaryEmbedding
-from metalm_fast.ops._backend import cpu_extension
+from metalm_fast.ops._backend import compiled_op_available
 from metalm_fast.ops.rotary import apply_rotary
 
 
 def require_kernel() -> None:
-    cpu_extension()
-    if not hasattr(torch.ops.metalm, "_rotary_cpu"):
+    if not compiled_op_available("_rotary_cpu"):
         pytest.skip("metalm_fast._C has no _rotary_cpu: rebuild it (pip install -e .)")
 
 
 def expression(module, q, k, positions):
     """rotate_pair through the tensor expression (the kernel switched off)."""
-    saved = rotary._uses_kernel
-    rotary._uses_kernel = lambda x, cos: False
+    saved = rotary.uses_kernel
+    rotary.uses_kernel = lambda x, cos, in_place=False: False
     try:
         return module.rotate_pair(q, k, positions)
     finally:
-        rotary._uses_kernel = saved
+        rotary.uses_kernel = saved
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim", [(1, 1, 1, 2), (37, 8, 8, 32),
-                                                               (130, 6, 2, 64), (5, 4, 1, 128)])
+@pytest.mark.parametrize(
+    "tokens, heads, kv_heads, head_dim",
+    [(1, 1, 1, 2), (37, 8, 8, 32), (130, 6, 2, 64), (5, 4, 1, 128)],
+)
 def test_kernel_equals_the_expression_bit_for_bit(dtype, tokens, heads, kv_heads, head_dim):
     """q and k sliced from a fused projection (strided rows), packed positions."""
     require_kernel()
@@ -42,7 +43,7 @@ def test_kernel_equals_the_expression_bit_for_bit(dtype, tokens, heads, kv_heads
     positions = torch.randint(0, 5000, (tokens,), generator=generator)
     module = RotaryEmbedding(head_dim)
     with torch.no_grad():
-        assert rotary._uses_kernel(q, torch.empty(0, dtype=dtype))
+        assert rotary.uses_kernel(q, torch.empty(0, dtype=dtype))
         got = module.rotate_pair(q, k, positions)
         want = expression(module, q, k, positions)
     for a, b in zip(got, want):
@@ -53,10 +54,10 @@ def test_autograd_and_other_dtypes_use_the_expression():
     require_kernel()
     table = torch.empty(0)
     x = torch.randn(4, 2, 8, requires_grad=True)
-    assert not rotary._uses_kernel(x, table)  # the kernel has no backward
+    assert not rotary.uses_kernel(x, table)  # the kernel has no backward
     with torch.no_grad():
-        assert rotary._uses_kernel(x, table)
-        assert not rotary._uses_kernel(x.half(), table)  # fp16 rows, fp32 tables
+        assert rotary.uses_kernel(x, table)
+        assert not rotary.uses_kernel(x.half(), table)  # fp16 rows, fp32 tables
     out = RotaryEmbedding(8)(x, torch.arange(4))
     out.sum().backward()
     assert x.grad is not None
@@ -94,8 +95,9 @@ def test_bad_shapes_name_the_argument(x_shape, table_shape, match):
 
 def test_tables_must_share_a_dtype():
     with pytest.raises(ValueError, match="cos and signed_sin must share a dtype"):
-        apply_rotary(torch.zeros(3, 2, 8), torch.zeros(3, 1, 8),
-                     torch.zeros(3, 1, 8, dtype=torch.float64))
+        apply_rotary(
+            torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.zeros(3, 1, 8, dtype=torch.float64)
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -105,10 +107,10 @@ def test_in_place_equals_apply_rotary_and_touches_nothing_else(monkeypatch, dtyp
     (the kernel, or the expression with the kernel off); k and v are untouched."""
     if kernel:
         require_kernel()
-        if not hasattr(torch.ops.metalm, "_rotary_cpu_"):
+        if not compiled_op_available("_rotary_cpu_"):
             pytest.skip("metalm_fast._C has no _rotary_cpu_: rebuild it (pip install -e .)")
     else:
-        monkeypatch.setattr(rotary, "_uses_kernel", lambda x, cos: False)
+        monkeypatch.setattr(rotary, "uses_kernel", lambda x, cos, in_place=False: False)
     generator = torch.Generator().manual_seed(3)
     tokens, heads, kv_heads, head_dim = 37, 4, 2, 32
     fused = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator)
@@ -118,7 +120,7 @@ def test_in_place_equals_apply_rotary_and_touches_nothing_else(monkeypatch, dtyp
     cos, signed_sin = RotaryEmbedding(head_dim).tables(torch.arange(tokens) * 7, compute)
     with torch.no_grad():
         # fp32 and fp64 rows in the tables' dtype take the kernel; bf16 the expression.
-        assert rotary._uses_kernel(q, cos) == (kernel and dtype != torch.bfloat16)
+        assert rotary.uses_kernel(q, cos) == (kernel and dtype != torch.bfloat16)
         expected = apply_rotary(q, cos, signed_sin)
         rest = fused[:, heads * head_dim :].clone()
         assert rotary.apply_rotary_(q, cos, signed_sin) is q
