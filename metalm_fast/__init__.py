@@ -15,9 +15,10 @@ lazily, so this import never fails because a build is missing.
 """
 
 from metalm_fast.masks import SpanMask
+from metalm_fast.nn.paged_kv_cache import PagedKVCache
 from metalm_fast.ops.decode_linear import decode_linear
 from metalm_fast.ops.embed_scatter import embed_scatter
-from metalm_fast.ops.kv_cache import PagedKVCache, kv_cache_append
+from metalm_fast.ops.kv_cache_append import kv_cache_append
 from metalm_fast.ops.paged_decode_attention import paged_decode_attention
 from metalm_fast.ops.span_attention import span_attention
 

@@ -8,7 +8,12 @@ With the cache (``use_cache=True``, the fast path):
 
 1. one PagedKVCache for the decoder, with pages for prompt + max_new_tokens
    tokens per prompt, reserved up front so that each sequence's pages are
-   consecutive in the pool (the CPU decode kernel streams those faster);
+   consecutive in the pool (the CPU decode kernel streams those faster). The
+   model keeps its pool between calls (as gpt-fast's ``setup_caches``):
+   :func:`model_cache` resets it, or replaces it by a larger one when the
+   prompts need more pages (or the model's dtype or device changed), so a
+   generation does not allocate and zero-fill a fresh pool of tens to hundreds
+   of MB; :func:`release_cache` drops it;
 2. prefill: the prompts in one packed pass, the decoder input built exactly
    as in training (``MetaLM.decoder_inputs``: text-span rows from the text
    encoder, image rows from the vision encoder, scattered by embed_scatter;
@@ -36,21 +41,41 @@ cached and uncached paths).
 from __future__ import annotations
 
 import math
+import weakref
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from metalm_fast.nn.paged_kv_cache import PagedKVCache
 from metalm_fast.ops.argmax_rows import argmax_rows
-from metalm_fast.ops.kv_cache import PagedKVCache
 
-__all__ = ["append_tokens", "generate", "new_cache", "prefill", "decode_step", "sample_next"]
+__all__ = [
+    "append_tokens",
+    "decode_step",
+    "generate",
+    "keep_cache",
+    "model_cache",
+    "new_cache",
+    "prefill",
+    "release_cache",
+    "sample_next",
+]
+
+# Each model's KV pool between generate() calls, held weakly by the model: a pool
+# lives as long as its model and never travels with it (state_dict, deepcopy, pickle).
+# A call takes its pool out while it runs, so a concurrent generate() on the same
+# model gets a pool of its own instead of sharing pages.
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- arguments
 def _check_arguments(max_new_tokens, do_sample, top_p, temperature, eos_id, block_size) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
@@ -76,9 +101,14 @@ def _prompt_lengths(prompts) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- sampling
-def sample_next(logits: torch.Tensor, *, do_sample: bool = False, top_p: float = 1.0,
-                temperature: float = 1.0, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool = False,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """int64 [B]: the next token of each row of ``logits`` [B, V].
 
     Greedy: argmax (the lowest index among ties). Sampling: softmax of
@@ -100,18 +130,72 @@ def sample_next(logits: torch.Tensor, *, do_sample: bool = False, top_p: float =
 
 
 # ----------------------------------------------------------------------------- cached path
-def new_cache(model, prompt_lens: list[int], max_new_tokens: int,
-              block_size: int = 16) -> PagedKVCache:
-    """A PagedKVCache for ``model.decoder`` with pages for every prompt + max_new_tokens."""
+def _blocks_needed(prompt_lens: list[int], max_new_tokens: int, block_size: int) -> int:
+    blocks = sum(math.ceil((length + max_new_tokens) / block_size) for length in prompt_lens)
+    return max(blocks, 1)
+
+
+def new_cache(
+    model, prompt_lens: list[int], max_new_tokens: int, block_size: int = 16
+) -> PagedKVCache:
+    """A fresh PagedKVCache for ``model.decoder`` with pages for every prompt +
+    max_new_tokens."""
     decoder, weight = model.decoder, model.embedding.weight
-    num_blocks = sum(math.ceil((length + max_new_tokens) / block_size) for length in prompt_lens)
-    return PagedKVCache(len(decoder.blocks), max(num_blocks, 1), block_size,
-                        decoder.num_kv_heads, decoder.head_dim, dtype=weight.dtype,
-                        device=weight.device)
+    return PagedKVCache(
+        len(decoder.blocks),
+        _blocks_needed(prompt_lens, max_new_tokens, block_size),
+        block_size,
+        decoder.num_kv_heads,
+        decoder.head_dim,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
 
 
-def prefill(model, prompts, cache: PagedKVCache, seq_ids: list[int], *,
-            last_only: bool = True) -> torch.Tensor:
+def model_cache(
+    model, prompt_lens: list[int], max_new_tokens: int, block_size: int = 16
+) -> PagedKVCache:
+    """The KV pool ``model`` keeps between generations, reset, with pages for every
+    prompt + max_new_tokens.
+
+    The pool of the model's last generation is reused when it has the decoder's
+    layers, heads and head dim, the model's dtype and device, this ``block_size``
+    and enough pages; otherwise it is dropped and a pool of exactly the pages
+    needed takes its place. The caller owns the pool until it hands it back with
+    :func:`keep_cache`; until then another call gets a pool of its own. A pool made
+    by :func:`generate` holds inference tensors: use it under ``torch.inference_mode``.
+    """
+    cache = _POOLS.pop(model, None)
+    needed = _blocks_needed(prompt_lens, max_new_tokens, block_size)
+    decoder, weight = model.decoder, model.embedding.weight
+    if cache is not None and (
+        cache.num_blocks >= needed
+        and cache.block_size == block_size
+        and cache.num_layers == len(decoder.blocks)
+        and cache.num_kv_heads == decoder.num_kv_heads
+        and cache.head_dim == decoder.head_dim
+        and cache.dtype == weight.dtype
+        and cache.device == weight.device
+    ):
+        cache.reset()
+        return cache
+    del cache  # its memory is free before the larger pool is allocated
+    return new_cache(model, prompt_lens, max_new_tokens, block_size)
+
+
+def keep_cache(model, cache: PagedKVCache) -> None:
+    """Hand ``cache`` back as ``model``'s pool, for its next :func:`model_cache`."""
+    _POOLS[model] = cache
+
+
+def release_cache(model) -> None:
+    """Drop the KV pool ``model`` keeps between generations (its memory is freed)."""
+    _POOLS.pop(model, None)
+
+
+def prefill(
+    model, prompts, cache: PagedKVCache, seq_ids: list[int], *, last_only: bool = True
+) -> torch.Tensor:
     """Run the prompts through the decoder in one packed pass, filling the cache.
 
     Returns the logits at each prompt's last position [B, V] (``last_only``),
@@ -125,8 +209,9 @@ def prefill(model, prompts, cache: PagedKVCache, seq_ids: list[int], *,
     return model.lm_head(model.decoder(hidden, mask, cache=cache, step=step, output_rows=last))
 
 
-def decode_step(model, tokens: torch.Tensor, cache: PagedKVCache,
-                seq_ids: list[int]) -> torch.Tensor:
+def decode_step(
+    model, tokens: torch.Tensor, cache: PagedKVCache, seq_ids: list[int]
+) -> torch.Tensor:
     """Feed one token per sequence ([B] ids, in ``seq_ids`` order); logits [B, V]."""
     step = cache.step(seq_ids, 1)
     hidden = model.decoder(_embed_tokens(model.embedding, tokens), cache=cache, step=step)
@@ -140,9 +225,19 @@ def _embed_tokens(embedding, tokens: torch.Tensor) -> torch.Tensor:
     return rows if embedding.scale == 1.0 else rows * embedding.scale
 
 
-def _generate_cached(model, prompts, prompt_lens, max_new_tokens, block_size, eos_id,
-                     sample) -> list[list[int]]:
-    cache = new_cache(model, prompt_lens, max_new_tokens, block_size)
+def _generate_cached(
+    model, prompts, prompt_lens, max_new_tokens, block_size, eos_id, sample
+) -> list[list[int]]:
+    cache = model_cache(model, prompt_lens, max_new_tokens, block_size)
+    try:
+        return _generate_in(cache, model, prompts, prompt_lens, max_new_tokens, eos_id, sample)
+    finally:
+        keep_cache(model, cache)  # reset by the next call, whatever this one left
+
+
+def _generate_in(
+    cache, model, prompts, prompt_lens, max_new_tokens, eos_id, sample
+) -> list[list[int]]:
     seq_ids = [cache.allocate() for _ in prompt_lens]
     for seq_id, length in zip(seq_ids, prompt_lens, strict=True):
         cache.reserve(seq_id, length + max_new_tokens)  # each sequence on consecutive pages
@@ -180,8 +275,11 @@ def append_tokens(prompts, new_tokens: list[list[int]]) -> SimpleNamespace:
     shift = [0]
     for count in extra:
         shift.append(shift[-1] + count)
-    pieces: dict[str, list[torch.Tensor]] = {"input_ids": [], "feature_index": [],
-                                             "image_index": []}
+    pieces: dict[str, list[torch.Tensor]] = {
+        "input_ids": [],
+        "feature_index": [],
+        "image_index": [],
+    }
     image_index = getattr(prompts, "image_index", None)
     if image_index is None:
         image_index = torch.full_like(prompts.input_ids, -1)
@@ -192,12 +290,20 @@ def append_tokens(prompts, new_tokens: list[list[int]]) -> SimpleNamespace:
         pieces["input_ids"] += [prompts.input_ids[start:end], appended]
         pieces["feature_index"] += [prompts.feature_index[start:end], blank]
         pieces["image_index"] += [image_index[start:end], blank]
-    cu_new = torch.tensor([c + s for c, s in zip(cu, shift)], dtype=prompts.cu_seqlens.dtype,
-                          device=prompts.cu_seqlens.device)
-    span_doc = torch.searchsorted(prompts.cu_seqlens.to(torch.int64),
-                                  prompts.span_starts.to(torch.int64), right=True) - 1
-    span_shift = torch.tensor(shift, dtype=torch.int64,
-                              device=prompts.span_starts.device)[span_doc.clamp(min=0)]
+    cu_new = torch.tensor(
+        [c + s for c, s in zip(cu, shift)],
+        dtype=prompts.cu_seqlens.dtype,
+        device=prompts.cu_seqlens.device,
+    )
+    span_doc = (
+        torch.searchsorted(
+            prompts.cu_seqlens.to(torch.int64), prompts.span_starts.to(torch.int64), right=True
+        )
+        - 1
+    )
+    span_shift = torch.tensor(shift, dtype=torch.int64, device=prompts.span_starts.device)[
+        span_doc.clamp(min=0)
+    ]
     return SimpleNamespace(
         input_ids=torch.cat(pieces["input_ids"]),
         cu_seqlens=cu_new,
@@ -211,8 +317,9 @@ def append_tokens(prompts, new_tokens: list[list[int]]) -> SimpleNamespace:
     )
 
 
-def _generate_uncached(model, prompts, prompt_lens, max_new_tokens, eos_id,
-                       sample) -> list[list[int]]:
+def _generate_uncached(
+    model, prompts, prompt_lens, max_new_tokens, eos_id, sample
+) -> list[list[int]]:
     outputs: list[list[int]] = [[] for _ in prompt_lens]
     active = list(range(len(prompt_lens)))
     while active:
@@ -231,10 +338,19 @@ def _generate_uncached(model, prompts, prompt_lens, max_new_tokens, eos_id,
 
 # ----------------------------------------------------------------------------- public
 @torch.no_grad()
-def generate(model, prompts, *, max_new_tokens: int, do_sample: bool = False, top_p: float = 1.0,
-             temperature: float = 1.0, eos_id: int | None = None,
-             generator: torch.Generator | None = None, block_size: int = 16,
-             use_cache: bool = True) -> list[list[int]]:
+def generate(
+    model,
+    prompts,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    block_size: int = 16,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Parameters
@@ -279,14 +395,17 @@ def generate(model, prompts, *, max_new_tokens: int, do_sample: bool = False, to
         return [[] for _ in prompt_lens]
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        return sample_next(logits, do_sample=do_sample, top_p=top_p, temperature=temperature,
-                           generator=generator)
+        return sample_next(
+            logits, do_sample=do_sample, top_p=top_p, temperature=temperature, generator=generator
+        )
 
     # inference_mode on top of no_grad: no version counters or view tracking on the
     # cache's in-place appends and the custom ops (a quarter of a small model's decode
-    # step on CPU). Only host lists leave this function, so no inference tensor escapes.
+    # step on CPU). Only host lists leave this function; the one inference tensor kept,
+    # the model's KV pool, is only ever used again here, under inference_mode.
     with torch.inference_mode():
         if use_cache:
-            return _generate_cached(model, prompts, prompt_lens, max_new_tokens, block_size,
-                                    eos_id, sample)
+            return _generate_cached(
+                model, prompts, prompt_lens, max_new_tokens, block_size, eos_id, sample
+            )
         return _generate_uncached(model, prompts, prompt_lens, max_new_tokens, eos_id, sample)

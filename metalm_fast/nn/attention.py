@@ -6,11 +6,16 @@ import torch
 from torch import nn
 
 from metalm_fast.masks import SpanMask
-from metalm_fast.nn._inference import chunk_rows, linear_into, linear_into_serves
+from metalm_fast.nn.inference import (
+    INFERENCE_CHUNK_ROWS,
+    chunk_rows,
+    linear_into,
+    linear_into_serves,
+)
 from metalm_fast.nn.kv_cache_attention import cached_attention
 from metalm_fast.nn.linear import DecodeLinear
+from metalm_fast.nn.paged_kv_cache import CacheStep, PagedKVCache
 from metalm_fast.nn.rotary import RotaryEmbedding
-from metalm_fast.ops.kv_cache import CacheStep, PagedKVCache
 from metalm_fast.ops.rotary import apply_rotary_
 from metalm_fast.ops.span_attention import span_attention
 
@@ -75,8 +80,12 @@ class SpanSelfAttention(nn.Module):
         self.out = DecodeLinear(num_heads * head_dim, dim, bias=bias)
         self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
 
-    def project_qkv(self, x: torch.Tensor, positions: torch.Tensor | None = None,
-                    rotary_memo: dict | None = None):
+    def project_qkv(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        rotary_memo: dict | None = None,
+    ):
         """x [T, Dm] -> q [T, Hq, D], k and v [T, Hkv, D] (rotary applied to q and k).
 
         ``rotary_memo``: see :meth:`RotaryEmbedding.rotate_pair` (cos/sin shared by layers).
@@ -104,20 +113,25 @@ class SpanSelfAttention(nn.Module):
     # Without autograd on CPU, where the projection would be F.linear (a prefill: more
     # rows than DecodeLinear's kernel takes; see linear_into_serves), it runs in equal
     # chunks of at most INFERENCE_CHUNK_ROWS rows, and each chunk's q and k are rotated
-    # in place while the chunk is in cache: rotating the whole [T, Hq, D] q afterwards read it back
-    # from memory and wrote a fresh tensor (small preset, T = 21.6 K: the projection
-    # and two rotations 126-141 ms, in chunks 115 ms, the projection alone 114 ms).
-    # Each chunk is F.linear's own addmm / mm and the rotation the same kernel, so the
-    # values are the module path's up to the rounding of the matmul kernel the BLAS
-    # picks for a row count (bit for bit in the measured prefills).
-    INFERENCE_CHUNK_ROWS = 1024
+    # in place while the chunk is in cache: rotating the whole [T, Hq, D] q afterwards
+    # read it back from memory and wrote a fresh tensor, which made the rotations cost
+    # a sizeable share of the projection. Each chunk is F.linear's own addmm / mm and
+    # the rotation the same kernel, so the values are the module path's up to the
+    # rounding of the matmul kernel the BLAS picks for a row count (bit for bit in the
+    # measured prefills).
+    INFERENCE_CHUNK_ROWS = INFERENCE_CHUNK_ROWS
 
     def _projects_in_chunks(self, x: torch.Tensor) -> bool:
-        return (self.rotary is not None and x.dim() == 2 and x.is_cpu
-                and linear_into_serves(self.qkv, x))
+        return (
+            self.rotary is not None
+            and x.dim() == 2
+            and x.is_cpu
+            and linear_into_serves(self.qkv, x)
+        )
 
-    def _project_in_chunks(self, x: torch.Tensor, positions: torch.Tensor,
-                           rotary_memo: dict | None) -> torch.Tensor:
+    def _project_in_chunks(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary_memo: dict | None
+    ) -> torch.Tensor:
         weight, bias = self.qkv.weight, self.qkv.bias
         compute = torch.promote_types(x.dtype, torch.float32)
         cos, signed_sin = self.rotary.tables(positions, compute, rotary_memo)
@@ -160,6 +174,15 @@ class SpanSelfAttention(nn.Module):
                 q, k, v = self.project_qkv(x, step.positions, step.memo)
             else:
                 q, k, v = self.project_qkv(x, positions)
-            attended = cached_attention(q, k, v, cache=cache, layer_idx=layer_idx, step=step,
-                                        mask=mask, backend=self.backend, query_rows=query_rows)
+            attended = cached_attention(
+                q,
+                k,
+                v,
+                cache=cache,
+                layer_idx=layer_idx,
+                step=step,
+                mask=mask,
+                backend=self.backend,
+                query_rows=query_rows,
+            )
         return self.out(attended.reshape(attended.shape[0], self.num_heads * self.head_dim))

@@ -1,7 +1,7 @@
 """Attention with a paged KV cache: prefill, continued prefill and decode.
 
 :func:`cached_attention` is what :class:`~metalm_fast.nn.SpanSelfAttention`
-runs when it is given a cache. A step (:class:`~metalm_fast.ops.kv_cache.CacheStep`)
+runs when it is given a cache. A step (:class:`~metalm_fast.nn.paged_kv_cache.CacheStep`)
 adds ``query_lens[b]`` new tokens to sequence ``b``, which already holds
 ``context_lens[b]`` cached tokens. The new tokens' keys and values are appended
 to the layer's pages first, then:
@@ -32,12 +32,8 @@ from __future__ import annotations
 import torch
 
 from metalm_fast.masks import SpanMask
-from metalm_fast.ops.kv_cache import (
-    CacheStep,
-    PagedKVCache,
-    append_unchecked,
-    checked_append_backend,
-)
+from metalm_fast.nn.paged_kv_cache import CacheStep, PagedKVCache
+from metalm_fast.ops.kv_cache_append import append_unchecked, checked_append_backend
 from metalm_fast.ops.paged_decode_attention import checked_decode_backend, decode_unchecked
 from metalm_fast.ops.span_attention import span_attention
 
@@ -93,8 +89,9 @@ def cached_attention(
     return span_attention(q, k, v, mask, backend=backend)
 
 
-def _decode(q, k, v, k_cache, v_cache, cache: PagedKVCache, step: CacheStep,
-            backend: str) -> torch.Tensor:
+def _decode(
+    q, k, v, k_cache, v_cache, cache: PagedKVCache, step: CacheStep, backend: str
+) -> torch.Tensor:
     """Append, then paged_decode_attention, with the ops' checks run once per step.
 
     Every layer of a decode step writes the same slots and reads the same block
@@ -105,19 +102,38 @@ def _decode(q, k, v, k_cache, v_cache, cache: PagedKVCache, step: CacheStep,
     others call the custom ops directly. This is an internal fast path: the public
     functions still check every call.
     """
-    signature = ("decode", id(cache), backend, q.device, q.dtype, k.dtype, v.dtype,
-                 tuple(q.shape), tuple(k.shape), tuple(v.shape),
-                 q.stride(-1), k.stride(-1), v.stride(-1))
+    signature = (
+        "decode",
+        id(cache),
+        backend,
+        q.device,
+        q.dtype,
+        k.dtype,
+        v.dtype,
+        tuple(q.shape),
+        tuple(k.shape),
+        tuple(v.shape),
+        q.stride(-1),
+        k.stride(-1),
+        v.stride(-1),
+    )
     plan = step.memo.get(signature)
     if plan is None:
-        append_backend = checked_append_backend(k_cache, v_cache, k, v, step.slot_mapping,
-                                                backend=backend)
-        decode_backend, scale = checked_decode_backend(q, k_cache, v_cache, step.block_table,
-                                                       step.seq_lens, backend=backend)
+        append_backend = checked_append_backend(
+            k_cache, v_cache, k, v, step.slot_mapping, backend=backend
+        )
+        decode_backend, scale = checked_decode_backend(
+            q, k_cache, v_cache, step.block_table, step.seq_lens, backend=backend
+        )
         # The cache rides along so that id(cache) cannot be reused while the memo lives.
-        plan = step.memo[signature] = (cache, append_backend, decode_backend, scale,
-                                       step.block_table.to(torch.int32),
-                                       step.seq_lens.to(torch.int32))
+        plan = step.memo[signature] = (
+            cache,
+            append_backend,
+            decode_backend,
+            scale,
+            step.block_table.to(torch.int32),
+            step.seq_lens.to(torch.int32),
+        )
     _, append_backend, decode_backend, scale, block_table, seq_lens = plan
     append_unchecked(k_cache, v_cache, k, v, step.slot_mapping, append_backend)
     return decode_unchecked(q, k_cache, v_cache, block_table, seq_lens, scale, decode_backend)
@@ -131,8 +147,9 @@ def gather_cached_kv(cache: torch.Tensor, step: CacheStep) -> torch.Tensor:
     counts = torch.tensor(lengths, device=device)
     starts = torch.cumsum(counts, 0) - counts
     total = sum(lengths)
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts,
-                                       output_size=total)
+    sequence = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), counts, output_size=total
+    )
     position = torch.arange(total, device=device) - starts[sequence]
     pages = step.block_table.to(torch.int64)[sequence, position // block_size]
     return cache[pages, position % block_size]
@@ -150,8 +167,9 @@ def continued_prefill_mask(mask: SpanMask, step: CacheStep) -> SpanMask:
     context = torch.tensor(step.context_lens, device=device)
     chunk_start = torch.cumsum(query_lens, 0) - query_lens
     key_start = torch.cumsum(query_lens + context, 0) - (query_lens + context)
-    sequence = torch.repeat_interleave(torch.arange(len(step.query_lens), device=device),
-                                       query_lens, output_size=step.num_tokens)
+    sequence = torch.repeat_interleave(
+        torch.arange(len(step.query_lens), device=device), query_lens, output_size=step.num_tokens
+    )
     start, end = mask.kv_start.to(torch.int64), mask.kv_end.to(torch.int64)
     late = start != chunk_start[sequence]
     if bool(late.any()):

@@ -45,9 +45,17 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin [T, 1, D/2] in ``dtype`` (float32 or wider: angles need the precision)."""
-        inv_freq = self.inv_freq.to(dtype) if dtype == torch.float32 else (
-            self.base ** (-torch.arange(0, self.head_dim, 2, dtype=dtype,
-                                        device=positions.device) / self.head_dim))
+        inv_freq = (
+            self.inv_freq.to(dtype)
+            if dtype == torch.float32
+            else (
+                self.base
+                ** (
+                    -torch.arange(0, self.head_dim, 2, dtype=dtype, device=positions.device)
+                    / self.head_dim
+                )
+            )
+        )
         angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # [T, D/2]
         return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
@@ -55,8 +63,13 @@ class RotaryEmbedding(nn.Module):
         """x [T, H, D], positions int [T] -> rotated x [T, H, D] (dtype of x)."""
         return self.rotate_pair(x, None, positions)[0]
 
-    def rotate_pair(self, q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
-                    memo: dict | None = None):
+    def rotate_pair(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        positions: torch.Tensor,
+        memo: dict | None = None,
+    ):
         """Rotate q [T, Hq, D] and k [T, Hkv, D] with one cos/sin computation.
 
         ``memo``: a dict tied to ``positions`` (a CacheStep's ``memo`` for its

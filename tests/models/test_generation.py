@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from metalm_fast.models import PRESETS
-from metalm_fast.models.generation import generate, new_cache, prefill
+from metalm_fast.models import PRESETS, generation
+from metalm_fast.models.generation import generate, new_cache, prefill, release_cache
 from tests.models.test_vision import IMAGE, tiny_model, vision_language_batch
 from tests.tolerance import assert_within_tolerance
 
@@ -19,9 +19,12 @@ def prompts(images=True, spans=True):
     """Three prompts of 5, 17 and 33 tokens. With images: prompt 1 ends with an image
     (its first new token is predicted from the image's last row) and prompt 2 holds one
     at offset 2. With spans: a text span in prompt 2 (absolute [44, 52))."""
-    return vision_language_batch(lengths=(5, 17, 33),
-                                 images_at=((1, 1), (2, 2)) if images else (),
-                                 spans=((44, 52),) if spans else (), seed=3)
+    return vision_language_batch(
+        lengths=(5, 17, 33),
+        images_at=((1, 1), (2, 2)) if images else (),
+        spans=((44, 52),) if spans else (),
+        seed=3,
+    )
 
 
 def model_for_generation(variant="two_stack", backend="auto", seed=0):
@@ -67,8 +70,14 @@ def test_images_and_spans_change_the_continuation():
 
 def _sample(model, batch, seed, use_cache, **kwargs):
     generator = torch.Generator().manual_seed(seed)
-    return model.generate(batch, max_new_tokens=NEW_TOKENS, do_sample=True, generator=generator,
-                          use_cache=use_cache, **kwargs)
+    return model.generate(
+        batch,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=True,
+        generator=generator,
+        use_cache=use_cache,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize(("top_p", "temperature"), [(0.9, 0.8), (1.0, 1.3)])
@@ -98,8 +107,10 @@ def test_eos_stops_a_sequence_and_the_others_continue(use_cache):
     expected = [cut(tokens) for tokens in full]
     assert any(len(tokens) < NEW_TOKENS for tokens in expected)
     assert any(len(tokens) == NEW_TOKENS for tokens in expected)
-    assert model.generate(batch, max_new_tokens=NEW_TOKENS, eos_id=eos,
-                          use_cache=use_cache) == expected
+    assert (
+        model.generate(batch, max_new_tokens=NEW_TOKENS, eos_id=eos, use_cache=use_cache)
+        == expected
+    )
 
 
 def test_one_new_token_and_zero():
@@ -110,15 +121,18 @@ def test_one_new_token_and_zero():
     assert generate(model, batch, max_new_tokens=0, use_cache=False) == [[], [], []]
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [
-    ({"max_new_tokens": -1}, "max_new_tokens"),
-    ({"max_new_tokens": 2.0}, "max_new_tokens"),
-    ({"max_new_tokens": 2, "top_p": 0.0}, "top_p"),
-    ({"max_new_tokens": 2, "top_p": 1.5}, "top_p"),
-    ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, "temperature"),
-    ({"max_new_tokens": 2, "do_sample": True, "temperature": -1.0}, "temperature"),
-    ({"max_new_tokens": 2, "block_size": 0}, "block_size"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 2.0}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 2, "top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"max_new_tokens": 2, "do_sample": True, "temperature": -1.0}, "temperature"),
+        ({"max_new_tokens": 2, "block_size": 0}, "block_size"),
+    ],
+)
 def test_bad_arguments_name_themselves(kwargs, name):
     model, batch = model_for_generation(), prompts()
     with pytest.raises(ValueError, match=name):
@@ -127,8 +141,9 @@ def test_bad_arguments_name_themselves(kwargs, name):
 
 def test_greedy_ignores_temperature():
     model, batch = model_for_generation(), prompts()
-    assert model.generate(batch, max_new_tokens=2, temperature=0.0) == \
-        model.generate(batch, max_new_tokens=2)
+    assert model.generate(batch, max_new_tokens=2, temperature=0.0) == model.generate(
+        batch, max_new_tokens=2
+    )
 
 
 @pytest.mark.parametrize("variant", ["two_stack", "single_stack"])
@@ -159,3 +174,34 @@ def test_placeholder_prompts_hold_images():
     batch = prompts()
     assert int((batch.input_ids == IMAGE).sum()) == 2 * PRESETS["tiny"].tokens_per_image
     assert batch.images.shape[0] == 2
+
+
+def test_the_pool_is_kept_between_calls_and_shows_no_stale_data():
+    """Consecutive generate() calls with different batch sizes reuse one pool (reset
+    between calls; replaced when too small) and give the tokens of fresh runs, even
+    with the kept pool's stale contents poisoned with NaN."""
+    model = model_for_generation()
+    small = vision_language_batch(lengths=(9, 4), images_at=((0, 1),), spans=(), seed=5)
+    batches = {"three": prompts(), "two": small}
+
+    def fresh(name):
+        release_cache(model)
+        return model.generate(batches[name], max_new_tokens=NEW_TOKENS, block_size=4)
+
+    expected = {name: fresh(name) for name in ("two", "three")}
+    release_cache(model)
+    assert model.generate(small, max_new_tokens=NEW_TOKENS, block_size=4) == expected["two"]
+    pool = generation._POOLS[model]
+    for name, grows in (("three", True), ("two", False), ("three", False)):
+        with torch.inference_mode():
+            pool.kv.fill_(float("nan"))  # whatever an earlier call left is never read
+        got = model.generate(batches[name], max_new_tokens=NEW_TOKENS, block_size=4)
+        assert got == expected[name]
+        kept = generation._POOLS[model]
+        assert (kept is not pool) == grows and kept.num_sequences == 0
+        assert kept.num_free_blocks == kept.num_blocks  # every page went back
+        pool = kept
+    model.generate(small, max_new_tokens=2, block_size=8)  # another page size: a new pool
+    assert generation._POOLS[model].block_size == 8
+    release_cache(model)
+    assert model not in generation._POOLS

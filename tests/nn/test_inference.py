@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalm_fast.nn._inference import chunk_rows, forward_hooked, linear_into
+from metalm_fast.nn.inference import chunk_rows, forward_hooked, linear_into
 
 
-@pytest.mark.parametrize("tokens, most, rows", [(1024, 1024, 1024), (1025, 1024, 513),
-                                                (4950, 1024, 990), (21600, 1024, 982)])
+@pytest.mark.parametrize(
+    "tokens, most, rows",
+    [(1024, 1024, 1024), (1025, 1024, 513), (4950, 1024, 990), (21600, 1024, 982)],
+)
 def test_chunk_rows_are_equal_and_at_most(tokens, most, rows):
     assert chunk_rows(tokens, most) == rows
     chunks = -(-tokens // rows)
@@ -44,7 +46,7 @@ def test_forward_hooked_sees_module_and_global_hooks():
 
 def test_linear_into_serves_where_the_call_is_f_linear():
     from metalm_fast.nn import DecodeLinear
-    from metalm_fast.nn._inference import linear_into_serves
+    from metalm_fast.nn.inference import linear_into_serves
 
     plain, decode = nn.Linear(16, 8), DecodeLinear(16, 8)
     rows, many = torch.randn(8, 16), torch.randn(40, 16)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metalm_fast.models.transformer import MLP
+from metalm_fast.nn import MLP
 
 
 @pytest.mark.parametrize("kind", ["gelu", "swiglu"])

@@ -1,6 +1,11 @@
 """Helpers of the inference fast paths (no autograd) that compute a module's math
-without calling it: metalm_fast.models.fused_decode, and the row chunks of
-SpanSelfAttention's projection and of the MLP in a prefill."""
+without calling it: metalm_fast.nn.fused_decode, and the row chunks of
+SpanSelfAttention's projection and of the MLP in a prefill.
+
+:func:`linear_into_serves` is the one rule for "may a chunk's projection be
+written in place"; it asks DecodeLinear (hence decode_linear's rule) which kernel
+the module would run.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,23 @@ from torch import nn
 
 from metalm_fast.nn.linear import DecodeLinear
 
-__all__ = ["chunk_rows", "forward_hooked", "linear_into", "linear_into_serves"]
+__all__ = [
+    "INFERENCE_CHUNK_ROWS",
+    "chunk_rows",
+    "forward_hooked",
+    "linear_into",
+    "linear_into_serves",
+]
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
-                 "_global_forward_hooks_always_called")
+#: Rows per chunk (at most) of the inference prefill paths: a chunk's projection and
+#: activation stay in cache and its buffers are reused across chunks.
+INFERENCE_CHUNK_ROWS = 1024
+
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks_always_called",
+)
 
 
 def forward_hooked(*modules: nn.Module | None) -> bool:
@@ -33,8 +51,9 @@ def chunk_rows(tokens: int, most: int) -> int:
     return math.ceil(tokens / math.ceil(tokens / most))
 
 
-def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                out: torch.Tensor) -> None:
+def linear_into(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
     """``out = F.linear(x, weight, bias)`` for a 2-D x, written into ``out``: the addmm
     (or mm without a bias) that F.linear runs, so the same values bit for bit."""
     if bias is None:
@@ -53,6 +72,10 @@ def linear_into_serves(linear: nn.Module, x: torch.Tensor) -> bool:
             return False
     elif type(linear) is not nn.Linear:
         return False
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and not torch.compiler.is_compiling() and x.dtype == linear.weight.dtype
-            and not forward_hooked(linear))
+    return (
+        not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and not torch.compiler.is_compiling()
+        and x.dtype == linear.weight.dtype
+        and not forward_hooked(linear)
+    )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metalm_fast.models import fused_decode
-from metalm_fast.models.transformer import TransformerBlock
+from metalm_fast.nn import PagedKVCache, TransformerBlock, fused_decode
 from metalm_fast.ops import decode_block
-from metalm_fast.ops.kv_cache import PagedKVCache
 
 PROMPT_LENS = [5, 2, 7]  # three sequences, pages of 4 tokens: partial, fresh and crossing
 DIM, HEAD_DIM = 64, 16
@@ -52,8 +50,9 @@ def _decode_run(block, kv_heads: int, steps: int, *, grad: bool = False):
         block(prompt, None, None, cache=cache, layer_idx=0, step=step)
         for _ in range(steps):
             step = cache.step(ids, 1)
-            outputs.append(block(torch.randn(len(ids), DIM), None, None, cache=cache,
-                                 layer_idx=0, step=step))
+            outputs.append(
+                block(torch.randn(len(ids), DIM), None, None, cache=cache, layer_idx=0, step=step)
+            )
     return outputs, cache.key_cache(0).clone(), cache.value_cache(0).clone()
 
 
@@ -115,14 +114,22 @@ def test_other_dtypes_and_many_rows_run_the_modules(monkeypatch):
     ids = [cache.allocate()]
     step = cache.step(ids, 1)
     with torch.no_grad():
-        assert fused_decode.fused_decode_block(block, torch.randn(1, DIM, dtype=torch.float64),
-                                               cache, 0, step) is None
+        assert (
+            fused_decode.fused_decode_block(
+                block, torch.randn(1, DIM, dtype=torch.float64), cache, 0, step
+            )
+            is None
+        )
     block = _block(4, 2, "gelu", True)
     cache = PagedKVCache(1, 40, 1, 2, HEAD_DIM, dtype=torch.float32)
     ids = [cache.allocate() for _ in range(33)]  # one more than decode_linear's kernel rows
     with torch.no_grad():
-        assert fused_decode.fused_decode_block(block, torch.randn(33, DIM), cache, 0,
-                                               cache.step(ids, 1)) is None
+        assert (
+            fused_decode.fused_decode_block(
+                block, torch.randn(33, DIM), cache, 0, cache.step(ids, 1)
+            )
+            is None
+        )
     assert calls == []
 
 
@@ -132,11 +139,34 @@ def test_op_errors_name_the_argument():
     cache = PagedKVCache(1, 4, 4, 2, HEAD_DIM, dtype=torch.float32)
     step = cache.step([cache.allocate()], 1)
     a, m = block.attention, block.mlp
-    args = [torch.randn(1, DIM), block.attention_norm.weight, block.attention_norm.bias, 1e-5,
-            a.qkv.weight, None, a.out.weight, None, block.mlp_norm.weight, block.mlp_norm.bias,
-            1e-5, m.up.weight, m.up.bias, m.down.weight, m.down.bias, "relu", 4, 2,
-            cache.key_cache(0), cache.value_cache(0), step.slot_mapping, step.block_table,
-            step.seq_lens, 0.35, None, None]
+    args = [
+        torch.randn(1, DIM),
+        block.attention_norm.weight,
+        block.attention_norm.bias,
+        1e-5,
+        a.qkv.weight,
+        None,
+        a.out.weight,
+        None,
+        block.mlp_norm.weight,
+        block.mlp_norm.bias,
+        1e-5,
+        m.up.weight,
+        m.up.bias,
+        m.down.weight,
+        m.down.bias,
+        "relu",
+        4,
+        2,
+        cache.key_cache(0),
+        cache.value_cache(0),
+        step.slot_mapping,
+        step.block_table,
+        step.seq_lens,
+        0.35,
+        None,
+        None,
+    ]
     with torch.no_grad(), pytest.raises(RuntimeError, match="mlp_kind must be 'gelu' or"):
         kernel(*args)
     args[15] = "gelu"
