@@ -17,16 +17,15 @@
 // the up projection's halves).
 //
 // Why: in a decode step the block's work is a dozen small ops, and called one by
-// one from Python (module calls, argument checks, dispatch) they cost ~80 us a
-// layer more than from here on the benchmark CPU (small preset, 8 sequences: 315
-// against 233 us a layer; tiny preset: 126 against 58 us), ~10 % of a small-preset
-// decode step. This op makes the same calls, in the same order and on the
-// same arguments, from C++: every step is the op the module path runs
-// (metalm::_decode_linear_cpu, _rotary_cpu, _kv_cache_append_cpu,
+// one from Python (module calls, argument checks, dispatch) they cost a large
+// share of a layer more than from here, a noticeable part of a small-preset
+// decode step (figures: benchmarks/results). This op makes the same calls, in
+// the same order and on the same arguments, from C++: every step is the op the
+// module path runs (metalm::_decode_linear_cpu, _rotary_cpu, _kv_cache_append_cpu,
 // _paged_decode_attention_cpu, aten layer_norm, gelu_, silu_, mul, add), reached
 // through the dispatcher, so the result is bit for bit the module path's and each
 // kernel keeps its own argument checks. It is PyTorch's "fast path" pattern (as
-// nn.TransformerEncoderLayer's): metalm_fast/models/fused_decode.py calls it (through
+// nn.TransformerEncoderLayer's): metalm_fast/nn/fused_decode.py calls it (through
 // metalm_fast/ops/decode_block.py) only
 // where the module path would run exactly these ops (no autograd, fp32 CPU, no
 // hooks, the expected module types) and runs the modules everywhere else.

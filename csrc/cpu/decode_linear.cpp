@@ -9,9 +9,10 @@
 //
 // Why not F.linear: with few rows the work is reading the weight once (N * K
 // floats) against 2 M FLOPs per weight element. MKL's sgemm on this AMD CPU
-// streams the weight at ~13 GB/s when it is in cache and ~5 GB/s when it is not,
-// which is the real case: per decode step the KV cache streams through the caches
-// between two uses of a layer's weights. Here:
+// streams the weight well below memory speed for so few rows, slower still when
+// the weight is not in cache, which is the real case: per decode step the KV cache
+// streams through the caches between two uses of a layer's weights (figures:
+// benchmarks/results). Here:
 //
 //   - a block of kRows weight rows is the unit of work: its kRows x MR products
 //     are dot products, accumulated over K in 16-lane vectors (kRows + MR vector
@@ -19,17 +20,17 @@
 //     transposing shuffle tree folds 16 accumulators into one vector of 16
 //     outputs (the fold of paged_decode_tile.h) instead of 16 horizontal sums.
 //     kRows = MR = 4: 16 accumulators + 4 weight vectors fit the 32 zmm registers
-//     (6 x 4 and 8 x 3 tiles made GCC 12 keep the accumulators on the stack and
-//     ran 2x slower);
+//     (6 x 4 and 8 x 3 tiles made GCC 12 keep the accumulators on the stack,
+//     which ran much slower);
 //   - the block stays in L1 while every block of MR rows of x passes over it, so
 //     the weight is read from memory exactly once;
 //   - while the first x block passes, the rows of the block kPrefetchBytes
 //     ahead are prefetched to L2 (prefetcht1), one cache line per row per
 //     16-float chunk. The stream is sequential, but the hardware prefetcher
 //     alone left the loop waiting on memory when the weight was not in cache
-//     (Zen 4, LM head 8192 x 256, M = 8, weight evicted: ~1190 us without
-//     software prefetch, ~950 us prefetching to L1, ~500 us to L2; 8 KiB or
-//     32 KiB ahead measured no better than 16 KiB).
+//     (Zen 4, LM head 8192 x 256, M = 8, weight evicted: prefetching to L2 was
+//     clearly faster than to L1 or not at all; 8 KiB or 32 KiB ahead did no
+//     better than 16 KiB).
 //
 // Any K: the last K % 16 floats of each row (of x once per call, of the weight
 // block once per block) are copied into zero-padded 16-float rows, so the tail is
@@ -76,13 +77,13 @@ using vec16::prefetch;
 constexpr int kRows = 4;   // weight rows per block
 constexpr int kXRows = 4;  // x rows per register tile: 16 accumulators, 4 + 4 loads
 constexpr int64_t kPrefetchBytes = 16 << 10;              // prefetch distance in the weight
-constexpr int64_t kMinFlopsPerThread = int64_t{1} << 23;  // ~100 us of work per thread
+constexpr int64_t kMinFlopsPerThread = int64_t{1} << 23;  // enough work to pay for a thread
 
 // sums[j] = the sum of acc[j]'s 16 lanes, for j < count; 16 accumulators per tree
 // (a short last group is padded with zero vectors, which the compiler folds away).
 // The vectors are copied into a local array first: folding straight from acc
-// (vec16::fold16 with a lambda reading acc) kept the accumulators in memory and ran
-// the whole kernel 2.2x slower.
+// (vec16::fold16 with a lambda reading acc) kept the accumulators in memory and made
+// the whole kernel much slower.
 template <int count>
 METALM_ALWAYS_INLINE void fold_sums(const f32x16* acc, float* sums) {
   for (int group = 0; group < count; group += 16) {

@@ -36,12 +36,10 @@
 // rows of tile t + 1 to L2 while tile t computes, one row per key of tile t
 // (keys during the score pass, values during the value pass): spread out, the
 // requests stay within the miss buffers (a burst of the whole next tile, or
-// prefetching to L1, measured slower). Small model (Hkv = 8, D = 32, 32
-// sequences of ~670 tokens, pages shuffled): 4.5 ms per layer without the
-// prefetch, 2.7 with. Where pages are in order the hardware prefetchers stream
-// the rows and the register-resident step prefetches only where the stream
-// jumps: 19-21 GB/s with the tile step, 25-26 GB/s with it (8 and 32 sequences,
-// 4 layers, pages on 2 MiB pages, one core).
+// prefetching to L1, measured slower; on shuffled pages the prefetch makes a
+// layer markedly faster). Where pages are in order the hardware prefetchers
+// stream the rows and the register-resident step prefetches only where the
+// stream jumps, which reads the pages faster than the tile step does there.
 //
 // Threads: one per kMinElementsPerThread cached elements (a small step runs on
 // the calling thread: a parallel region costs more than it saves there, and

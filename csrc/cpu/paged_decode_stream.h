@@ -5,8 +5,8 @@
 // Why a second step: the tile step (paged_decode_tile.h) scores 32 keys, then
 // reads their 32 value rows, so the key and value streams take turns in bursts
 // of 32 KB (Hkv = 8, D = 32) and each starts cold. Measured on one core with
-// plain streaming loops over pages as the step lays them out:
-// 32-key bursts 21-24 GB/s, a key row then its value row 25-29 GB/s. A decode
+// plain streaming loops over pages as the step lays them out, a key row then its
+// value row reads faster than 32-key bursts of each. A decode
 // step is memory-bound, so this step walks the keys in groups of KB = 16 / Hq
 // (one score vector) and reads each group's value rows right after its key
 // rows. That needs an online-softmax update per group instead of per 32 keys,
@@ -23,8 +23,8 @@
 // The hardware prefetchers stream rows that follow each other in memory;
 // software prefetches go only where the stream jumps to another page (see
 // JumpPrefetcher), which is why run_item gives this step contiguous tiles only
-// (on shuffled pages the tile step, which prefetches every row, is faster:
-// 17-20 against 13-15 GB/s). m, l and acc are loaded from and stored to the item's
+// (on shuffled pages the tile step, which prefetches every row, is faster).
+// m, l and acc are loaded from and stored to the item's
 // scratch once per tile, in the layout the tile step uses, so the two steps
 // share run_item, the splits and the final merge.
 #pragma once
@@ -66,11 +66,11 @@ METALM_ALWAYS_INLINE void key_rows(const RowTile& t, int64_t j, const float*& k,
 }
 
 // The prefetcher of the key stream. Where a key's rows follow the previous
-// key's in memory the hardware prefetchers stream them (contiguous pages, one
-// core: 21-22 GB/s without software prefetches, 15-17 GB/s with a prefetch of
-// every row); where the stream jumps (the next page is elsewhere) they cannot
-// know where, so the first kRowsAfterJump rows there are prefetched kAhead keys
-// early (shuffled pages: 13-14 GB/s without).
+// key's in memory the hardware prefetchers stream them (on contiguous pages a
+// software prefetch of every row only slowed the stream down); where the stream
+// jumps (the next page is elsewhere) they cannot know where, so the first
+// kRowsAfterJump rows there are prefetched kAhead keys early (without, shuffled
+// pages read slower).
 struct JumpPrefetcher {
   static constexpr int64_t kRowsAfterJump = 1;
   const float* last_k = nullptr;

@@ -16,11 +16,11 @@
 //
 // Why a kernel: the PyTorch expression is four passes over q and k (two
 // products, roll, sum) plus the roll's copies; at prefill sizes the tensors
-// leave the caches, and the passes took ~15 % of a small model's prefill. Here
+// leave the caches, and the passes were a noticeable share of a small model's
+// prefill. Here
 // each row is read once and written once. Threads split the tokens. The in-place
 // form (inference: q and k rotated inside the fused projection) also spares the
-// fresh [T, H, D] output, whose page faults were about half of a prefill call
-// (small preset, 32 prompts: [21.6 K, 8, 32], 5 ms a call).
+// fresh [T, H, D] output, whose page faults were about half of a prefill call.
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -75,8 +75,7 @@ struct Rows {
 // `row` (dim elements) first: out[d] needs x[d +- D/2], which the row's other half
 // overwrites. The float version is compiled per ISA (target_clones), so the two
 // half loops run in AVX-512 or AVX2 vectors where the CPU has them rather than the
-// extension's SSE2 baseline (q of a small-preset prefill, [4950, 8, 32] strided, in
-// cache: 0.42 -> 0.35 ms).
+// extension's SSE2 baseline (faster on q of a small-preset prefill, in cache).
 template <typename T>
 METALM_ALWAYS_INLINE void rotate_tokens_impl(const Rows<T>& r, int64_t begin, int64_t end,
                                              T* row) {

@@ -100,8 +100,8 @@ class Transposed {
  private:
   // The panels live in a buffer per calling thread kept between calls (up to
   // kKeepBytes each for K and V; larger ones are allocated per call): a fresh
-  // multi-megabyte allocation per call page-faults on every call, ~10% of an
-  // encoder-span forward. Uninitialised on purpose: fill() writes every column
+  // multi-megabyte allocation per call page-faults on every call, a noticeable
+  // share of an encoder-span forward. Uninitialised on purpose: fill() writes every column
   // before it is read.
   static constexpr int64_t kKeepBytes = int64_t{64} << 20;
 

@@ -78,7 +78,7 @@ METALM_ALWAYS_INLINE f32x16 fold4(f32x16 x, f32x16 y) {
 // The 16 vectors product(0..15) folded into one, lane t = the sum of product t's
 // lanes. The tree is built as the products arrive, so few vectors are live. Meant
 // for a product that computes its vector (loads and FMAs): vectors already held in
-// an array went through memory this way (decode_linear.cpp, 2.2x slower); fold those
+// an array went through memory this way (decode_linear.cpp, much slower); fold those
 // with fold1..fold4 on a local copy.
 template <typename Product>
 METALM_ALWAYS_INLINE f32x16 fold16(const Product& product) {
