@@ -82,7 +82,7 @@ def _colours(names: Sequence[str], ours: str | None) -> dict[str, str]:
 
 
 def _label(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 1e3 else f"{value:,.0f}"
 
 
 def _draw_panel(axes, panel: Panel) -> None:
