@@ -45,6 +45,7 @@ from metalm_fast.ops import rotary as rotary_op
 __all__ = ["fused_decode_block"]
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+_FP32 = torch.float32
 
 
 # The checks below read submodules and parameters from the modules' ``_modules`` and
@@ -94,12 +95,15 @@ def _op_parameters(norm1, qkv, out, norm2, up, down, model_dim: int) -> tuple | 
         weights[3],
         linears[3]["bias"],
     )
-    for value in params:  # plain fp32 CPU tensors (a subclass such as DTensor dispatches itself)
-        if isinstance(value, torch.Tensor) and not (
-            type(value) in _PLAIN_TENSORS and value.dtype == torch.float32 and value.is_cpu
-        ):
+    # Plain tensors only (a subclass such as DTensor dispatches itself); the norms' fp32
+    # CPU here, the projections' by decode_linear's rule (its kernel serves each one).
+    for value in params:
+        if isinstance(value, torch.Tensor) and type(value) not in _PLAIN_TENSORS:
             return None
-    for linear in linears:  # the module path runs decode_linear's kernel for each projection
+    for value in (params[0], params[1], params[7], params[8]):
+        if value is not None and not (value.dtype == _FP32 and value.is_cpu):
+            return None
+    for linear in linears:
         if not decode_linear.weight_uses_kernel(linear["weight"], linear["bias"]):
             return None
     return params

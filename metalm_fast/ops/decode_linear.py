@@ -41,6 +41,7 @@ __all__ = [
 DECODE_ROWS = 32
 
 _CPU_OP = "_decode_linear_cpu"
+_FP32 = torch.float32
 _cpu_kernel = None  # torch.ops.metalm._decode_linear_cpu.default once registered (it stays)
 
 
@@ -108,7 +109,7 @@ def input_uses_kernel(x: torch.Tensor) -> bool:
     ``DECODE_ROWS`` rows, no gradient needed for x, CPU autocast off, and the kernel
     built. Only x's dtype, device, row count and ``requires_grad`` are read, so any
     tensor with those of a projection's input gives that input's answer."""
-    if not (x.is_cpu and x.dtype == torch.float32):
+    if not (x.dtype == _FP32 and x.is_cpu):
         return False
     if x.numel() > DECODE_ROWS * x.shape[-1]:  # more than DECODE_ROWS rows
         return False
@@ -122,10 +123,9 @@ def input_uses_kernel(x: torch.Tensor) -> bool:
 def weight_uses_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """The parameter half of :func:`uses_kernel`: weight (last dim contiguous) and bias
     float32 on the CPU, no gradient needed for either."""
-    fp32 = torch.float32
-    if not (weight.is_cpu and weight.dtype == fp32):
+    if not (weight.dtype == _FP32 and weight.is_cpu):
         return False
-    if bias is not None and not (bias.is_cpu and bias.dtype == fp32):
+    if bias is not None and not (bias.dtype == _FP32 and bias.is_cpu):
         return False
     if weight.shape[1] > 1 and weight.stride(1) != 1:
         return False
