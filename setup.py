@@ -88,8 +88,10 @@ def _cmdclass():
 
         def build_extensions(self):
             names = ", ".join(ext.name for ext in self.extensions)
-            _announce(f"metalm-fast: compiling {names} with ninja in {BUILD_TEMP} "
-                      "(a first build takes minutes; later ones reuse it)")
+            _announce(
+                f"metalm-fast: compiling {names} with ninja in {BUILD_TEMP} "
+                "(a first build takes minutes; later ones reuse it)"
+            )
             start = time.perf_counter()
             super().build_extensions()
             _announce(f"metalm-fast: extensions ready in {time.perf_counter() - start:.0f} s")
@@ -116,7 +118,13 @@ setup(
     package_dir={"metalm_fast": "metalm_fast", "metalm_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4", "triton>=3.0", "numpy", "tokenizers", "safetensors", "scikit-learn", "tqdm",
+        "torch>=2.4",
+        "triton>=3.0",
+        "numpy",
+        "tokenizers",
+        "safetensors",
+        "scikit-learn",
+        "tqdm",
     ],
     extras_require={
         "dev": [

@@ -41,7 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Panel, machine_lines, write_result  # noqa: E402
-from metalm_fast.ops.decode_linear import _kernel_available, decode_linear  # noqa: E402
+from metalm_fast.ops.decode_linear import decode_linear, kernel_available  # noqa: E402
 
 SHAPES = [
     ("qkv", 768, 256),
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
         "cpu_decode_linear_<date>.md; --quick writes only here)",
     )
     args = parser.parse_args(argv)
-    if not _kernel_available():
+    if not kernel_available():
         sys.exit("metalm_fast._C has no _decode_linear_cpu: rebuild it (pip install -e .)")
     torch.set_num_threads(1)
     repeats = {"hot": 50, "cold": 10} if args.quick else {"hot": 400, "cold": 40}

@@ -87,7 +87,7 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def mlp(module, x: torch.Tensor) -> torch.Tensor:
-    """The block's MLP (GELU or SwiGLU), HF-style: the weights of models.transformer.MLP."""
+    """The block's MLP (GELU or SwiGLU), HF-style: the weights of metalm_fast.nn.MLP."""
     hidden = linear(module.up, x)
     if module.kind == "swiglu":
         gate, value = hidden.chunk(2, dim=-1)

@@ -22,8 +22,9 @@ def require_backend(backend: str, cpu_op: str) -> None:
             pytest.skip(f"metalm_fast._C has no {cpu_op}: rebuild it (pip install -e .)")
 
 
-def paged_layout(lengths: list[int], block_size: int, spare: int = 3, seed: int = 0,
-                 contiguous: bool = False):
+def paged_layout(
+    lengths: list[int], block_size: int, spare: int = 3, seed: int = 0, contiguous: bool = False
+):
     """(num_blocks, block_table int32 [B, max_blocks]): each sequence's pages are drawn
     from a random permutation of ``spare`` times the pages all sequences need, or with
     ``contiguous`` handed out in order (sequence 0 takes pages 0, 1, ..., sequence 1 the
@@ -31,8 +32,9 @@ def paged_layout(lengths: list[int], block_size: int, spare: int = 3, seed: int 
     generator = torch.Generator().manual_seed(seed)
     needed = [math.ceil(length / block_size) for length in lengths]
     num_blocks = max(1, sum(needed)) * spare
-    order = torch.arange(num_blocks) if contiguous else torch.randperm(num_blocks,
-                                                                     generator=generator)
+    order = (
+        torch.arange(num_blocks) if contiguous else torch.randperm(num_blocks, generator=generator)
+    )
     table = torch.zeros(len(lengths), max(needed + [1]), dtype=torch.int32)
     used = 0
     for b, count in enumerate(needed):
@@ -41,15 +43,20 @@ def paged_layout(lengths: list[int], block_size: int, spare: int = 3, seed: int 
     return num_blocks, table
 
 
-def random_caches(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype,
-                  seed: int = 0):
+def random_caches(
+    num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, seed: int = 0
+):
     generator = torch.Generator().manual_seed(seed + 1)
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    return (torch.randn(shape, generator=generator).to(dtype),
-            torch.randn(shape, generator=generator).to(dtype))
+    return (
+        torch.randn(shape, generator=generator).to(dtype),
+        torch.randn(shape, generator=generator).to(dtype),
+    )
 
 
 def slots_of(table: torch.Tensor, block_size: int, b: int, first: int, count: int) -> list[int]:
     """Slots of positions [first, first + count) of sequence b."""
-    return [int(table[b, p // block_size]) * block_size + p % block_size
-            for p in range(first, first + count)]
+    return [
+        int(table[b, p // block_size]) * block_size + p % block_size
+        for p in range(first, first + count)
+    ]

@@ -103,9 +103,10 @@ def test_no_import_circle():
 @pytest.mark.parametrize(
     "layer, forbidden",
     [
-        ("models", {"kernels"}),  # model code goes through ops/
-        ("nn", {"kernels", "models"}),
-        ("ops", {"nn", "models"}),
+        ("models", {"kernels", "data", "training", "evaluation", "commands"}),
+        ("nn", {"kernels", "models", "data", "training", "evaluation", "commands"}),
+        ("ops", {"nn", "models", "data", "training", "evaluation", "commands"}),
+        ("data", {"training", "evaluation", "commands"}),
     ],
 )
 def test_layers_import_only_downward(layer, forbidden):

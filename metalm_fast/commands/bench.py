@@ -4,7 +4,7 @@ Runs, one after the other, each as its own process (so one benchmark's
 memory and threads never colour the next): span attention, embed_scatter,
 paged decode, and the end-to-end MetaLM throughput (fast path vs the
 HF-style path). Each prints its table and PASS/FAIL lines and writes its
-markdown copy to benchmarks/results/ (``--no-write`` skips that).
+markdown copy and a PNG chart to benchmarks/results/ (``--no-write`` skips both).
 
 The benchmarks live in the source checkout (benchmarks/ beside metalm_fast/),
 not in the installed package; an install without them is told so.
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-write",
         action="store_true",
-        help="do not write markdown copies to benchmarks/results/",
+        help="do not write the markdown tables and PNG charts to benchmarks/results/",
     )
 
 

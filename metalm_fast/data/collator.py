@@ -37,6 +37,7 @@ from metalm_fast.data.feature_index import (
 )
 from metalm_fast.data.semi_causal import sample_spans
 from metalm_fast.masks import SpanMask
+from metalm_fast.models.metalm import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -45,9 +46,6 @@ __all__ = [
     "build_batch",
     "pack_documents",
 ]
-
-#: Label of positions that carry no loss (as torch.nn.functional.cross_entropy's default).
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -136,20 +134,33 @@ class SemiCausalCollator:
     collator with the same seed yields the same batches.
     """
 
-    def __init__(self, *, span_min: int = 64, span_max: int = 128, fraction: float = 0.25,
-                 seed: int = 0):
+    def __init__(
+        self, *, span_min: int = 64, span_max: int = 128, fraction: float = 0.25, seed: int = 0
+    ):
         self.span_min, self.span_max, self.fraction = span_min, span_max, fraction
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, documents: list[list[int]]) -> SemiCausalBatch:
         lengths = [len(doc) for doc in documents]
-        starts, ends = sample_spans(lengths, span_min=self.span_min, span_max=self.span_max,
-                                    fraction=self.fraction, generator=self.generator)
+        starts, ends = sample_spans(
+            lengths,
+            span_min=self.span_min,
+            span_max=self.span_max,
+            fraction=self.fraction,
+            generator=self.generator,
+        )
         return build_batch(documents, starts, ends)
 
 
-def build_batch(documents: list[list[int]], span_starts, span_ends, *, images=None,
-                image_token_id: int | None = None, tokens_per_image: int = 1) -> SemiCausalBatch:
+def build_batch(
+    documents: list[list[int]],
+    span_starts,
+    span_ends,
+    *,
+    images=None,
+    image_token_id: int | None = None,
+    tokens_per_image: int = 1,
+) -> SemiCausalBatch:
     """The batch for given documents and spans (absolute packed offsets, validated).
 
     ``images`` (float [I, C, H, W], in order of appearance) go with runs of
@@ -173,11 +184,16 @@ def build_batch(documents: list[list[int]], span_starts, span_ends, *, images=No
     encoder_ids = torch.cat(span_tokens) if span_tokens else input_ids[:0]
     encoder_cu = torch.tensor([0, *(ends - starts).tolist()], dtype=torch.int64).cumsum(0)
     return SemiCausalBatch(
-        input_ids=input_ids, cu_seqlens=cu, span_starts=starts, span_ends=ends,
-        encoder_ids=encoder_ids, encoder_cu_seqlens=encoder_cu,
+        input_ids=input_ids,
+        cu_seqlens=cu,
+        span_starts=starts,
+        span_ends=ends,
+        encoder_ids=encoder_ids,
+        encoder_cu_seqlens=encoder_cu,
         feature_index=feature_index,
         labels=_labels(input_ids, cu, (feature_index >= 0) | (image_index >= 0)),
-        images=images, image_index=image_index,
+        images=images,
+        image_index=image_index,
     )
 
 
@@ -191,6 +207,7 @@ def _image_index(input_ids, images, image_token_id, tokens_per_image):
     images = torch.as_tensor(images, dtype=torch.float32)
     if images.dim() != 4:
         raise ValueError(f"images must be [I, C, H, W], got shape {tuple(images.shape)}")
-    index = feature_index_from_placeholders(input_ids, image_token_id,
-                                            images.shape[0] * tokens_per_image)
+    index = feature_index_from_placeholders(
+        input_ids, image_token_id, images.shape[0] * tokens_per_image
+    )
     return index, images

@@ -135,6 +135,16 @@ def _blocks_needed(prompt_lens: list[int], max_new_tokens: int, block_size: int)
     return max(blocks, 1)
 
 
+def cache_dtype(model) -> torch.dtype:
+    """The dtype of the keys and values the decoder writes: autocast's dtype when
+    autocast is on for the model's device (the qkv projection runs in it), else
+    the weights' dtype."""
+    weight = model.embedding.weight
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
 def new_cache(
     model, prompt_lens: list[int], max_new_tokens: int, block_size: int = 16
 ) -> PagedKVCache:
@@ -147,7 +157,7 @@ def new_cache(
         block_size,
         decoder.num_kv_heads,
         decoder.head_dim,
-        dtype=weight.dtype,
+        dtype=cache_dtype(model),
         device=weight.device,
     )
 
@@ -174,7 +184,7 @@ def model_cache(
         and cache.num_layers == len(decoder.blocks)
         and cache.num_kv_heads == decoder.num_kv_heads
         and cache.head_dim == decoder.head_dim
-        and cache.dtype == weight.dtype
+        and cache.dtype == cache_dtype(model)
         and cache.device == weight.device
     ):
         cache.reset()

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalm_fast.data.collator import IGNORE_INDEX
 from metalm_fast.masks import SpanMask
 from metalm_fast.models.generation import generate
 from metalm_fast.models.transformer import TransformerStack
@@ -43,7 +42,12 @@ from metalm_fast.nn.embedding import EmbeddingScatter
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import packed_positions
 
-__all__ = ["MetaLM", "MetaLMConfig", "PRESETS"]
+__all__ = ["IGNORE_INDEX", "MetaLM", "MetaLMConfig", "PRESETS"]
+
+
+#: The label of a position that carries no loss (F.cross_entropy's default ignore_index).
+#: Defined here, where the loss is computed; the collator and the trainer import it.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -79,27 +83,63 @@ class MetaLMConfig:
 #: tiny: tests and the CPU demo (vision-language: a text encoder and a ViT over 8x8 one-channel
 #: images, 4 tokens per image); small: CPU benchmarks (text); paper_*: Hao et al. 2022 sizes.
 PRESETS = {
-    "tiny": MetaLMConfig(vocab_size=1024, decoder_dim=64, decoder_layers=2, decoder_heads=2,
-                         encoder_dim=64, encoder_layers=2, encoder_heads=2,
-                         # 4x4 patches: 4 tokens per 8x8 digit; with 2x2 patches (16 tokens)
-                         # the tiny ViT learned digit VQA several times slower (measured)
-                         image_size=8, image_channels=1, patch_size=4, vision_dim=64,
-                         vision_layers=2, vision_heads=2, vision_connector="mlp",
-                         vision_connector_layers=3),
-    "small": MetaLMConfig(vocab_size=8192, decoder_dim=256, decoder_layers=4, decoder_heads=8,
-                          encoder_dim=256, encoder_layers=4, encoder_heads=8),
-    "paper_language": MetaLMConfig(vocab_size=64000, decoder_dim=2048, decoder_layers=24,
-                                   decoder_heads=32, encoder_dim=1024, encoder_layers=24,
-                                   encoder_heads=16),
+    "tiny": MetaLMConfig(
+        vocab_size=1024,
+        decoder_dim=64,
+        decoder_layers=2,
+        decoder_heads=2,
+        encoder_dim=64,
+        encoder_layers=2,
+        encoder_heads=2,
+        # 4x4 patches: 4 tokens per 8x8 digit; with 2x2 patches (16 tokens)
+        # the tiny ViT learned digit VQA several times slower (measured)
+        image_size=8,
+        image_channels=1,
+        patch_size=4,
+        vision_dim=64,
+        vision_layers=2,
+        vision_heads=2,
+        vision_connector="mlp",
+        vision_connector_layers=3,
+    ),
+    "small": MetaLMConfig(
+        vocab_size=8192,
+        decoder_dim=256,
+        decoder_layers=4,
+        decoder_heads=8,
+        encoder_dim=256,
+        encoder_layers=4,
+        encoder_heads=8,
+    ),
+    "paper_language": MetaLMConfig(
+        vocab_size=64000,
+        decoder_dim=2048,
+        decoder_layers=24,
+        decoder_heads=32,
+        encoder_dim=1024,
+        encoder_layers=24,
+        encoder_heads=16,
+    ),
     # The paper's vision-language MetaLM docks a ViT-B/16 (CLIP) through a 3-layer MLP
     # connector onto a 24-layer, 1024-wide decoder; images are its only bidirectional input
     # (the text is read by the decoder), so it has no separate text encoder: encoder_layers=0.
-    "paper_vision_language": MetaLMConfig(vocab_size=64000, decoder_dim=1024, decoder_layers=24,
-                                          decoder_heads=16, encoder_dim=0, encoder_layers=0,
-                                          encoder_heads=1, image_size=224, image_channels=3,
-                                          patch_size=16, vision_dim=768, vision_layers=12,
-                                          vision_heads=12, vision_connector="mlp",
-                                          vision_connector_layers=3),
+    "paper_vision_language": MetaLMConfig(
+        vocab_size=64000,
+        decoder_dim=1024,
+        decoder_layers=24,
+        decoder_heads=16,
+        encoder_dim=0,
+        encoder_layers=0,
+        encoder_heads=1,
+        image_size=224,
+        image_channels=3,
+        patch_size=16,
+        vision_dim=768,
+        vision_layers=12,
+        vision_heads=12,
+        vision_connector="mlp",
+        vision_connector_layers=3,
+    ),
 }
 
 
@@ -122,26 +162,39 @@ class MetaLM(nn.Module):
             if getattr(config, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
         self.config = config
-        self.embedding = EmbeddingScatter(config.vocab_size, config.decoder_dim,
-                                          backend=config.backend)
-        self.decoder = TransformerStack(config.decoder_dim, config.decoder_layers,
-                                        config.decoder_heads, config.decoder_kv_heads,
-                                        mlp_kind=config.mlp_kind, backend=config.backend)
+        self.embedding = EmbeddingScatter(
+            config.vocab_size, config.decoder_dim, backend=config.backend
+        )
+        self.decoder = TransformerStack(
+            config.decoder_dim,
+            config.decoder_layers,
+            config.decoder_heads,
+            config.decoder_kv_heads,
+            mlp_kind=config.mlp_kind,
+            backend=config.backend,
+        )
         self.lm_head = DecodeLinear(config.decoder_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied input and output embeddings
         if config.variant == "two_stack" and config.encoder_layers > 0:
             self.encoder_embedding = nn.Embedding(config.vocab_size, config.encoder_dim)
-            self.encoder = TransformerStack(config.encoder_dim, config.encoder_layers,
-                                            config.encoder_heads, mlp_kind=config.mlp_kind,
-                                            backend=config.backend)
+            self.encoder = TransformerStack(
+                config.encoder_dim,
+                config.encoder_layers,
+                config.encoder_heads,
+                mlp_kind=config.mlp_kind,
+                backend=config.backend,
+            )
             self.connector = Connector(config.connector, config.encoder_dim, config.decoder_dim)
         if config.vision_layers > 0:
             self.vision_encoder = VisionEncoder.from_config(config)
             self.vision_connector = Connector(
-                config.vision_connector, config.vision_dim, config.decoder_dim,
+                config.vision_connector,
+                config.vision_dim,
+                config.decoder_dim,
                 num_layers=config.vision_connector_layers,
                 num_latents=config.tokens_per_image,  # a resampler keeps one row per placeholder
-                num_heads=config.decoder_heads, backend=config.backend,
+                num_heads=config.decoder_heads,
+                backend=config.backend,
             )
 
     @property
@@ -192,7 +245,8 @@ class MetaLM(nn.Module):
         if not count:
             encoder = self.vision_encoder
             images = self.embedding.weight.new_zeros(
-                (0, encoder.image_channels, encoder.image_size, encoder.image_size))
+                (0, encoder.image_channels, encoder.image_size, encoder.image_size)
+            )
         if image_index is None:
             image_index = torch.full_like(batch.input_ids, -1)
         return images, image_index
@@ -228,8 +282,9 @@ class MetaLM(nn.Module):
             return self.embedding(batch.input_ids, image_features, vision[1]), mask
         image_index = vision[1]
         features = torch.cat((text_features, image_features))
-        index = torch.where(image_index >= 0, image_index + text_features.shape[0],
-                            batch.feature_index)
+        index = torch.where(
+            image_index >= 0, image_index + text_features.shape[0], batch.feature_index
+        )
         return self.embedding(batch.input_ids, features, index), mask
 
     def logits(self, batch) -> torch.Tensor:
@@ -247,8 +302,9 @@ class MetaLM(nn.Module):
         logits = self.logits(batch)
         if not bool((batch.labels != IGNORE_INDEX).any()):
             return logits.sum() * 0.0
-        # labels are -100 (cross_entropy's ignore_index) where no loss is carried
-        return F.cross_entropy(logits.float(), batch.labels, reduction=reduction)
+        return F.cross_entropy(
+            logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction=reduction
+        )
 
     def generate(self, prompts, **kwargs) -> list[list[int]]:
         """New tokens for each prompt; see :func:`metalm_fast.models.generation.generate`."""

@@ -44,13 +44,27 @@ class VisionEncoder(nn.Module):
     ``I = 0`` gives ``[0, dim]``.
     """
 
-    def __init__(self, image_size: int, image_channels: int, patch_size: int, dim: int,
-                 num_layers: int, num_heads: int, *, mlp_kind: str = "gelu",
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        image_size: int,
+        image_channels: int,
+        patch_size: int,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        *,
+        mlp_kind: str = "gelu",
+        backend: str = "auto",
+    ):
         super().__init__()
-        sizes = {"image_size": image_size, "image_channels": image_channels,
-                 "patch_size": patch_size, "dim": dim, "num_layers": num_layers,
-                 "num_heads": num_heads}
+        sizes = {
+            "image_size": image_size,
+            "image_channels": image_channels,
+            "patch_size": patch_size,
+            "dim": dim,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+        }
         for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -64,15 +78,23 @@ class VisionEncoder(nn.Module):
         self.dim = dim
         self.patch_embedding = nn.Linear(image_channels * patch_size * patch_size, dim)
         self.position_embedding = nn.Parameter(torch.randn(self.num_patches, dim) * 0.02)
-        self.transformer = TransformerStack(dim, num_layers, num_heads, mlp_kind=mlp_kind,
-                                            rotary=False, backend=backend)
+        self.transformer = TransformerStack(
+            dim, num_layers, num_heads, mlp_kind=mlp_kind, rotary=False, backend=backend
+        )
 
     @classmethod
     def from_config(cls, config) -> VisionEncoder:
         """The encoder a MetaLMConfig describes (its ``image_*``, ``patch_size``, ``vision_*``)."""
-        return cls(config.image_size, config.image_channels, config.patch_size,
-                   config.vision_dim, config.vision_layers, config.vision_heads,
-                   mlp_kind=config.mlp_kind, backend=config.backend)
+        return cls(
+            config.image_size,
+            config.image_channels,
+            config.patch_size,
+            config.vision_dim,
+            config.vision_layers,
+            config.vision_heads,
+            mlp_kind=config.mlp_kind,
+            backend=config.backend,
+        )
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise (naming ``images``) unless it is a float [I, C, S, S] tensor as configured."""
@@ -103,9 +125,10 @@ class VisionEncoder(nn.Module):
         self.check_images(images)
         count = images.shape[0]
         weight = self.patch_embedding.weight
-        patches = self.patch_embedding(self.patchify(images.to(device=weight.device,
-                                                               dtype=weight.dtype)))
-        hidden = (patches.view(count, self.num_patches, self.dim) + self.position_embedding)
+        patches = self.patch_embedding(
+            self.patchify(images.to(device=weight.device, dtype=weight.dtype))
+        )
+        hidden = patches.view(count, self.num_patches, self.dim) + self.position_embedding
         hidden = hidden.view(count * self.num_patches, self.dim)
         mask = SpanMask.bidirectional(self.cu_seqlens(count, hidden.device))
         return self.transformer(hidden, mask)

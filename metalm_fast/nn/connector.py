@@ -26,8 +26,9 @@ __all__ = ["Connector", "LatentResampler"]
 def _mlp(in_dim: int, out_dim: int, num_layers: int) -> nn.Sequential:
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    linears = [nn.Linear(in_dim, out_dim)] + [nn.Linear(out_dim, out_dim)
-                                              for _ in range(num_layers - 1)]
+    linears = [nn.Linear(in_dim, out_dim)] + [
+        nn.Linear(out_dim, out_dim) for _ in range(num_layers - 1)
+    ]
     layers: list[nn.Module] = [linears[0]]
     for linear in linears[1:]:
         layers += [nn.GELU(), linear]

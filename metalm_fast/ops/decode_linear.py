@@ -53,10 +53,6 @@ def kernel_available() -> bool:
     return _cpu_kernel is not None
 
 
-# Compatibility for benchmarks/bench_decode_linear.py until it imports kernel_available.
-_kernel_available = kernel_available
-
-
 # ----------------------------------------------------------------------------- custom op
 @torch.library.custom_op("metalm::decode_linear", mutates_args=())
 def _decode_linear(
@@ -93,8 +89,13 @@ def _check_inputs(x, weight, bias) -> None:
             f"bias must be [N] with N = weight.shape[0] = {weight.shape[0]}, "
             f"got shape {tuple(bias.shape)}"
         )
+    # Under autocast F.linear casts its operands itself, so x (say bf16 from the
+    # previous autocast op) may differ from an fp32 weight, as nn.Linear allows.
+    same_dtype_needed = not torch.is_autocast_enabled(weight.device.type)
     for name, tensor in (("x", x), ("bias", bias)):
-        if tensor is not None and (tensor.dtype != weight.dtype or tensor.device != weight.device):
+        if tensor is None:
+            continue
+        if tensor.device != weight.device or (same_dtype_needed and tensor.dtype != weight.dtype):
             raise TypeError(
                 f"{name} must have weight's dtype and device ({weight.dtype} on "
                 f"{weight.device}), got {tensor.dtype} on {tensor.device}"

@@ -6,9 +6,10 @@
     k_p = k_cache[block_table[b, p // block_size], p % block_size, h // (Hq // Hkv)]
 
 This is the generation step: each sequence's prompt and earlier tokens are in
-the paged cache (metalm_fast.ops.kv_cache), and only the newest token's query
-is computed. The work is reading K and V (about 2 * seq_len * Hkv * D elements
-per sequence) against a few FLOPs per element, so every backend reads each key
+the paged cache (metalm_fast.nn.paged_kv_cache, written by
+metalm_fast.ops.kv_cache_append), and only the newest token's query is
+computed. The work is reading K and V (about 2 * seq_len * Hkv * D elements per
+sequence) against a few FLOPs per element, so every backend reads each key
 and value row once for all Hq / Hkv query heads that share it (GQA).
 
 Backends: ``triton`` (kernels/paged_decode_attention.py: flash-decoding, long
@@ -29,7 +30,7 @@ import math
 import torch
 
 from metalm_fast import reference
-from metalm_fast.ops._backend import cpu_extension, eager_inference
+from metalm_fast.ops._backend import cpu_extension, eager_inference, resolve_with_compiled_op
 from metalm_fast.ops._validation import (
     check_float_tensor,
     check_gqa_heads,
@@ -37,7 +38,7 @@ from metalm_fast.ops._validation import (
     check_index_tensor,
     check_scale,
 )
-from metalm_fast.ops.kv_cache import check_cache_pair, resolve_with_compiled_op
+from metalm_fast.ops.kv_cache_append import check_cache_pair
 
 __all__ = ["paged_decode_attention"]
 

@@ -787,7 +787,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"ops to check (default: {' '.join(OPS)}) or module:function specs",
     )
-    parser.add_argument("--arch", nargs="+", type=int, default=[80, 90], choices=[80, 90])
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        type=int,
+        default=[80, 90],
+        choices=[80, 90],
+        help="compute capabilities to compile for (default: 80 90)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="compile worker processes")
     parser.add_argument(
         "--filter",

@@ -137,7 +137,7 @@ def shutdown(context: DistributedContext) -> None:
 def _shard_fsdp2(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    from metalm_fast.models.transformer import TransformerBlock
+    from metalm_fast.nn import TransformerBlock
 
     # One FSDP group per block: its parameters are gathered only while it runs.
     for module in list(model.modules()):

@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalm_fast.data.collator import IGNORE_INDEX
-from metalm_fast.models.metalm import MetaLM, MetaLMConfig
+from metalm_fast.models.metalm import IGNORE_INDEX, MetaLM, MetaLMConfig
 from metalm_fast.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,

@@ -101,8 +101,14 @@ def image_documents(draw):
 def test_image_path_invariants(case):
     documents, starts, ends, count, tokens_per_image = case
     images = torch.rand(count, 1, 2, 2)
-    batch = build_batch(documents, starts, ends, images=images, image_token_id=IMAGE_ID,
-                        tokens_per_image=tokens_per_image)
+    batch = build_batch(
+        documents,
+        starts,
+        ends,
+        images=images,
+        image_token_id=IMAGE_ID,
+        tokens_per_image=tokens_per_image,
+    )
     is_image = batch.image_index >= 0
     assert int(is_image.sum()) == count * tokens_per_image
     assert torch.equal(is_image, batch.input_ids == IMAGE_ID)
@@ -122,12 +128,14 @@ def test_image_path_bad_input_raises():
     with pytest.raises(ValueError, match="placeholder"):
         build_batch([doc], [], [], images=two_images, image_token_id=IMAGE_ID, tokens_per_image=2)
     with pytest.raises(ValueError, match="image placeholder"):
-        build_batch([doc], [0], [2], images=two_images[:1], image_token_id=IMAGE_ID,
-                    tokens_per_image=2)
+        build_batch(
+            [doc], [0], [2], images=two_images[:1], image_token_id=IMAGE_ID, tokens_per_image=2
+        )
     with pytest.raises(ValueError, match="image_token_id"):
         build_batch([doc], [], [], images=two_images[:1], tokens_per_image=2)
     with pytest.raises(ValueError, match="no images"):
         build_batch([doc], [], [], image_token_id=IMAGE_ID, tokens_per_image=2)
     with pytest.raises(ValueError, match="images must be"):
-        build_batch([doc], [], [], images=torch.zeros(1, 2, 2), image_token_id=IMAGE_ID,
-                    tokens_per_image=2)
+        build_batch(
+            [doc], [], [], images=torch.zeros(1, 2, 2), image_token_id=IMAGE_ID, tokens_per_image=2
+        )

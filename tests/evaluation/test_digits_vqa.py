@@ -21,8 +21,9 @@ def test_prompt_places_demonstrations_and_encoder_spans(tokenizer):
     digits = load_digits("train")
     per_image = CONFIG.tokens_per_image
     demos = [("is it even?", "yes", digits.images[0]), ("is it even?", "no", digits.images[1])]
-    prompt = build_prompt(tokenizer, per_image, "is it even?", digits.images[2], demos,
-                          encoder_demos=True)
+    prompt = build_prompt(
+        tokenizer, per_image, "is it even?", digits.images[2], demos, encoder_demos=True
+    )
     assert prompt.images.shape == (3, 1, 8, 8)
     assert sum(t == tokenizer.image_id for t in prompt.tokens) == 3 * per_image
     assert len(prompt.spans) == 2

@@ -78,11 +78,14 @@ def test_tiny_model_learns_a_fixed_batch():
     assert float(loss.detach()) < 0.6 * first
 
 
-@pytest.mark.parametrize(("preset", "low", "high"), [
-    ("paper_language", 1.0e9, 2.0e9),
-    # 24 x 1024 decoder with 64k tied embeddings (~0.37 B) + ViT-B/16 (~86 M) + connector
-    ("paper_vision_language", 0.40e9, 0.50e9),
-])
+@pytest.mark.parametrize(
+    ("preset", "low", "high"),
+    [
+        ("paper_language", 1.0e9, 2.0e9),
+        # 24 x 1024 decoder with 64k tied embeddings (~0.37 B) + ViT-B/16 (~86 M) + connector
+        ("paper_vision_language", 0.40e9, 0.50e9),
+    ],
+)
 def test_paper_sizes_build_on_meta_device(preset, low, high):
     with torch.device("meta"):
         model = MetaLM(PRESETS[preset])

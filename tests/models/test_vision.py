@@ -18,21 +18,36 @@ IMAGE = 1  # the image placeholder token id of these tests
 TINY = PRESETS["tiny"]
 
 
-def vision_language_batch(lengths=(120, 60, 90), images_at=((0, 10), (0, 50), (2, 30)),
-                          spans=((70, 100), (130, 150)), seed=0):
+def vision_language_batch(
+    lengths=(120, 60, 90),
+    images_at=((0, 10), (0, 50), (2, 30)),
+    spans=((70, 100), (130, 150)),
+    seed=0,
+):
     """Documents of random tokens (ids >= 2) with 16-token image placeholder runs at
     ``images_at`` (document, offset) and text spans at absolute packed offsets."""
     generator = torch.Generator().manual_seed(seed)
-    documents = [torch.randint(2, TINY.vocab_size, (n,), generator=generator).tolist()
-                 for n in lengths]
+    documents = [
+        torch.randint(2, TINY.vocab_size, (n,), generator=generator).tolist() for n in lengths
+    ]
     per_image = TINY.tokens_per_image
     for document, offset in images_at:
         documents[document][offset : offset + per_image] = [IMAGE] * per_image
-    images = torch.rand(len(images_at), TINY.image_channels, TINY.image_size, TINY.image_size,
-                        generator=generator) if images_at else None
+    images = (
+        torch.rand(
+            len(images_at),
+            TINY.image_channels,
+            TINY.image_size,
+            TINY.image_size,
+            generator=generator,
+        )
+        if images_at
+        else None
+    )
     starts, ends = (list(column) for column in zip(*spans)) if spans else ([], [])
-    return build_batch(documents, starts, ends, images=images, image_token_id=IMAGE,
-                       tokens_per_image=per_image)
+    return build_batch(
+        documents, starts, ends, images=images, image_token_id=IMAGE, tokens_per_image=per_image
+    )
 
 
 def tiny_model(variant="two_stack", backend="auto", seed=0, **changes) -> MetaLM:
@@ -105,10 +120,12 @@ def test_zero_image_rows_equal_the_connector_output():
         encoder = model.vision_encoder
         patches = encoder.patch_embedding.bias + encoder.position_embedding  # zero pixels
         expected = model.vision_connector(
-            encoder.transformer(patches, SpanMask.bidirectional(torch.tensor([0, per_image]))))
+            encoder.transformer(patches, SpanMask.bidirectional(torch.tensor([0, per_image])))
+        )
     for image in range(batch.images.shape[0]):
-        rows = hidden[(batch.image_index >= image * per_image)
-                      & (batch.image_index < (image + 1) * per_image)]
+        rows = hidden[
+            (batch.image_index >= image * per_image) & (batch.image_index < (image + 1) * per_image)
+        ]
         torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-6)
 
 

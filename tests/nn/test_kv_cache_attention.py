@@ -41,8 +41,9 @@ def test_continued_prefill_matches_full_sequence(backend):
         q, k, v = rows[:, :2], rows[:, 2:4], rows[:, 4:]
         step = cache.step(seqs, lengths)
         mask = SpanMask.semi_causal(step.cu_seqlens, *spans)
-        return cached_attention(q, k, v, cache=cache, layer_idx=0, step=step, mask=mask,
-                                backend=backend)
+        return cached_attention(
+            q, k, v, cache=cache, layer_idx=0, step=step, mask=mask, backend=backend
+        )
 
     run_chunk([0, 0], first, ([1], [3]))  # a span in sequence 0's first chunk
     out = run_chunk(first, second, ([11], [13]))  # packed chunk 2: seq 0 is 0..8, seq 1 9..12
@@ -50,8 +51,9 @@ def test_continued_prefill_matches_full_sequence(backend):
     full_rows = torch.cat(qkv)
     cu = torch.tensor([0, 14, 27])
     mask = SpanMask.semi_causal(cu, [1, 14 + 9 + 2], [3, 14 + 9 + 4])
-    expected, _ = reference.span_attention(full_rows[:, :2], full_rows[:, 2:4], full_rows[:, 4:],
-                                           mask)
+    expected, _ = reference.span_attention(
+        full_rows[:, :2], full_rows[:, 2:4], full_rows[:, 4:], mask
+    )
     chunk_two = torch.cat([expected[5:14], expected[14 + 9 :]])
     torch.testing.assert_close(out, chunk_two, rtol=1e-5, atol=1e-5)
 
@@ -61,13 +63,22 @@ def test_continued_prefill_rejects_masks_that_hide_the_prefix():
     seq = cache.allocate()
     x = torch.randn(12, 3, 16)
     step = cache.step([seq], 6)
-    cached_attention(x[:6, :1], x[:6, 1:2], x[:6, 2:], cache=cache, layer_idx=0, step=step,
-                     backend="reference")
+    cached_attention(
+        x[:6, :1], x[:6, 1:2], x[:6, 2:], cache=cache, layer_idx=0, step=step, backend="reference"
+    )
     step = cache.step([seq], 6)
     window = SpanMask.sliding_window(step.cu_seqlens, 2)
     with pytest.raises(ValueError, match="must start there"):
-        cached_attention(x[6:, :1], x[6:, 1:2], x[6:, 2:], cache=cache, layer_idx=0, step=step,
-                         mask=window, backend="reference")
+        cached_attention(
+            x[6:, :1],
+            x[6:, 1:2],
+            x[6:, 2:],
+            cache=cache,
+            layer_idx=0,
+            step=step,
+            mask=window,
+            backend="reference",
+        )
 
 
 def test_module_needs_step_and_mask():
@@ -89,8 +100,9 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x, mask, positions, layer_idx, cache, step):
-        x = x + self.attention(self.attention_norm(x), mask, positions, cache=cache,
-                               layer_idx=layer_idx, step=step)
+        x = x + self.attention(
+            self.attention_norm(x), mask, positions, cache=cache, layer_idx=layer_idx, step=step
+        )
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -125,16 +137,21 @@ def _generate_recomputing(model, prompts, new_tokens, generator):
         logits = model(ids, SpanMask.causal(cu), packed_positions(cu))
         for s, token in zip(sequences, _next_tokens(logits[cu[1:] - 1], generator).tolist()):
             s.append(token)
-    return [s[len(p):] for s, p in zip(sequences, prompts)]
+    return [s[len(p) :] for s, p in zip(sequences, prompts)]
 
 
 def _generate_cached(model, prompts, new_tokens, generator, block_size):
-    cache = PagedKVCache(len(model.blocks), num_blocks=64, block_size=block_size,
-                         num_kv_heads=2, head_dim=16)
+    cache = PagedKVCache(
+        len(model.blocks), num_blocks=64, block_size=block_size, num_kv_heads=2, head_dim=16
+    )
     seqs = [cache.allocate() for _ in prompts]
     step = cache.step(seqs, [len(p) for p in prompts])
-    logits = model(torch.tensor([t for p in prompts for t in p]),
-                   SpanMask.causal(step.cu_seqlens), cache=cache, step=step)
+    logits = model(
+        torch.tensor([t for p in prompts for t in p]),
+        SpanMask.causal(step.cu_seqlens),
+        cache=cache,
+        step=step,
+    )
     tokens = _next_tokens(logits[step.cu_seqlens[1:].long() - 1], generator)
     generated = [[t] for t in tokens.tolist()]
     for _ in range(new_tokens - 1):
