@@ -170,6 +170,18 @@ def main(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             seed=args.seed,
         )
+    specs = iter(args.image)
     for prompt, text in zip(args.prompt, texts, strict=True):
-        print(f"> {prompt}\n{text}\n")
+        labels = [_digit_label(next(specs)) for _ in range(prompt.count(IMAGE_MARKER))]
+        known = [label for label in labels if label is not None]
+        truth = f"   (image labelled {', '.join(known)})" if known else ""
+        print(f"> {prompt}{truth}\n{text}\n")
     return 0
+
+
+def _digit_label(spec: str) -> str | None:
+    """The label of a ``digit:N`` image, so the reader can check the answer; None
+    for an image file."""
+    if not spec.startswith("digit:"):
+        return None
+    return str(int(load_digits("test").labels[int(spec.split(":", 1)[1])]))

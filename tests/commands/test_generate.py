@@ -3,6 +3,7 @@
 import pytest
 
 from metalm_fast.cli import main
+from metalm_fast.data.digits import load_digits
 
 
 def test_greedy_generation_prints_each_prompt(tiny_checkpoint, capsys):
@@ -27,7 +28,10 @@ def test_greedy_generation_prints_each_prompt(tiny_checkpoint, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "> the for\n" in out and "> <image> question: is it even? answer:\n" in out
+    label = int(load_digits("test").labels[3])
+    assert "> the for\n" in out
+    # a digit image's label is printed beside its prompt, so a reader can check the answer
+    assert f"> <image> question: is it even? answer:   (image labelled {label})\n" in out
 
 
 def test_bf16_generation_matches_the_prompt_count(tiny_checkpoint, capsys):
