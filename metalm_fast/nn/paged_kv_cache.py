@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metalm_fast.ops.host_memory import zeros_on_huge_pages
 from metalm_fast.ops.kv_cache_append import CACHE_DTYPES, kv_cache_append
 
 __all__ = ["CacheStep", "KVCacheFullError", "PagedKVCache"]
@@ -135,7 +136,10 @@ class PagedKVCache:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        if torch.device(device).type == "cpu":  # 2 MiB pages: see ops/host_memory.py
+            self.kv = zeros_on_huge_pages(shape, dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
         # Each layer's key and value views, made once (every decode step asks for them).
         self._views = [(self.kv[layer, 0], self.kv[layer, 1]) for layer in range(num_layers)]
         self._next_id = 0
