@@ -89,13 +89,16 @@ def _check_inputs(x, weight, bias) -> None:
             f"bias must be [N] with N = weight.shape[0] = {weight.shape[0]}, "
             f"got shape {tuple(bias.shape)}"
         )
-    # Under autocast F.linear casts its operands itself, so x (say bf16 from the
-    # previous autocast op) may differ from an fp32 weight, as nn.Linear allows.
-    same_dtype_needed = not torch.is_autocast_enabled(weight.device.type)
     for name, tensor in (("x", x), ("bias", bias)):
         if tensor is None:
             continue
-        if tensor.device != weight.device or (same_dtype_needed and tensor.dtype != weight.dtype):
+        # Under autocast F.linear casts its operands itself, so x (say bf16 from the
+        # previous autocast op) may differ from an fp32 weight, as nn.Linear allows.
+        # The autocast query runs only on a mismatch: a decode step never pays for it.
+        mismatched = tensor.dtype != weight.dtype
+        if tensor.device != weight.device or (
+            mismatched and not torch.is_autocast_enabled(weight.device.type)
+        ):
             raise TypeError(
                 f"{name} must have weight's dtype and device ({weight.dtype} on "
                 f"{weight.device}), got {tensor.dtype} on {tensor.device}"

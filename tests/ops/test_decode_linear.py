@@ -204,6 +204,24 @@ def test_mixed_dtypes_raise_naming_the_argument():
         decode_linear(x.double(), weight)
 
 
+def test_autocast_accepts_a_bf16_input_for_an_fp32_weight_as_nn_linear_does():
+    """Under CPU autocast the previous op hands a bf16 x to an fp32 layer: the answer is
+    exactly autocast's F.linear (bf16), non-finite entries included; outside autocast
+    the same call is the TypeError above."""
+    x, weight, bias = _inputs(4, 6, 5, bias=True)
+    x = x.bfloat16()
+    x[1, 2], x[3, 0] = float("nan"), float("inf")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = decode_linear(x, weight, bias), F.linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite], expected[finite])
+    assert out[1].isnan().all() and out[0].isfinite().all()
+    with pytest.raises(TypeError, match="^x must have weight's dtype"):
+        decode_linear(x, weight, bias)
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "x_shape, weight_shape, bias_shape, match",
