@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 # Sibling modules of benchmarks/gpu, however this file is started (script, module, by path).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_chart import write_chart_or_note  # noqa: E402
 from gpu_timing import median_ms  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -385,15 +386,7 @@ def chart(rows: list[DecodeRow]):
 
 def write_chart(path: Path, title: str, rows: list[DecodeRow]) -> Path | None:
     """The PNG beside the .md; None, with a note, without matplotlib or data to draw."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))
-    try:
-        from benchmarks.charts import draw_chart
-    except ImportError as error:
-        print(f"no chart: {error}")
-        return None
-    panels = chart(rows)
-    return draw_chart(path, title, panels) if panels else None
+    return write_chart_or_note(path, title, chart(rows))
 
 
 def main(argv=None) -> int:

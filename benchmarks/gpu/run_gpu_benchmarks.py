@@ -67,6 +67,7 @@ import torch  # noqa: E402
 
 # Sibling modules of benchmarks/gpu, however this file is started (script, module, by path).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_chart import write_chart_or_note  # noqa: E402
 from gpu_timing import median_ms  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -706,21 +707,13 @@ def span_chart(reports: list[CaseReport]):
 
 
 def write_chart(path: Path, title: str, reports: list[CaseReport], suites=()) -> Path | None:
-    """The PNG beside the .md (benchmarks/charts.py): span attention, then the panels of
-    each (module, rows) suite whose module has ``chart(rows)``; None, with a note, when there is
-    nothing to draw or no matplotlib (this script installs nothing, and must never lose
-    its tables to a missing plotting library)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.append(str(REPO_ROOT))
-    try:
-        from benchmarks.charts import draw_chart
-    except ImportError as error:
-        print(f"no chart: {error}")
-        return None
+    """The PNG beside the .md: span attention, then the panels of each (module, rows)
+    suite whose module has ``chart(rows)``; None, with a note, when there is nothing
+    to draw or no matplotlib (gpu_chart.py)."""
     panels = span_chart(reports)
     for module, rows in suites:
         panels += module.chart(rows) if hasattr(module, "chart") else []
-    return draw_chart(path, title, panels) if panels else None
+    return write_chart_or_note(path, title, panels)
 
 
 def load_suite(filename: str):

@@ -118,3 +118,31 @@ def test_each_benchmark_builds_its_chart_from_its_measurements(tmp_path):
         assert all(panel.ours is not None for panel in panels)
         write_result(name, name, "body", "cmd", path=tmp_path / f"{name}.md", chart=panels)
         _assert_chart(tmp_path / f"{name}.png")
+
+
+def _gpu_chart_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "gpu_chart.py"
+    spec = importlib.util.spec_from_file_location("gpu_chart", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_chart_draws_and_steps_aside_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """The GPU script's one chart writer: a PNG from panels; None (no file) for no
+    panels; and None with a note, never an exception, when matplotlib cannot import,
+    so the GPU run keeps its tables."""
+    gpu_chart = _gpu_chart_module()
+    panels = [Panel("decode", "GB/s", ["B=8"], {"ours": [900.0], "peer": [600.0]}, ours="ours")]
+    drawn = gpu_chart.write_chart_or_note(tmp_path / "gpu.png", "GPU", panels)
+    assert drawn == tmp_path / "gpu.png"
+    _assert_chart(drawn, min_bytes=5_000)
+    assert gpu_chart.write_chart_or_note(tmp_path / "none.png", "GPU", []) is None
+    assert not (tmp_path / "none.png").exists()
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import fails
+    missing = gpu_chart.write_chart_or_note(tmp_path / "missing.png", "GPU", panels)
+    assert missing is None and not (tmp_path / "missing.png").exists()
+    assert "no chart:" in capsys.readouterr().out
