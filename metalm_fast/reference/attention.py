@@ -1,12 +1,4 @@
-"""The oracle: every op in plain PyTorch with dense masks, in any dtype.
-
-Nothing here is fast; everything here is obviously right. Tests compare the
-kernels against these functions run in float64 (the golden) and in the test
-dtype (the baseline), as docs/ARCHITECTURE.md's correctness policy describes.
-Autograd through these functions gives the reference gradients; they are
-written so that queries with an empty interval get output 0, lse -inf and
-zero gradients, with no NaN anywhere.
-"""
+"""Reference span attention: dense masked attention in plain PyTorch, any dtype."""
 
 from __future__ import annotations
 
@@ -16,7 +8,7 @@ import torch
 
 from metalm_fast.masks import SpanMask
 
-__all__ = ["span_attention"]
+__all__ = ["span_attention", "span_attention_backward"]
 
 
 def span_attention(
@@ -111,93 +103,3 @@ def span_attention_backward(
     grad_k = grad_keys.reshape(tokens, kv_heads, group, head_dim).sum(2)
     grad_v = grad_values.reshape(tokens, kv_heads, group, head_dim).sum(2)
     return grad_q, grad_k, grad_v
-
-
-def embed_scatter(
-    token_ids: torch.Tensor,
-    weight: torch.Tensor,
-    features: torch.Tensor,
-    feature_index: torch.Tensor,
-    *,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """Token embeddings with encoder features scattered in, in ``weight.dtype``.
-
-    ``out[t] = weight[token_ids[t]] * scale`` where ``feature_index[t] < 0``, else
-    ``features[feature_index[t]]``. Token ids at feature positions are never
-    read. Autograd gives the reference gradients (weight rows of unused ids are 0).
-    """
-    is_feature = feature_index >= 0
-    safe_ids = torch.where(is_feature, torch.zeros_like(token_ids), token_ids)
-    safe_rows = torch.where(is_feature, feature_index, torch.zeros_like(feature_index))
-    embedded = weight[safe_ids] * scale
-    if features.shape[0] == 0:
-        return embedded
-    scattered = features[safe_rows].to(embedded.dtype)
-    return torch.where(is_feature[:, None], scattered, embedded)
-
-
-def kv_cache_append(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write new keys and values into a paged cache, in place, by advanced indexing.
-
-    ``slot = block * block_size + offset`` addresses ``cache[block, offset]``
-    (caches are [num_blocks, block_size, Hkv, D]); token ``t`` goes to
-    ``slot_mapping[t]``. Slots < 0 and slots past the pool are skipped (never
-    written). Slots must be distinct: with duplicates, which write wins is
-    unspecified.
-    """
-    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
-    slots = slot_mapping.to(torch.int64)
-    keep = (slots >= 0) & (slots < num_blocks * block_size)
-    blocks, offsets = slots[keep] // block_size, slots[keep] % block_size
-    k_cache[blocks, offsets] = k_new[keep]
-    v_cache[blocks, offsets] = v_new[keep]
-
-
-def gather_paged_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
-) -> torch.Tensor:
-    """Sequences' cached rows, packed: [sum(seq_lens), Hkv, D], one sequence at a time.
-
-    Token ``p`` of sequence ``b`` is ``cache[block_table[b, p // block_size],
-    p % block_size]``.
-    """
-    block_size = cache.shape[1]
-    rows = []
-    for b, length in enumerate(seq_lens.tolist()):
-        positions = torch.arange(length, device=cache.device)
-        pages = block_table[b].to(device=cache.device, dtype=torch.int64)[positions // block_size]
-        rows.append(cache[pages, positions % block_size])
-    if not rows:
-        return cache.new_empty((0, *cache.shape[2:]))
-    return torch.cat(rows)
-
-
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """One query token per sequence over its cached pages, in ``q.dtype``: [B, Hq, D].
-
-    The pages are gathered into packed keys and values (:func:`gather_paged_kv`)
-    and query ``b`` attends exactly its own sequence's ``seq_lens[b]`` keys
-    through :func:`span_attention`; a sequence of length 0 gets zeros.
-    """
-    lengths = seq_lens.to(torch.int64).cpu()
-    keys = gather_paged_kv(k_cache, block_table, lengths).to(q.dtype)
-    values = gather_paged_kv(v_cache, block_table, lengths).to(q.dtype)
-    ends = lengths.cumsum(0)
-    mask = SpanMask.from_intervals(ends - lengths, ends, keys.shape[0]).to(q.device)
-    out, _ = span_attention(q, keys, values, mask, scale=scale)
-    return out
