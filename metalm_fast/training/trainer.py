@@ -93,6 +93,9 @@ class TrainConfig:
     out_dir: str | None = None
     save_every: int = 0
     resume: bool = False
+    # an out_dir that already holds a run is refused unless resume or overwrite:
+    # overwrite clears its checkpoints and metrics first (demo/eval rerun into one)
+    overwrite: bool = False
     log_every: int = 10
     progress: bool = True
 
@@ -119,6 +122,12 @@ class TrainConfig:
             "resume",
             "needs out_dir (the directory to resume from)",
             self.resume,
+        )
+        _check(
+            not (self.resume and self.overwrite),
+            "overwrite",
+            "cannot be combined with resume (overwrite starts over, resume continues)",
+            self.overwrite,
         )
 
 
