@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "DistributedContext",
+    "all_reduce_max",
     "all_reduce_sum",
     "gradient_sync",
     "init_distributed",
@@ -203,4 +204,11 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.T
     """Sum ``tensor`` over ranks in place (a no-op in a single process); returns it."""
     if context.world_size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """The elementwise maximum of ``tensor`` over ranks, in place; returns it."""
+    if context.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor

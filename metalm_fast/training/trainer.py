@@ -17,14 +17,23 @@ the ``A`` micro-batches of every rank): each micro-batch backpropagates
 so the gradient is that of the global mean loss whatever ``W`` and ``A`` are,
 and a 2-rank run equals a 1-rank run with twice the accumulation. The reported
 loss is the global mean: the all-reduced sum of the losses over ``n``.
+
+Never losing work
+-----------------
+A checkpoint every ``save_every`` steps (the last ``keep_checkpoints`` kept)
+bounds what a crash loses; SIGINT and SIGTERM stop the run after the current
+step with a checkpoint at it (:mod:`metalm_fast.training.stopping`). An
+``out_dir`` that already holds a run is refused unless the call resumes it or
+asks to overwrite it: a fresh run would otherwise repoint ``latest`` away
+from the old one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +46,8 @@ from torch import nn
 
 from metalm_fast.models.metalm import IGNORE_INDEX, MetaLM, MetaLMConfig
 from metalm_fast.training.checkpoint import (
+    LATEST_FILE,
+    OPTIMIZER_FILE,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
@@ -46,6 +57,7 @@ from metalm_fast.training.distributed import (
     DEVICES,
     PARALLEL_MODES,
     DistributedContext,
+    all_reduce_max,
     all_reduce_sum,
     gradient_sync,
     init_distributed,
@@ -53,15 +65,18 @@ from metalm_fast.training.distributed import (
     unwrap_model,
     wrap_model,
 )
-from metalm_fast.training.metrics import LOSS_PLOT_FILE, MetricsLog, plot_loss_curve
+from metalm_fast.training.metrics import LOSS_PLOT_FILE, METRICS_FILE, MetricsLog, plot_loss_curve
 from metalm_fast.training.runtime import DTYPES, autocast, move_batch
+from metalm_fast.training.stopping import StopRequest, TrainingInterrupted
 
 __all__ = [
+    "ExistingRunError",
     "TrainConfig",
     "TrainResult",
     "accumulate_gradients",
     "learning_rate",
     "rank_micro_batches",
+    "TrainingInterrupted",
     "train",
 ]
 
@@ -73,7 +88,10 @@ class TrainConfig:
     The learning rate warms up linearly over ``warmup_steps`` to ``lr``, then
     follows a cosine down to ``lr * min_lr_ratio`` at ``steps``. ``out_dir=None``
     writes no checkpoint; otherwise one every ``save_every`` steps (0: only at
-    the end) and at the end. ``resume`` continues from ``out_dir``'s latest.
+    the end), at the end, and at the step a SIGINT or SIGTERM stops; the
+    newest ``keep_checkpoints`` are kept (0: all). ``resume`` continues from
+    ``out_dir``'s latest; without it an ``out_dir`` holding a run is refused
+    (:class:`ExistingRunError`) unless ``overwrite`` deletes that run's files.
     With ``out_dir``, rank 0 also writes the run's metrics.jsonl and loss.png
     there (:mod:`metalm_fast.training.metrics`). ``dtype`` is the forward's
     precision (:mod:`metalm_fast.training.runtime`: "bf16" autocast, also on the CPU).
@@ -91,7 +109,8 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16"
     parallel: str = "none"  # "none" | "ddp" | "fsdp"
     out_dir: str | None = None
-    save_every: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 3
     resume: bool = False
     # an out_dir that already holds a run is refused unless resume or overwrite:
     # overwrite clears its checkpoints and metrics first (demo/eval rerun into one)
@@ -116,6 +135,12 @@ class TrainConfig:
             self.parallel,
         )
         _check(self.save_every >= 0, "save_every", "must be >= 0", self.save_every)
+        _check(
+            self.keep_checkpoints >= 0,
+            "keep_checkpoints",
+            "must be >= 0 (0 keeps every one)",
+            self.keep_checkpoints,
+        )
         _check(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
         _check(
             not self.resume or self.out_dir is not None,
@@ -136,6 +161,18 @@ def _check(ok: bool, name: str, rule: str, value: Any) -> None:
         raise ValueError(f"{name} {rule}, got {value!r}")
 
 
+class ExistingRunError(ValueError):
+    """``out_dir`` already holds a run, and the call neither resumes nor overwrites it."""
+
+    def __init__(self, out_dir: Path, found: list[str]):
+        self.out_dir = out_dir
+        self.found = found
+        super().__init__(
+            f"{out_dir} already holds a run ({', '.join(found)}); continue it with --resume "
+            f"(resume=True) or replace it with --overwrite (overwrite=True)"
+        )
+
+
 @dataclass
 class TrainResult:
     """What a run did. ``losses`` are the global mean losses of the steps this call ran."""
@@ -150,6 +187,7 @@ class TrainResult:
     checkpoint: Path | None = None
     metrics: Path | None = None  # out_dir/metrics.jsonl (rank 0, with out_dir)
     loss_plot: Path | None = None  # out_dir/loss.png (rank 0, with out_dir and matplotlib)
+    resumed_from: Path | None = None  # the checkpoint a resume started from
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -233,6 +271,7 @@ class _Run:
     stream: Iterator
     start_step: int
     data_position: int
+    resumed_from: Path | None = None
 
 
 def _prepare(
@@ -247,19 +286,61 @@ def _prepare(
         model = MetaLM(model_config)
     elif getattr(model, "config", model_config) != model_config:
         raise ValueError("model.config differs from model_config")
-    start_step, data_position, optimizer_state = 0, 0, None
+    _claim_out_dir(config, context.is_main)
+    start_step, data_position, optimizer_state, directory = 0, 0, None, None
     if config.resume:
         directory = latest_checkpoint(config.out_dir)
+        # Verified whole and checked against model_config before the model changes.
         model, optimizer_state, meta = load_checkpoint(directory, model)
-        if meta["model_config"] != dataclasses.asdict(model_config):
-            raise ValueError(f"resume: {directory} was written for another model config")
         start_step, data_position = meta["step"], meta["data_position"]
+        if context.is_main:
+            print(
+                f"resuming from {directory} at step {start_step} of {config.steps}",
+                file=sys.stderr,
+                flush=True,
+            )
     wrapped = wrap_model(model.to(context.device), context)
     optimizer = _build_optimizer(wrapped, config, context.device)
     if optimizer_state is not None:
-        load_optimizer_state(wrapped, optimizer, optimizer_state)
+        load_optimizer_state(wrapped, optimizer, optimizer_state, source=directory / OPTIMIZER_FILE)
     stream = rank_micro_batches(micro_batches(), data_position, context.rank, context.world_size)
-    return _Run(context, wrapped, optimizer, stream, start_step, data_position)
+    return _Run(context, wrapped, optimizer, stream, start_step, data_position, directory)
+
+
+def _previous_run(out_dir: Path) -> list[str]:
+    """The names in ``out_dir`` that a training run writes (checkpoints, pointer, metrics)."""
+    if not out_dir.is_dir():
+        return []
+    run_files = {LATEST_FILE, METRICS_FILE, LOSS_PLOT_FILE}
+    return sorted(
+        entry.name
+        for entry in out_dir.iterdir()
+        if entry.name in run_files
+        or entry.name.startswith("step-")
+        or (entry.name.startswith((".step-", f".{LATEST_FILE}")))
+    )
+
+
+def _claim_out_dir(config: TrainConfig, is_main: bool) -> None:
+    """Refuse an ``out_dir`` holding a run, unless resuming; ``overwrite`` deletes that run.
+
+    Only the run's own files go: ``out_dir`` may hold other things (or be ``.``).
+    """
+    if config.out_dir is None or config.resume:
+        return
+    out_dir = Path(config.out_dir)
+    found = _previous_run(out_dir)
+    if not found:
+        return
+    if not config.overwrite:
+        raise ExistingRunError(out_dir, found)
+    if is_main:
+        for name in found:
+            path = out_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _next_batches(run: _Run, count: int, step: int) -> list:
@@ -330,41 +411,56 @@ def _due(step: int, config: TrainConfig) -> bool:
     return config.out_dir is not None and (periodic or step == config.steps)
 
 
+def _save(run: _Run, model_config: MetaLMConfig, config: TrainConfig, done: int) -> Path:
+    """Checkpoint ``done`` completed steps (every rank calls: gathering is collective)."""
+    position = (
+        run.data_position + (done - run.start_step) * run.context.world_size * config.grad_accum
+    )
+    return save_checkpoint(
+        config.out_dir,
+        done,
+        run.model,
+        run.optimizer,
+        model_config=model_config,
+        train_config=config,
+        data_position=position,
+        is_main=run.context.is_main,
+        keep_last=config.keep_checkpoints,
+    )
+
+
+def _agreed_stop(stop: StopRequest, context: DistributedContext) -> int:
+    """The signal this step ends the run on, the same on every rank (0: go on).
+
+    One small all-reduce per step: ranks that got no signal learn of another's,
+    so all stop after the same step and can save it together.
+    """
+    flag = torch.tensor([stop.signum], dtype=torch.int64, device=context.device)
+    return int(all_reduce_max(flag, context).item())
+
+
 def _loop(run: _Run, model_config: MetaLMConfig, config: TrainConfig, on_log) -> TrainResult:
     context = run.context
     losses: list[float] = []
     tokens, checkpoint = 0, None
-    per_step = context.world_size * config.grad_accum
     bar = _progress_bar(config, run.start_step, context.is_main)
     started = time.perf_counter()
     try:
-        for step in range(run.start_step, config.steps):
-            loss, step_tokens = _train_step(run, config, step)
-            losses.append(loss)
-            tokens += step_tokens
-            done = step + 1
-            position = run.data_position + (done - run.start_step) * per_step
-            if _due(done, config):
-                checkpoint = save_checkpoint(
-                    config.out_dir,
-                    done,
-                    run.model,
-                    run.optimizer,
-                    model_config=model_config,
-                    train_config=config,
-                    data_position=position,
-                    is_main=context.is_main,
-                )
-            record = {
-                "step": done,
-                "loss": loss,
-                "lr": learning_rate(step, config),
-                "tokens": tokens,
-                "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9),
-            }
-            _report(record, config, bar, context.is_main)
-            if on_log is not None:
-                on_log(record)
+        with StopRequest() as stop:
+            for step in range(run.start_step, config.steps):
+                loss, step_tokens = _train_step(run, config, step)
+                losses.append(loss)
+                tokens += step_tokens
+                done = step + 1
+                saved = _due(done, config)
+                if saved:
+                    checkpoint = _save(run, model_config, config, done)
+                _log_step(run, config, bar, on_log, done, loss, tokens, started)
+                signum = _agreed_stop(stop, context) if done < config.steps else 0
+                if signum:
+                    if config.out_dir is not None and not saved:
+                        checkpoint = _save(run, model_config, config, done)
+                    raise TrainingInterrupted(signum, done, checkpoint)
     finally:
         bar.close()
     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -377,7 +473,31 @@ def _loop(run: _Run, model_config: MetaLMConfig, config: TrainConfig, on_log) ->
         max(run.start_step, config.steps),
         unwrap_model(run.model),
         checkpoint,
+        resumed_from=run.resumed_from,
     )
+
+
+def _log_step(
+    run: _Run,
+    config: TrainConfig,
+    bar,
+    on_log,
+    done: int,
+    loss: float,
+    tokens: int,
+    started: float,
+) -> None:
+    """Report step ``done`` (the bar or a line) and hand its record to ``on_log``."""
+    record = {
+        "step": done,
+        "loss": loss,
+        "lr": learning_rate(done - 1, config),
+        "tokens": tokens,
+        "tokens_per_second": tokens / max(time.perf_counter() - started, 1e-9),
+    }
+    _report(record, config, bar, run.context.is_main)
+    if on_log is not None:
+        on_log(record)
 
 
 def _existing_checkpoint(out_dir: str) -> Path | None:
@@ -442,6 +562,16 @@ def train(
     -------
     TrainResult. Under torchrun the process group this call started is
     destroyed before it returns.
+
+    Raises
+    ------
+    TrainingInterrupted
+        after a SIGINT or SIGTERM: the run stopped after the step it was in,
+        saved there (with ``out_dir``); its ``exit_status`` is 130 or 143.
+    ExistingRunError
+        ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+    CheckpointError
+        (resume) a checkpoint file missing, damaged, or of another model.
 
     Example
     -------
