@@ -19,6 +19,7 @@ reads only the first ``seq_lens[b]`` tokens of a sequence.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -84,7 +85,9 @@ class PagedKVCache:
 
     Parameters
     ----------
-    num_layers, num_blocks, block_size, num_kv_heads, head_dim : ints > 0.
+    num_layers, num_blocks, block_size, num_kv_heads, head_dim : ints > 0; the
+        pool's ``num_blocks * block_size`` tokens must fit int32 (the block
+        table and the lengths the kernels read are int32).
     dtype : floating dtype of keys and values.
     device : where the pool lives.
 
@@ -96,6 +99,9 @@ class PagedKVCache:
 
     Every allocating call is all-or-nothing: when the pool cannot hold a request,
     :class:`KVCacheFullError` is raised and no sequence, page or slot changes.
+    Sequence ids, token counts and layers are ints (numpy integers too): a bool
+    or a float raises TypeError naming the argument (``free(True)`` would
+    otherwise free sequence 1, and ``free(1.0)`` too).
 
     Example
     -------
@@ -129,8 +135,15 @@ class PagedKVCache:
             "head_dim": head_dim,
         }
         for name, value in sizes.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if _integer(name, value) <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if num_blocks * block_size > _INT32_MAX:
+            raise ValueError(
+                f"num_blocks * block_size = {num_blocks} * {block_size} tokens must be at most "
+                f"2**31 - 1: block tables and lengths are int32"
+            )
+        num_layers, num_blocks, block_size = int(num_layers), int(num_blocks), int(block_size)
+        num_kv_heads, head_dim = int(num_kv_heads), int(head_dim)
         if dtype not in CACHE_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
@@ -185,9 +198,9 @@ class PagedKVCache:
         return self._views[self._layer(layer)][1]
 
     def _layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if not 0 <= _integer("layer", layer) < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
-        return layer
+        return int(layer)
 
     # ------------------------------------------------------------------ sequences
     def allocate(self, num_tokens: int = 0) -> int:
@@ -215,7 +228,7 @@ class PagedKVCache:
         already held count toward ``num_tokens``. All or nothing, as every
         allocating call.
         """
-        self._known(seq_id)
+        seq_id = self._known(seq_id)
         wanted = self._blocks_for(_count("num_tokens", num_tokens)) - len(self._pages[seq_id])
         if wanted > 0:
             self._check_free(wanted)
@@ -223,7 +236,7 @@ class PagedKVCache:
 
     def free(self, seq_id: int) -> None:
         """End a sequence and return its pages to the pool."""
-        self._known(seq_id)
+        seq_id = self._known(seq_id)
         self._free.extend(reversed(self._pages.pop(seq_id)))
         del self._lengths[seq_id]
 
@@ -231,19 +244,22 @@ class PagedKVCache:
         return self._lengths[self._known(seq_id)]
 
     def _known(self, seq_id: int) -> int:
+        # Type first: True == 1 and 1.0 == 1 would find sequence 1 in the dict.
+        seq_id = _integer("seq_ids", seq_id)
         if seq_id not in self._lengths:
             raise ValueError(f"seq_ids: sequence {seq_id!r} is not allocated (or was freed)")
         return seq_id
 
     def _batch(self, seq_ids, num_tokens) -> tuple[list[int], list[int]]:
-        ids = [seq_ids] if isinstance(seq_ids, int) else list(seq_ids)
-        counts = [num_tokens] * len(ids) if isinstance(num_tokens, int) else list(num_tokens)
+        one_id = isinstance(seq_ids, (numbers.Number, bool))  # checked by _known
+        ids = [seq_ids] if one_id else list(seq_ids)
+        one_count = isinstance(num_tokens, (numbers.Number, bool))
+        counts = [num_tokens] * len(ids) if one_count else list(num_tokens)
         if len(counts) != len(ids):
             raise ValueError(f"num_tokens has {len(counts)} entries but seq_ids has {len(ids)}")
+        ids = [self._known(seq_id) for seq_id in ids]
         if len(set(ids)) != len(ids):
             raise ValueError(f"seq_ids must not repeat a sequence, got {ids}")
-        for seq_id in ids:
-            self._known(seq_id)
         return ids, [_count("num_tokens", n) for n in counts]
 
     def _reserve(self, growth: dict[int, int], new: set[int] = frozenset()) -> None:
@@ -376,7 +392,17 @@ class PagedKVCache:
         )
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int: a Python or numpy integer, never a bool or a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _count(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if _integer(name, value) < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
+    return int(value)

@@ -128,3 +128,50 @@ def test_reset_frees_every_page_in_fresh_order():
     step, fresh_step = cache.step(ids, [6, 2]), fresh.step(fresh_ids, [6, 2])
     assert torch.equal(step.slot_mapping, fresh_step.slot_mapping)
     assert torch.equal(step.block_table, fresh_step.block_table)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda c, s: c.free(True), "seq_ids must be an int, got bool"),
+        (lambda c, s: c.free(1.0), "seq_ids must be an int, got float"),
+        (lambda c, s: c.seq_len(True), "seq_ids must be an int"),
+        (lambda c, s: c.extend([s[0], True], 1), "seq_ids must be an int"),
+        (lambda c, s: c.extend(s[1], 1.0), "num_tokens must be an int, got float"),
+        (lambda c, s: c.extend(s[1], True), "num_tokens must be an int, got bool"),
+        (lambda c, s: c.step([s[0]], [True]), "num_tokens must be an int"),
+        (lambda c, s: c.allocate(2.0), "num_tokens must be an int"),
+        (lambda c, s: c.allocate(False), "num_tokens must be an int"),
+        (lambda c, s: c.reserve(s[1], 8.0), "num_tokens must be an int"),
+        (lambda c, s: c.reserve(True, 8), "seq_ids must be an int"),
+        (lambda c, s: c.block_table([1.0]), "seq_ids must be an int"),
+        (lambda c, s: c.seq_lens([True]), "seq_ids must be an int"),
+        (lambda c, s: c.slot_mapping([s[1]], [True]), "num_tokens must be an int"),
+        (lambda c, s: c.key_cache(True), "layer must be an int, got bool"),
+        (lambda c, s: c.value_cache(1.0), "layer must be an int, got float"),
+        (lambda c, s: PagedKVCache(True, 4, 4, 1, 16), "num_layers must be an int"),
+        (lambda c, s: PagedKVCache(1, 4.0, 4, 1, 16), "num_blocks must be an int"),
+    ],
+)
+def test_bools_and_floats_are_type_errors(call, match):
+    """True == 1 and 1.0 == 1: accepted as ints they would free or extend sequence 1."""
+    cache = PagedKVCache(2, num_blocks=6, block_size=4, num_kv_heads=1, head_dim=16)
+    seqs = [cache.allocate(2), cache.allocate(3)]  # ids 0 and 1
+    with pytest.raises(TypeError, match=match):
+        call(cache, seqs)
+    assert cache.num_sequences == 2 and cache.seq_len(1) == 3 and cache.num_free_blocks == 4
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    cache = PagedKVCache(np.int64(1), num_blocks=4, block_size=4, num_kv_heads=1, head_dim=16)
+    seq = cache.allocate(np.int32(3))
+    cache.extend(np.int64(seq), np.int64(2))
+    assert cache.seq_len(np.int64(seq)) == 5
+    cache.free(np.int64(seq))
+    assert cache.num_free_blocks == 4
+
+
+def test_pool_must_fit_int32_lengths():
+    with pytest.raises(ValueError, match=r"must be at most 2\*\*31 - 1"):
+        PagedKVCache(1, num_blocks=2**21, block_size=2**10, num_kv_heads=1, head_dim=16)
