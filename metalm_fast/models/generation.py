@@ -40,7 +40,8 @@ cached and uncached paths).
 
 from __future__ import annotations
 
-import math
+import numbers
+import os
 import weakref
 from types import SimpleNamespace
 
@@ -51,12 +52,16 @@ from metalm_fast.nn.paged_kv_cache import PagedKVCache
 from metalm_fast.ops.argmax_rows import argmax_rows
 
 __all__ = [
+    "MAX_ADDRESSABLE",
+    "RequestTooLargeError",
     "append_tokens",
+    "check_fits",
     "decode_step",
     "generate",
     "keep_cache",
     "model_cache",
     "new_cache",
+    "pool_bytes",
     "prefill",
     "release_cache",
     "sample_next",
@@ -70,21 +75,40 @@ _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- arguments
+#: The most tokens one sequence may reach (prompt + new tokens) and the most pages a
+#: pool may have: the cache's block tables and sequence lengths are int32.
+MAX_ADDRESSABLE = 2**31 - 1
+
+
+class RequestTooLargeError(ValueError):
+    """A generation asks for more than fits: its KV pool exceeds the memory of the
+    model's device, or a sequence would grow past what the cache can address.
+    ``max_new_tokens`` is the argument to lower; nothing was allocated."""
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
 def _check_arguments(max_new_tokens, do_sample, top_p, temperature, eos_id, block_size) -> None:
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 0
-    ):
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    _check_int("block_size", block_size, 1)
+    if eos_id is not None:
+        _check_int("eos_id", eos_id, 0)
+    _check_real("top_p", top_p)
+    if not 0.0 < top_p <= 1.0:  # NaN fails too
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if do_sample and (not isinstance(temperature, (int, float)) or not temperature > 0.0):
+    _check_real("temperature", temperature)
+    if do_sample and not temperature > 0.0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)):
-        raise ValueError(f"eos_id must be an int or None, got {eos_id!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
 def _prompt_lengths(prompts) -> list[int]:
@@ -131,8 +155,74 @@ def sample_next(
 
 # ----------------------------------------------------------------------------- cached path
 def _blocks_needed(prompt_lens: list[int], max_new_tokens: int, block_size: int) -> int:
-    blocks = sum(math.ceil((length + max_new_tokens) / block_size) for length in prompt_lens)
+    # integer ceiling: a float quotient loses pages once lengths pass 2**53
+    blocks = sum(-(-(length + max_new_tokens) // block_size) for length in prompt_lens)
     return max(blocks, 1)
+
+
+def pool_bytes(model, prompt_lens: list[int], max_new_tokens: int, block_size: int = 16) -> int:
+    """Bytes of the KV pool a generation of ``prompt_lens`` + ``max_new_tokens`` needs:
+    pages x (keys and values of every layer of a page)."""
+    decoder = model.decoder
+    page = 2 * len(decoder.blocks) * block_size * decoder.num_kv_heads * decoder.head_dim
+    blocks = _blocks_needed(prompt_lens, max_new_tokens, block_size)
+    return blocks * page * cache_dtype(model).itemsize
+
+
+def _memory_bound(device: torch.device, model) -> tuple[int, str] | None:
+    """The most bytes a new pool on ``device`` could take, and what that bound is;
+    None where it is unknown.
+
+    The pool ``model`` keeps is freed before a larger one is allocated, so it
+    counts as available.
+    """
+    kept = _POOLS.get(model)
+    kept_bytes = kept.kv.numel() * kept.kv.element_size() if kept is not None else 0
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached + kept_bytes, f"free on {device}"
+    if device.type == "cpu":
+        try:
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not a POSIX host
+            return None
+        return physical, "of physical memory"
+    return None
+
+
+def _check_addressable(prompt_lens: list[int], max_new_tokens: int) -> None:
+    longest = max(prompt_lens) + max_new_tokens
+    if longest > MAX_ADDRESSABLE:
+        raise RequestTooLargeError(
+            f"max_new_tokens={max_new_tokens}: a sequence would reach {longest:,} tokens "
+            f"(prompt + new), past the {MAX_ADDRESSABLE:,} a sequence may hold (int32 lengths)"
+        )
+
+
+def check_fits(model, prompt_lens: list[int], max_new_tokens: int, block_size: int = 16) -> None:
+    """Refuse, before anything is allocated, a generation that cannot fit.
+
+    RequestTooLargeError (a ValueError naming ``max_new_tokens`` and the bytes
+    needed) when a sequence would grow past :data:`MAX_ADDRESSABLE` tokens, the
+    pool past that many pages, or the pool past the memory of the model's device
+    (the physical memory on the CPU, what CUDA can still hand out on a GPU).
+    """
+    _check_addressable(prompt_lens, max_new_tokens)
+    blocks = _blocks_needed(prompt_lens, max_new_tokens, block_size)
+    if blocks > MAX_ADDRESSABLE:
+        raise RequestTooLargeError(
+            f"max_new_tokens={max_new_tokens}: the KV pool would need {blocks:,} pages of "
+            f"{block_size} tokens, past the {MAX_ADDRESSABLE:,} its int32 block tables address"
+        )
+    needed = pool_bytes(model, prompt_lens, max_new_tokens, block_size)
+    bound = _memory_bound(model.embedding.weight.device, model)
+    if bound is not None and needed > bound[0]:
+        raise RequestTooLargeError(
+            f"max_new_tokens={max_new_tokens}: the KV pool for {len(prompt_lens)} prompt(s) "
+            f"would need {needed:,} bytes ({needed / 2**30:,.1f} GiB), more than the "
+            f"{bound[0]:,} bytes {bound[1]}; lower max_new_tokens or the number of prompts"
+        )
 
 
 def cache_dtype(model) -> torch.dtype:
@@ -149,7 +239,8 @@ def new_cache(
     model, prompt_lens: list[int], max_new_tokens: int, block_size: int = 16
 ) -> PagedKVCache:
     """A fresh PagedKVCache for ``model.decoder`` with pages for every prompt +
-    max_new_tokens."""
+    max_new_tokens; RequestTooLargeError when it cannot fit (:func:`check_fits`)."""
+    check_fits(model, prompt_lens, max_new_tokens, block_size)
     decoder, weight = model.decoder, model.embedding.weight
     return PagedKVCache(
         len(decoder.blocks),
@@ -370,7 +461,9 @@ def generate(
         [B + 1], span_starts/span_ends, encoder_ids, encoder_cu_seqlens,
         feature_index, images, image_index), one document per prompt, each
         non-empty; labels are ignored.
-    max_new_tokens : int >= 0; 0 returns empty lists.
+    max_new_tokens : int >= 0; 0 returns empty lists. A request whose KV pool
+        cannot fit (:func:`check_fits`) raises RequestTooLargeError, a ValueError
+        naming max_new_tokens and the bytes needed, before anything is allocated.
     do_sample : greedy (False) or sampling (True).
     top_p : nucleus mass in (0, 1]; 1 keeps every token.
     temperature : > 0 when sampling; divides the logits before the softmax.
@@ -382,6 +475,13 @@ def generate(
     Returns
     -------
     list of B lists of new token ids.
+
+    Raises
+    ------
+    TypeError : an argument of the wrong type (a bool or float where an int goes),
+        named.
+    ValueError : an argument out of range, named; RequestTooLargeError when the
+        request cannot fit.
 
     Example
     -------
@@ -403,6 +503,12 @@ def generate(
     prompt_lens = _prompt_lengths(prompts)
     if max_new_tokens == 0:
         return [[] for _ in prompt_lens]
+    # Checked here, not only where the pool is allocated: a refused request keeps the
+    # model's pool (model_cache drops it before allocating a larger one).
+    if use_cache:
+        check_fits(model, prompt_lens, max_new_tokens, block_size)
+    else:
+        _check_addressable(prompt_lens, max_new_tokens)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         return sample_next(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -125,18 +126,82 @@ def test_one_new_token_and_zero():
     ("kwargs", "name"),
     [
         ({"max_new_tokens": -1}, "max_new_tokens"),
-        ({"max_new_tokens": 2.0}, "max_new_tokens"),
         ({"max_new_tokens": 2, "top_p": 0.0}, "top_p"),
         ({"max_new_tokens": 2, "top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 2, "top_p": float("nan")}, "top_p"),
         ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, "temperature"),
         ({"max_new_tokens": 2, "do_sample": True, "temperature": -1.0}, "temperature"),
         ({"max_new_tokens": 2, "block_size": 0}, "block_size"),
+        ({"max_new_tokens": 2, "eos_id": -1}, "eos_id"),
     ],
 )
-def test_bad_arguments_name_themselves(kwargs, name):
+def test_bad_values_name_themselves(kwargs, name):
     model, batch = model_for_generation(), prompts()
     with pytest.raises(ValueError, match=name):
         model.generate(batch, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_new_tokens": 2.0}, "max_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"max_new_tokens": "8"}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "block_size": 4.0}, "block_size"),
+        ({"max_new_tokens": 2, "block_size": True}, "block_size"),
+        ({"max_new_tokens": 2, "eos_id": 1.0}, "eos_id"),
+        ({"max_new_tokens": 2, "top_p": True}, "top_p"),
+        ({"max_new_tokens": 2, "do_sample": True, "temperature": "1"}, "temperature"),
+    ],
+)
+def test_bad_types_name_themselves(kwargs, name):
+    model, batch = model_for_generation(), prompts()
+    with pytest.raises(TypeError, match=name):
+        model.generate(batch, **kwargs)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+def test_a_request_past_memory_fails_fast_naming_max_new_tokens(use_cache, monkeypatch):
+    """10**9 new tokens need a pool of ~2 TB (cached) or sequences past int32 lengths
+    (uncached): refused before anything is allocated, the model's kept pool untouched."""
+    model, batch = model_for_generation(), prompts()
+    model.generate(batch, max_new_tokens=2)
+    kept = generation._POOLS[model]
+    allocations = []
+    monkeypatch.setattr(generation, "PagedKVCache", lambda *a, **k: allocations.append(a))
+    start = time.perf_counter()
+    too_many = 10**9 if use_cache else 2**31
+    with pytest.raises(generation.RequestTooLargeError, match="max_new_tokens=") as error:
+        generate(model, batch, max_new_tokens=too_many, use_cache=use_cache)
+    assert time.perf_counter() - start < 0.5
+    assert isinstance(error.value, ValueError) and not allocations
+    if use_cache:
+        needed = generation.pool_bytes(model, [5, 17, 33], 10**9)
+        assert f"{needed:,} bytes" in str(error.value)
+    assert generation._POOLS[model] is kept
+    release_cache(model)
+
+
+def test_the_memory_bound_is_the_device_memory(monkeypatch):
+    """A request just above the bound is refused, just below it runs (its pool is
+    never allocated here: the bound is lowered to the few KB the request needs)."""
+    model, batch = model_for_generation(), prompts()
+    release_cache(model)
+    needed = generation.pool_bytes(model, [5, 17, 33], 3)
+    monkeypatch.setattr(generation, "_memory_bound", lambda device, model: (needed - 1, "test"))
+    with pytest.raises(generation.RequestTooLargeError, match=f"{needed:,} bytes"):
+        model.generate(batch, max_new_tokens=3)
+    monkeypatch.setattr(generation, "_memory_bound", lambda device, model: (needed, "test"))
+    assert [len(new) for new in model.generate(batch, max_new_tokens=3)] == [3, 3, 3]
+    release_cache(model)
+
+
+def test_pool_bytes_is_what_the_pool_allocates():
+    model = model_for_generation()
+    cache = new_cache(model, [5, 17, 33], 10, block_size=4)
+    assert generation.pool_bytes(model, [5, 17, 33], 10, 4) == (
+        cache.kv.numel() * cache.kv.element_size()
+    )
 
 
 def test_greedy_ignores_temperature():
