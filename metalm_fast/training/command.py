@@ -9,7 +9,12 @@ Examples::
 
 With ``--out``, the run directory holds the checkpoints, ``metrics.jsonl``
 (one JSON object per step: step, loss, lr, tokens_per_second, tokens) and
-``loss.png`` (:mod:`metalm_fast.training.metrics`).
+``loss.png`` (:mod:`metalm_fast.training.metrics`). A directory that already
+holds a run needs ``--resume`` (continue it) or ``--overwrite`` (replace it).
+
+Ctrl-C (SIGINT) or SIGTERM stops after the current step with a checkpoint
+there and exits with status 130 (SIGINT) or 143 (SIGTERM); ``--resume``
+continues exactly where it stopped.
 
 Data (``--data``): ``default`` is the embedded default corpus
 (metalm_fast.data.default_data), ``vqa`` its visual question answering
@@ -33,7 +38,7 @@ from pathlib import Path
 from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.data.collator import SemiCausalBatch, SemiCausalCollator
 from metalm_fast.models.metalm import PRESETS, MetaLMConfig
-from metalm_fast.training.trainer import TrainConfig, TrainResult, train
+from metalm_fast.training.trainer import TrainConfig, TrainingInterrupted, TrainResult, train
 
 __all__ = ["DATA_KINDS", "build_parser", "data_problem", "main", "synthetic_micro_batches"]
 
@@ -151,7 +156,12 @@ def _data_source(
 def build_parser() -> argparse.ArgumentParser:
     """The ``train`` command's options."""
     parser = argparse.ArgumentParser(
-        prog="metalm-fast train", description="Train a MetaLM (one process or torchrun)."
+        prog="metalm-fast train",
+        description="Train a MetaLM (one process or torchrun).",
+        epilog="Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint "
+        "there (with --out) and exits with status 130 (SIGINT) or 143 (SIGTERM); "
+        "--resume continues from it. Under torchrun a signal to any rank stops them all "
+        "after the same step.",
     )
     add = parser.add_argument
     add(
@@ -180,8 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run directory: checkpoints, metrics.jsonl, loss.png (default: none written)",
     )
-    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    add(
+        "--save-every",
+        type=int,
+        default=100,
+        help="checkpoint every N steps, besides the end and a stop by a signal "
+        "(default 100; 0: only those)",
+    )
+    add(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="keep the newest N checkpoints in --out (default 3; 0: keep all)",
+    )
     add("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    add(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its checkpoints and metrics are deleted); "
+        "without it or --resume such a directory is refused",
+    )
     add(
         "--parallel",
         default="none",
@@ -220,7 +248,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         parallel=args.parallel,
         out_dir=args.out,
         save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
+        overwrite=args.overwrite,
         log_every=args.log_every,
         progress=not args.no_progress,
     )
@@ -259,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``metalm-fast train`` with ``argv`` (without the command name); 0 on success.
 
     Bad values (and ``--parallel`` outside torchrun, ``--resume`` without a
-    checkpoint) print ``metalm-fast train: error: ...`` and return 2.
+    checkpoint or with a damaged one or one of another model, an ``--out``
+    holding a run without ``--resume``/``--overwrite``) print
+    ``metalm-fast train: error: ...`` and return 2. A SIGINT or SIGTERM returns
+    130 or 143 after saving the step it stopped at.
     """
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -278,9 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         runtime_device(args)  # a clear error naming --device before any work
         data = _data_source(args.data, model_config, args.micro_batch_tokens, args.seed)
         result = train(model_config, train_config, data)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            again = " (continue with --resume)" if stopped.checkpoint is not None else ""
+            print(f"{parser.prog}: {stopped}{again}", file=sys.stderr)
+        return stopped.exit_status
     if int(os.environ.get("RANK", "0")) == 0:
         _finish(result, args)
     return 0

@@ -165,7 +165,7 @@ def test_steps_0_and_a_resume_past_the_end_report_the_existing_checkpoint(tmp_pa
     capsys.readouterr()
     assert main([*COMMON, "--steps", "2", "--out", str(out), "--resume"]) == 0
     assert f"checkpoint: {out / 'step-2'} (already there; no step ran)" in capsys.readouterr().out
-    assert main([*COMMON, "--steps", "0", "--out", str(out)]) == 0
+    assert main([*COMMON, "--steps", "0", "--out", str(out), "--resume"]) == 0
     assert f"checkpoint: {out / 'step-2'} (already there" in capsys.readouterr().out
     assert main([*COMMON, "--steps", "0", "--out", str(tmp_path / "fresh")]) == 0
     assert "checkpoint: none in" in capsys.readouterr().out
@@ -204,3 +204,54 @@ def test_a_preset_that_cannot_read_the_data_is_a_clear_error(preset, data, messa
     assert main(["--preset", preset, "--data", data]) == 2
     err = capsys.readouterr().err
     assert f"--preset {preset} cannot train on --data {data}" in err and message in err
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes() if path.is_file() else b"<dir>"
+        for path in sorted(directory.rglob("*"))
+    }
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*COMMON, "--steps", "2", "--out", str(out)]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([*COMMON, "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} already holds a run (latest, " in err
+    assert "--resume" in err and "--overwrite" in err
+    assert _snapshot(out) == before  # nothing written, latest still names step-2
+
+    (out / "notes.txt").write_text("kept")  # --overwrite deletes only the run's own files
+    assert main([*COMMON, "--steps", "1", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "latest",
+        "loss.png",
+        "metrics.jsonl",
+        "notes.txt",
+        "step-1",
+    ]
+    assert main([*COMMON, "--resume", "--overwrite", "--out", str(out)]) == 2
+    assert "overwrite cannot be combined with resume" in capsys.readouterr().err
+
+
+def test_resume_into_another_presets_checkpoint_names_the_file_and_the_mismatch(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*COMMON, "--steps", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = [*COMMON, "--preset", "small", "--steps", "2", "--out", str(out), "--resume"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{out / 'step-1' / 'config.json'}: written for another model: " in err
+    assert "decoder_dim" in err and "in the file" in err
+
+
+def test_periodic_saves_keep_the_newest_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    argv = [*COMMON, "--steps", "5", "--save-every", "1", "--keep-checkpoints", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-4", "step-5"]
+    assert (out / "latest").read_text().strip() == "step-5"
