@@ -24,6 +24,7 @@ built, so kernels can trust them.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -31,20 +32,95 @@ import torch
 __all__ = ["SpanMask"]
 
 
+#: Intervals are stored as int32; every bound is checked in int64 against this first.
+_INT32_LIMIT = 2**31
+
+
+def _as_int(value, name: str) -> int:
+    """``value`` as a Python int. Python counts True as the int 1, and a float
+    would be truncated, so both raise TypeError naming ``name``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
 def _as_index_vector(value, name: str, device=None) -> torch.Tensor:
-    """Return ``value`` as a 1-D int64 tensor (for exact host-side arithmetic)."""
+    """Return ``value`` as a 1-D int64 tensor (for exact host-side arithmetic).
+
+    Integer tensors and sequences of ints are accepted. Bools and floats raise
+    TypeError, from a tensor or a list alike: converting ``[0, 2.7, 5]`` with
+    ``dtype=int64`` would truncate 2.7 to 2 silently, and True would become 1.
+    """
     if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
         tensor = value
     else:
+        if isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value):
+            raise TypeError(f"{name} must hold ints, got a bool in {value!r}")
         try:
-            tensor = torch.as_tensor(value, dtype=torch.int64, device=device)
+            tensor = torch.as_tensor(value, device=device)
         except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"{name} must be a 1-D integer tensor or sequence: {error}") from None
+            kind = ValueError if "Overflow" in str(error) else TypeError
+            raise kind(
+                f"{name} must be a 1-D integer tensor or sequence of int64: {error}"
+            ) from None
+        if tensor.numel() == 0 and tensor.dtype == torch.float32:
+            tensor = tensor.to(torch.int64)  # [] has no dtype of its own: torch guesses float32
+    if tensor.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must be integer indices, got bool values (dtype {tensor.dtype}); "
+            "for a boolean mask pass torch.nonzero(mask).flatten()"
+        )
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor or sequence, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     return tensor.to(torch.int64)
+
+
+def _check_same_device(tensor: torch.Tensor, name: str, device: torch.device, other: str) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on {other}'s device {device}, got {tensor.device}")
+
+
+def _check_intervals(kv_start, kv_end, num_keys) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(start, end) as int64 and num_keys as int, after every check of an explicit
+    mask: one length, one device, 0 <= start <= end <= num_keys < 2**31 (in int64,
+    so 2**32 + 3 is rejected rather than narrowed to 3). num_keys None means Tq."""
+    start = _as_index_vector(kv_start, "kv_start")
+    end = _as_index_vector(kv_end, "kv_end", start.device)
+    if start.numel() != end.numel():
+        raise ValueError(
+            f"kv_start and kv_end must have the same length, got {start.numel()} and {end.numel()}"
+        )
+    if start.device != end.device:
+        raise ValueError(
+            f"kv_start and kv_end must be on one device, got {start.device} and {end.device}"
+        )
+    num_keys = start.numel() if num_keys is None else _as_int(num_keys, "num_keys")
+    if num_keys < 0:
+        raise ValueError(f"num_keys must be a non-negative int, got {num_keys!r}")
+    if num_keys >= _INT32_LIMIT:
+        raise ValueError(f"num_keys must be below 2**31, got {num_keys}")
+    if start.numel():
+        if bool((start > end).any()):
+            bad = int(torch.nonzero(start > end)[0, 0])
+            raise ValueError(
+                f"kv_start[{bad}]={int(start[bad])} is greater than kv_end[{bad}]={int(end[bad])}"
+            )
+        if bool((start < 0).any()):
+            bad = int(torch.nonzero(start < 0)[0, 0])
+            raise ValueError(f"kv_start[{bad}]={int(start[bad])} is negative")
+        if bool((end > num_keys).any()):
+            bad = int(torch.nonzero(end > num_keys)[0, 0])
+            raise ValueError(f"kv_end[{bad}]={int(end[bad])} is beyond num_keys={num_keys}")
+    return start, end, num_keys
+
+
+def _is_monotone(start: torch.Tensor, end: torch.Tensor) -> bool:
+    return start.numel() < 2 or bool(((start[1:] >= start[:-1]) & (end[1:] >= end[:-1])).all())
 
 
 def _check_cu_seqlens(cu_seqlens, num_tokens: int | None) -> torch.Tensor:
@@ -59,6 +135,12 @@ def _check_cu_seqlens(cu_seqlens, num_tokens: int | None) -> torch.Tensor:
             f"cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}]={int(cu[bad + 1])} "
             f"< cu_seqlens[{bad}]={int(cu[bad])}"
         )
+    if int(cu[-1]) >= _INT32_LIMIT:
+        raise ValueError(
+            f"cu_seqlens must end below 2**31 (the intervals are int32), got {int(cu[-1])}"
+        )
+    if num_tokens is not None:
+        num_tokens = _as_int(num_tokens, "num_tokens")
     if num_tokens is not None and int(cu[-1]) != num_tokens:
         raise ValueError(
             f"cu_seqlens must end at the number of tokens T={num_tokens}, got {int(cu[-1])}"
@@ -79,6 +161,8 @@ def _check_spans(cu: torch.Tensor, span_starts, span_ends) -> tuple[torch.Tensor
     """Validate spans (absolute packed offsets) and return them sorted by start."""
     starts = _as_index_vector(span_starts, "span_starts", cu.device)
     ends = _as_index_vector(span_ends, "span_ends", cu.device)
+    _check_same_device(starts, "span_starts", cu.device, "cu_seqlens")
+    _check_same_device(ends, "span_ends", cu.device, "cu_seqlens")
     if starts.numel() != ends.numel():
         raise ValueError(
             f"span_starts and span_ends must have the same length, got {starts.numel()} "
@@ -147,6 +231,11 @@ class SpanMask:
         (every structured constructor gives this). Kernels use it to bound the
         queries that can see a key block with a binary search.
 
+    Every mask is valid by construction: the structured constructors check
+    their inputs, and building one field by field,
+    ``SpanMask(kv_start, kv_end, num_keys, monotone=False)``, runs the checks
+    of :meth:`from_intervals` (``monotone`` is then computed, see ``__post_init__``).
+
     Example
     -------
     >>> import torch
@@ -176,38 +265,11 @@ class SpanMask:
         ------
         ValueError
             If the lengths differ, ``kv_start > kv_end`` anywhere, or an
-            interval leaves ``[0, num_keys]``.
+            interval leaves ``[0, num_keys]`` (checked in int64).
+        TypeError
+            If an index is a float or a bool, or ``num_keys`` is not an int.
         """
-        start = _as_index_vector(kv_start, "kv_start")
-        end = _as_index_vector(kv_end, "kv_end", start.device)
-        if start.numel() != end.numel():
-            raise ValueError(
-                f"kv_start and kv_end must have the same length, got {start.numel()} "
-                f"and {end.numel()}"
-            )
-        if start.device != end.device:
-            raise ValueError(
-                f"kv_start and kv_end must be on one device, got {start.device} and {end.device}"
-            )
-        if num_keys is None:
-            num_keys = start.numel()
-        if not isinstance(num_keys, int) or num_keys < 0:
-            raise ValueError(f"num_keys must be a non-negative int, got {num_keys!r}")
-        if num_keys >= 2**31:
-            raise ValueError(f"num_keys must be below 2**31, got {num_keys}")
-        if start.numel():
-            if bool((start > end).any()):
-                bad = int(torch.nonzero(start > end)[0, 0])
-                raise ValueError(
-                    f"kv_start[{bad}]={int(start[bad])} is greater than "
-                    f"kv_end[{bad}]={int(end[bad])}"
-                )
-            if bool((start < 0).any()):
-                bad = int(torch.nonzero(start < 0)[0, 0])
-                raise ValueError(f"kv_start[{bad}]={int(start[bad])} is negative")
-            if bool((end > num_keys).any()):
-                bad = int(torch.nonzero(end > num_keys)[0, 0])
-                raise ValueError(f"kv_end[{bad}]={int(end[bad])} is beyond num_keys={num_keys}")
+        start, end, num_keys = _check_intervals(kv_start, kv_end, num_keys)
         return cls._trusted(start, end, num_keys)
 
     def select_queries(self, rows: torch.Tensor) -> SpanMask:
@@ -216,10 +278,12 @@ class SpanMask:
         What a layer uses when only some rows' outputs are wanted (the last
         position of each prompt before the LM head): those queries attend
         exactly as before, over all Tk keys.
+
+        ``rows`` must be integer indices: a bool tensor raises TypeError rather
+        than being read as a row mask, because ``torch.as_tensor(mask, dtype=int64)``
+        would silently pick rows 0 and 1; pass ``torch.nonzero(mask).flatten()``.
         """
-        rows = torch.as_tensor(rows, dtype=torch.int64, device=self.kv_start.device)
-        if rows.dim() != 1:
-            raise ValueError(f"rows must be 1-D, got shape {tuple(rows.shape)}")
+        rows = _as_index_vector(rows, "rows").to(self.kv_start.device)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_queries):
             raise ValueError(
                 f"rows must lie in [0, {self.num_queries}), got [{int(rows.min())}, "
@@ -271,6 +335,7 @@ class SpanMask:
         """
         cu = _check_cu_seqlens(cu_seqlens, num_tokens)
         prefix = _as_index_vector(prefix_lens, "prefix_lens", cu.device)
+        _check_same_device(prefix, "prefix_lens", cu.device, "cu_seqlens")
         lengths = cu[1:] - cu[:-1]
         if prefix.numel() != lengths.numel():
             raise ValueError(
@@ -288,7 +353,8 @@ class SpanMask:
     @classmethod
     def sliding_window(cls, cu_seqlens, window: int, num_tokens: int | None = None) -> SpanMask:
         """Causal sliding window of ``window`` keys: ``[max(seq_start, t - window + 1), t + 1)``."""
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        window = _as_int(window, "window")
+        if window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         cu = _check_cu_seqlens(cu_seqlens, num_tokens)
         doc_start, _ = _document_bounds(cu)
@@ -296,15 +362,48 @@ class SpanMask:
         kv_start = torch.maximum(doc_start, positions - window + 1)
         return cls._trusted(kv_start, positions + 1, int(cu[-1]))
 
+    def __post_init__(self) -> None:
+        """Validate a mask built field by field, ``SpanMask(kv_start, kv_end, num_keys)``:
+        the checks of :meth:`from_intervals`, then narrowing to int32.
+
+        ``monotone`` describes the intervals, so it is computed: a claimed True
+        that does not hold raises ValueError (kernels would skip keys some query
+        attends), and a False on monotone intervals is corrected to True.
+        """
+        if not isinstance(self.monotone, bool):
+            raise TypeError(f"monotone must be a bool, got {type(self.monotone).__name__}")
+        start, end, num_keys = _check_intervals(self.kv_start, self.kv_end, self.num_keys)
+        start = start.to(torch.int32).contiguous()
+        end = end.to(torch.int32).contiguous()
+        monotone = _is_monotone(start, end)
+        if self.monotone and not monotone:
+            raise ValueError(
+                "monotone=True but kv_start or kv_end decreases somewhere; pass "
+                "monotone=False (it is computed either way)"
+            )
+        for name, value in (("kv_start", start), ("kv_end", end), ("num_keys", num_keys)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "monotone", monotone)
+
     @classmethod
     def _trusted(cls, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int) -> SpanMask:
-        """Wrap already-validated intervals (int32, contiguous)."""
+        """Wrap intervals a constructor has already validated in int64 (no second pass)."""
         start = kv_start.to(torch.int32).contiguous()
         end = kv_end.to(torch.int32).contiguous()
-        monotone = start.numel() < 2 or bool(
-            ((start[1:] >= start[:-1]) & (end[1:] >= end[:-1])).all()
-        )
-        return cls(start, end, int(num_keys), monotone)
+        return cls._wrap(start, end, int(num_keys), _is_monotone(start, end))
+
+    @classmethod
+    def _wrap(cls, kv_start: torch.Tensor, kv_end: torch.Tensor, num_keys: int, monotone: bool):
+        """The mask of these exact fields, skipping ``__post_init__``: for valid masks only."""
+        mask = object.__new__(cls)
+        for name, value in (
+            ("kv_start", kv_start),
+            ("kv_end", kv_end),
+            ("num_keys", num_keys),
+            ("monotone", monotone),
+        ):
+            object.__setattr__(mask, name, value)
+        return mask
 
     # ------------------------------------------------------------------ properties
     @property
@@ -318,7 +417,8 @@ class SpanMask:
 
     def to(self, device) -> SpanMask:
         """The same mask with its intervals on ``device``."""
-        return SpanMask(
+        # A copy of a valid mask: no second validation (it would sync the device).
+        return type(self)._wrap(
             self.kv_start.to(device), self.kv_end.to(device), self.num_keys, self.monotone
         )
 
