@@ -41,8 +41,14 @@ to read K and V exactly once.
   int64 offsets.
 * Bounds: seq_len is clamped to [0, max_blocks * block_size], and a key whose
   page id is outside [0, num_blocks) is masked out (never loaded). A sequence
-  (or split) with no keys gets l = 0, writes zeros and lse = -inf, and the
-  running max is replaced by 0 before exp2 while it is -inf, so no NaN arises.
+  (or split) with no keys writes zeros and lse = -inf, and the running max is
+  replaced by 0 before exp2 while it is -inf, so no exp2(-inf - -inf) arises.
+  The launcher narrows an int64 block table only after mapping ids outside the
+  pool to -1, and clamps int64 lengths before narrowing them.
+* Non-finite values follow the float math of each row over its own keys: a NaN
+  or inf in q, k or v reaches exactly the rows whose keys include it (masked
+  keys are loaded as 0 and scored -inf, never multiplied in); a row whose
+  scores are all -inf is NaN (0 / 0), as softmax is; the merge keeps a NaN.
 * fp32 inputs use ``input_precision="tf32x3"`` (three tf32 tensor-core
   products, accurate to fp32 in practice; see kernels/span_attention.py); P is
   rounded to the input dtype before the P V product, as in FlashAttention.
@@ -141,12 +147,16 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    # Whether the split saw a key on a page inside the pool (per row, all alike):
+    # l = 0 alone cannot tell "no key" (output 0) from "every score -inf" (NaN).
+    seen = tl.zeros([BLOCK_H], dtype=tl.int32)
 
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         in_range = keys < end
         page = tl.load(table + keys // block_size, mask=in_range, other=-1)
         key_valid = in_range & (page >= 0) & (page < num_blocks)
+        seen = tl.maximum(seen, tl.max(key_valid.to(tl.int32), 0))
         offset = keys % block_size
         k_rows = page.to(tl.int64) * stride_kb + offset.to(tl.int64) * stride_ks
         v_rows = page.to(tl.int64) * stride_vb + offset.to(tl.int64) * stride_vs
@@ -164,8 +174,10 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # l_i == 0 exactly when a row saw no key: its output is 0 and its lse -inf.
-    empty = l_i == 0.0
+    # A row that saw no key has output 0 and lse -inf. One that saw keys divides
+    # by its l untested: NaN stays NaN, and l = 0 (every score -inf) gives 0 / 0 =
+    # NaN, as softmax over those keys does (its lse is -inf: the merge knows it).
+    empty = seen == 0
     l_safe = tl.where(empty, 1.0, l_i)
     result = acc / l_safe[:, None]
     # A split past its sequence's end writes nothing: the merge never reads it.
@@ -207,8 +219,10 @@ def _merge_splits_kernel(
     """out[b, h] from the partials of (b, h); grid (B, Hq).
 
     Only the splits that start inside the sequence were written and are read.
-    A split with lse = -inf (all its pages invalid) gets weight 0; a sequence
-    with no keys gets an output of 0.
+    A split with lse = -inf (no key, or every score -inf) adds nothing while
+    another split has keys with finite scores; when no split has, the output is
+    the sum of their partials: 0 where none saw a key, NaN where one did (its
+    partial is 0 / 0). A NaN lse or partial is never dropped: it reaches the output.
     """
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -219,17 +233,22 @@ def _merge_splits_kernel(
     splits = tl.arange(0, BLOCK_S)
     lse = tl.load(part_lse_ptr + first + splits, mask=splits < used, other=float("-inf"))
     lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    none_finite = lse_max == float("-inf")
+    lse_max = tl.where(none_finite, 0.0, lse_max)
     weights = tl.math.exp2(lse - lse_max)
     total = tl.sum(weights, 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < head_dim
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s in range(0, used):
-        weight = tl.math.exp2(tl.load(part_lse_ptr + first + s) - lse_max)
+        split_lse = tl.load(part_lse_ptr + first + s)
+        weight = tl.math.exp2(split_lse - lse_max)
         partial = tl.load(part_out_ptr + (first + s) * BLOCK_D + offs_d, mask=d_valid, other=0.0)
-        acc += tl.where(weight > 0.0, weight * partial, 0.0)
-    result = acc / tl.where(total > 0.0, total, 1.0)
+        # lse = -inf: weight 0 beside finite splits (its partial may be a NaN 0 / 0),
+        # its partial itself when no split is finite. Otherwise weight * partial, NaN kept.
+        unweighted = tl.where(none_finite, partial, 0.0)
+        acc += tl.where(split_lse == float("-inf"), unweighted, weight * partial)
+    result = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(
         out_ptr + batch * stride_ob + head * stride_oh + offs_d,
         result.to(out_ptr.dtype.element_ty),
@@ -376,7 +395,8 @@ def paged_decode_attention_forward(
     ----------
     q : [B, Hq, D]; k_cache, v_cache : [num_blocks, block_size, Hkv, D]; one of
         fp16/bf16/fp32, last dims contiguous.
-    block_table : int32 [B, max_blocks]; seq_lens : int32 [B].
+    block_table : int32 [B, max_blocks]; seq_lens : int32 [B] (int64 is range-checked
+        in int64, then narrowed).
     scale : softmax scale.
     num_splits : force this many splits (tests); default: :func:`choose_splits`.
     """
@@ -389,10 +409,14 @@ def paged_decode_attention_forward(
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_table = block_table.to(torch.int32)
-    seq_lens = seq_lens.to(torch.int32).contiguous()
     max_blocks = block_table.shape[1]
     max_keys = max_blocks * block_size
+    if block_table.dtype != torch.int32:  # checked in int64 first: no aliased page id
+        outside = (block_table < 0) | (block_table >= num_blocks)
+        block_table = block_table.masked_fill(outside, -1).to(torch.int32)
+    if seq_lens.dtype != torch.int32:
+        seq_lens = seq_lens.clamp(0, max_keys).to(torch.int32)
+    seq_lens = seq_lens.contiguous()
     if num_splits is None:
         num_splits, split_keys = choose_splits(
             batch, kv_heads * head_blocks, max_keys, tiles.block_n, _target_programs(q.device)

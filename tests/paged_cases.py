@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metalm_fast.ops._backend import cpu_extension, unavailable_reason
+from tests.tolerance import assert_within_tolerance
 
 
 def require_backend(backend: str, cpu_op: str) -> None:
@@ -60,3 +61,56 @@ def slots_of(table: torch.Tensor, block_size: int, b: int, first: int, count: in
         int(table[b, p // block_size]) * block_size + p % block_size
         for p in range(first, first + count)
     ]
+
+
+def row_golden(q, k_cache, v_cache, block_table, seq_lens, scale=None) -> torch.Tensor:
+    """float64 [B, Hq, D]: each row (sequence b, query head h) on its own, over exactly
+    its allowed keys (positions < seq_lens[b], clamped to the table, on pages inside the
+    pool, compared in int64): softmax(scale * K q) V in float64, as torch computes it (a
+    row with no key is 0; a NaN or inf goes where that math takes it)."""
+    batch, heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads = k_cache.shape[:3]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    table = block_table.to(torch.int64)
+    capacity = table.shape[1] * block_size
+    out = torch.zeros(batch, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        length = min(max(int(seq_lens[b]), 0), capacity)
+        keys = [
+            (int(table[b, p // block_size]), p % block_size)
+            for p in range(length)
+            if 0 <= int(table[b, p // block_size]) < num_blocks
+        ]
+        if not keys:
+            continue
+        pages = torch.tensor([page for page, _ in keys])
+        offsets = torch.tensor([offset for _, offset in keys])
+        k_rows = k_cache[pages, offsets].double()  # [n, Hkv, D]
+        v_rows = v_cache[pages, offsets].double()
+        for h in range(heads):
+            scores = (k_rows[:, h // group] @ q[b, h].double()) * scale
+            out[b, h] = torch.softmax(scores, dim=0) @ v_rows[:, h // group]
+    return out
+
+
+def assert_matches_golden(out, golden, baseline, name="out") -> None:
+    """NaN and inf exactly where the golden has them (same sign), the tolerance rule on
+    the finite entries (``baseline``: the reference in the test dtype)."""
+    out64 = out.detach().double().cpu()
+    nan = torch.isnan(golden)
+    assert torch.equal(torch.isnan(out64), nan), (
+        f"{name}: NaN at {torch.nonzero(torch.isnan(out64) != nan)[:8].tolist()} "
+        "differs from the golden (rows, heads, dims)"
+    )
+    inf = torch.isinf(golden)
+    assert torch.equal(torch.isinf(out64), inf), f"{name}: inf pattern differs from the golden"
+    assert torch.equal(out64[inf], golden[inf]), f"{name}: an inf has the wrong sign"
+    finite = torch.isfinite(golden)
+
+    def finite_part(t):
+        return torch.where(finite, t.detach().double().cpu(), torch.zeros_like(golden))
+
+    assert_within_tolerance(
+        finite_part(out).to(out.dtype), finite_part(golden), finite_part(baseline), name
+    )

@@ -34,7 +34,11 @@ import torch
 from metalm_fast.masks import SpanMask
 from metalm_fast.nn.paged_kv_cache import CacheStep, PagedKVCache
 from metalm_fast.ops.kv_cache_append import append_unchecked, checked_append_backend
-from metalm_fast.ops.paged_decode_attention import checked_decode_backend, decode_unchecked
+from metalm_fast.ops.paged_decode_attention import (
+    checked_decode_backend,
+    decode_unchecked,
+    kernel_indices,
+)
 from metalm_fast.ops.span_attention import span_attention
 
 __all__ = ["cached_attention", "gather_cached_kv", "continued_prefill_mask"]
@@ -131,8 +135,7 @@ def _decode(
             append_backend,
             decode_backend,
             scale,
-            step.block_table.to(torch.int32),
-            step.seq_lens.to(torch.int32),
+            *kernel_indices(step.block_table, step.seq_lens, k_cache.shape[0], k_cache.shape[1]),
         )
     _, append_backend, decode_backend, scale, block_table, seq_lens = plan
     append_unchecked(k_cache, v_cache, k, v, step.slot_mapping, append_backend)

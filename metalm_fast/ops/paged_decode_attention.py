@@ -15,7 +15,12 @@ and value row once for all Hq / Hkv query heads that share it (GQA).
 Backends: ``triton`` (kernels/paged_decode_attention.py: flash-decoding, long
 sequences split across programs and merged by a second kernel), ``cpu``
 (csrc/cpu/paged_decode_attention.cpp: the same split-and-merge over threads)
-and ``reference`` (gathers the pages and calls the dense oracle).
+and ``reference`` (each sequence on its own, over exactly its keys).
+
+Indices are never narrowed before they are checked: int64 ``block_table`` and
+``seq_lens`` are mapped into int32 by :func:`kernel_indices`, which compares
+them with the pool and the table in int64 first, so 2**32 + 1 cannot alias page
+1 or a length of 1 (an int32 table, the allocator's, is passed as it is).
 
 Layers: the ``metalm::paged_decode_attention`` custom op with a fake
 implementation (``torch.compile`` traces it) and the public function, which
@@ -61,11 +66,9 @@ def _decode_cpu(q, k_cache, v_cache, block_table, seq_lens, scale):
 
 
 def _decode_reference(q, k_cache, v_cache, block_table, seq_lens, scale):
-    # The oracle indexes pages directly: clamp as the kernels do, so a garbage
-    # seq_len (possible only with validate=False) reads no page past the table.
-    capacity = block_table.shape[1] * k_cache.shape[1]
-    lengths = seq_lens.to(torch.int64).clamp(0, capacity)
-    return reference.paged_decode_attention(q, k_cache, v_cache, block_table, lengths, scale=scale)
+    # The oracle keeps the kernels' contract itself: lengths clamped to the table,
+    # keys on pages outside the pool skipped.
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
 
 
 _DECODE = {"triton": _decode_triton, "cpu": _decode_cpu, "reference": _decode_reference}
@@ -165,21 +168,28 @@ def paged_decode_attention(
         reference backends); only the last dim must be contiguous.
     k_cache, v_cache : [num_blocks, block_size, Hkv, D] in q's dtype; Hq must
         be a multiple of Hkv (GQA / MQA). D is a multiple of 8 from 16 to 256.
-    block_table : int32 [B, max_blocks]: sequence b's pages in order (entries
-        past its last page are never read).
-    seq_lens : int32 [B]: keys per sequence; sequences may differ in length,
-        and a length of 0 gives an output of zeros.
+    block_table : int32 or int64 [B, max_blocks]: sequence b's pages in order
+        (entries past its last page are never read).
+    seq_lens : int32 or int64 [B]: keys per sequence; sequences may differ in
+        length, and a length of 0 gives an output of zeros.
     scale : softmax scale, default ``1 / sqrt(D)``.
     validate : check that ``0 <= seq_lens[b] <= max_blocks * block_size`` and
         that every page a sequence uses is in ``[0, num_blocks)`` (one device
         sync). Without it, lengths are clamped to that range and keys on pages
-        outside the pool are skipped: nothing is ever read out of bounds.
+        outside the pool are skipped: nothing is ever read out of bounds. Both
+        are compared in the indices' own width (int64 stays int64) on every
+        backend, reference included.
     backend : {"auto", "triton", "cpu", "reference"}. "auto" picks triton on
         CUDA tensors and cpu on CPU tensors.
 
     Returns
     -------
     out : [B, Hq, D] in q's dtype, contiguous. Not differentiable (inference).
+        Non-finite values follow the float math of each row over its own keys: a
+        NaN or inf in q, k or v reaches exactly the rows whose keys include it;
+        cache rows past ``seq_lens[b]``, other sequences' pages and free pages
+        never reach row b; a row with no key is exact zeros, and one whose scores
+        are all -inf is NaN (softmax of -inf only).
 
     Notes
     -----
@@ -201,9 +211,30 @@ def paged_decode_attention(
     resolved, scale = checked_decode_backend(
         q, k_cache, v_cache, block_table, seq_lens, scale=scale, validate=validate, backend=backend
     )
-    return decode_unchecked(
-        q, k_cache, v_cache, block_table.to(torch.int32), seq_lens.to(torch.int32), scale, resolved
+    block_table, seq_lens = kernel_indices(
+        block_table, seq_lens, k_cache.shape[0], k_cache.shape[1]
     )
+    return decode_unchecked(q, k_cache, v_cache, block_table, seq_lens, scale, resolved)
+
+
+def kernel_indices(
+    block_table: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``block_table`` and ``seq_lens`` that mean what the given ones mean.
+
+    An int64 index is range-checked in its own width before it is narrowed: a
+    page id outside ``[0, num_blocks)`` becomes -1 (skipped, as any page outside
+    the pool is) and a length is clamped to ``[0, max_blocks * block_size]`` (as
+    every backend clamps it). Narrowed first, 2**32 + 1 would read page 1 or
+    attend 1 key. No device sync; int32 tensors are returned as they are.
+    """
+    if block_table.dtype != torch.int32:
+        outside = (block_table < 0) | (block_table >= num_blocks)
+        block_table = block_table.masked_fill(outside, -1).to(torch.int32)
+    if seq_lens.dtype != torch.int32:
+        capacity = block_table.shape[1] * block_size
+        seq_lens = seq_lens.clamp(0, capacity).to(torch.int32)
+    return block_table, seq_lens
 
 
 def checked_decode_backend(
@@ -235,7 +266,8 @@ def decode_unchecked(
     q, k_cache, v_cache, block_table, seq_lens, scale: float, backend: str
 ) -> torch.Tensor:
     """:func:`paged_decode_attention` without its checks: int32 ``block_table`` and
-    ``seq_lens``, ``scale`` and ``backend`` from :func:`checked_decode_backend`.
+    ``seq_lens`` from :func:`kernel_indices`, ``scale`` and ``backend`` from
+    :func:`checked_decode_backend`.
 
     Internal: for a caller that ran those checks on arguments of the same shapes,
     dtypes, devices and strides (the layers of one decode step share a pool, a

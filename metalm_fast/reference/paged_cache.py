@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
-from metalm_fast.masks import SpanMask
-from metalm_fast.reference.attention import span_attention
+import torch
 
 __all__ = ["gather_paged_kv", "kv_cache_append", "paged_decode_attention"]
 
@@ -63,14 +62,38 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence over its cached pages, in ``q.dtype``: [B, Hq, D].
 
-    The pages are gathered into packed keys and values (:func:`gather_paged_kv`)
-    and query ``b`` attends exactly its own sequence's ``seq_lens[b]`` keys
-    through :func:`span_attention`; a sequence of length 0 gets zeros.
+    Each sequence is computed on its own, over exactly its keys: positions
+    ``p < seq_lens[b]`` (clamped to ``[0, max_blocks * block_size]``) whose page
+    ``block_table[b, p // block_size]`` is inside ``[0, num_blocks)``; keys on
+    other pages are skipped, as the kernels skip them. Both indices are compared
+    in int64, so no out-of-range value aliases a valid one. Then::
+
+        out[b, h] = exp(s - logsumexp(s)) @ v,    s = scale * k @ q[b, h]
+
+    in ``q.dtype``, so a NaN or inf in q, k or v reaches exactly the rows whose keys
+    include it, as that float math says; a sequence with no key gets zeros (and
+    one whose scores are all -inf gets NaN, as softmax does).
     """
-    lengths = seq_lens.to(torch.int64).cpu()
-    keys = gather_paged_kv(k_cache, block_table, lengths).to(q.dtype)
-    values = gather_paged_kv(v_cache, block_table, lengths).to(q.dtype)
-    ends = lengths.cumsum(0)
-    mask = SpanMask.from_intervals(ends - lengths, ends, keys.shape[0]).to(q.device)
-    out, _ = span_attention(q, keys, values, mask, scale=scale)
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads = k_cache.shape[:3]
+    group = num_heads // kv_heads
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    capacity = block_table.shape[1] * block_size
+    lengths = seq_lens.to(torch.int64).cpu().clamp(0, capacity)
+    table = block_table.to(torch.int64).cpu()
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    for b, length in enumerate(lengths.tolist()):
+        positions = torch.arange(length)
+        pages = table[b, positions // block_size]
+        inside = (pages >= 0) & (pages < num_blocks)
+        if not bool(inside.any()):
+            continue  # no key: zeros
+        pages = pages[inside].to(k_cache.device)
+        offsets = (positions % block_size)[inside].to(k_cache.device)
+        keys = k_cache[pages, offsets].to(q.dtype).repeat_interleave(group, dim=1)  # [n, Hq, D]
+        values = v_cache[pages, offsets].to(q.dtype).repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b], keys) * scale  # [Hq, n]
+        probs = torch.exp(scores - torch.logsumexp(scores, dim=-1, keepdim=True))
+        out[b] = torch.einsum("hn,nhd->hd", probs, values)
     return out
