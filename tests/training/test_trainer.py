@@ -2,6 +2,8 @@
 
 import dataclasses
 import itertools
+import os
+import signal
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ from metalm_fast.data.collator import build_batch
 from metalm_fast.models import PRESETS, MetaLM
 from metalm_fast.training.command import synthetic_micro_batches
 from metalm_fast.training.trainer import (
+    ExistingRunError,
     TrainConfig,
+    TrainingInterrupted,
     accumulate_gradients,
     learning_rate,
     rank_micro_batches,
@@ -140,6 +144,8 @@ def test_rank_share_and_schedule():
         ({"device": "tpu"}, "device must be one of"),
         ({"resume": True}, "resume needs out_dir"),
         ({"lr": 0.0}, "lr must be > 0"),
+        ({"keep_checkpoints": -1}, "keep_checkpoints must be >= 0"),
+        ({"out_dir": "x", "resume": True, "overwrite": True}, "overwrite cannot be combined"),
     ],
 )
 def test_bad_train_config(changes, message):
@@ -150,3 +156,30 @@ def test_bad_train_config(changes, message):
 def test_resume_without_checkpoint_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train(CONFIG, _config(out_dir=str(tmp_path), resume=True), _stream())
+
+
+def test_a_signal_stops_after_the_step_with_a_checkpoint_there(tmp_path):
+    """SIGTERM during step 2 (here: from on_log) -> step 2 saved, then TrainingInterrupted."""
+
+    def terminate_at_step_2(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = _config(out_dir=str(tmp_path), save_every=0)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(CONFIG, config, _stream(), on_log=terminate_at_step_2)
+    assert stopped.value.step == 2 and stopped.value.exit_status == 143
+    assert stopped.value.checkpoint == tmp_path / "step-2"
+    assert (tmp_path / "latest").read_text().strip() == "step-2"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    resumed = train(CONFIG, dataclasses.replace(config, resume=True), _stream())
+    assert resumed.resumed_from == tmp_path / "step-2" and resumed.step == 4
+
+
+def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
+    config = _config(steps=1, out_dir=str(tmp_path))
+    train(CONFIG, config, _stream())
+    with pytest.raises(ExistingRunError, match="already holds a run"):
+        train(CONFIG, config, _stream())
+    again = train(CONFIG, dataclasses.replace(config, overwrite=True), _stream())
+    assert again.checkpoint == tmp_path / "step-1" and len(again.losses) == 1
