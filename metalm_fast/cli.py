@@ -82,8 +82,25 @@ def build_parser(load: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: what a command raises when the user's input is wrong (a value, a path, a file):
+#: ValueError (CheckpointError among them) and OSError (missing, unreadable, not a
+#: directory). Anything else is a bug, and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line: its lines joined by "; ".
+
+    >>> one_line(ValueError("no checkpoint at x\\n  expected a pointer"))
+    'no checkpoint at x; expected a pointer'
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; bad input prints ``metalm-fast <command>: error: ...`` and returns 2."""
+    """Run one command; bad input prints ``metalm-fast <command>: error: ...`` (one
+    line, naming the argument) and returns 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in PASS_THROUGH:
         # argparse.REMAINDER would drop leading "--" options, so these bypass the parser.
@@ -93,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     try:
         return importlib.import_module(args.module).main(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"metalm-fast {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"metalm-fast {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

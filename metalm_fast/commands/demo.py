@@ -157,19 +157,35 @@ def _print_stage(stage: _Stage) -> None:
     print(f"metrics: {result.metrics}{plot}")
 
 
-def _pretrain(model, tokenizer, args) -> _Stage:
-    data = DefaultData(
-        tokenizer,
-        model.config.tokens_per_image,
-        token_budget=args.micro_batch_tokens,
-        seed=args.seed,
-    )
+def _demo_data(tokenizer, config, args) -> DefaultData:
+    """The embedded data at ``--micro-batch-tokens`` per micro-batch; ValueError naming
+    the flag when a micro-batch cannot hold a caption or a VQA document.
+
+    Checked before pretraining: the finetuning stream would otherwise find out
+    only after the minutes of pretraining.
+    """
+    try:
+        data = DefaultData(
+            tokenizer,
+            config.tokens_per_image,
+            token_budget=args.micro_batch_tokens,
+            seed=args.seed,
+        )
+        next(data.vqa_micro_batches())
+    except ValueError as error:
+        raise ValueError(f"--micro-batch-tokens {args.micro_batch_tokens}: {error}") from error
+    return data
+
+
+def _pretrain(model, data: DefaultData, args) -> _Stage:
     config = TrainConfig(
         steps=args.steps,
         lr=2e-3,
         warmup_steps=max(1, args.steps // 20),
         seed=args.seed,
         out_dir=args.out,
+        # the demo's own directory, rewritten on every run (README's command runs twice)
+        overwrite=True,
         save_every=args.steps,
         progress=False,
         log_every=max(1, args.steps // 12),
@@ -191,6 +207,7 @@ def _finetune(model, tokenizer, args) -> _Stage:
         token_budget=args.micro_batch_tokens,
         progress=False,
         out_dir=Path(args.out) / FINETUNED_DIR,
+        overwrite=True,
         device=args.device,
         dtype=args.dtype,
     )
@@ -240,7 +257,7 @@ def _accuracy_table(before: list[TaskAccuracy], after: list[TaskAccuracy]) -> li
         for r in results:
             tasks.setdefault(r.task, r)
             column = "finetuned" if finetuned else _column(r)
-            cells.setdefault(r.task, {})[column] = f"{r.accuracy:.1%}"
+            cells.setdefault(r.task, {})[column] = r.accuracy_text()
     headers = ["task", "candidates", "chance", *columns]
     rows = [
         [
@@ -316,6 +333,7 @@ def main(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]
     _section("data")
     tokenizer = load_tokenizer(config.vocab_size)
+    data = _demo_data(tokenizer, config, args)
     documents = pydoc_documents("train")
     digits = load_digits("train"), load_digits("test")
     print(
@@ -331,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
     )
 
     _section(f"semi-causal pretraining ({args.steps} steps)")
-    pretrain = _pretrain(model, tokenizer, args)
+    pretrain = _pretrain(model, data, args)
     _print_stage(pretrain)
 
     _section("digit VQA before finetuning (candidate ranking, held-out images)")

@@ -22,16 +22,24 @@ from pathlib import Path
 
 import torch
 
+from metalm_fast.commands._checkpoint import checkpoint_model
 from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.data.default_data import DefaultData
 from metalm_fast.data.digits import load_digits
 from metalm_fast.data.tokenizer import load_tokenizer
 from metalm_fast.evaluation.digits_vqa import TaskAccuracy, evaluate
-from metalm_fast.training.checkpoint import load_model
 from metalm_fast.training.runtime import autocast
 from metalm_fast.training.trainer import TrainConfig, TrainResult, train
 
-__all__ = ["FINETUNED_DIR", "add_arguments", "finetune_on_vqa", "format_table", "main", "run"]
+__all__ = [
+    "FINETUNED_DIR",
+    "add_arguments",
+    "finetune_on_vqa",
+    "finetune_out",
+    "format_table",
+    "main",
+    "run",
+]
 
 #: where a finetuned checkpoint goes, under the checkpoint it started from (or the demo's --out)
 FINETUNED_DIR = "finetuned"
@@ -91,13 +99,15 @@ def finetune_on_vqa(
     token_budget: int = 2048,
     progress: bool = True,
     out_dir: str | Path | None = None,
+    overwrite: bool = False,
     device: str = "auto",
     dtype: str = "auto",
 ) -> TrainResult:
     """Finetune ``model`` in place on the digit VQA training split for ``steps`` steps.
 
     With ``out_dir`` the finetuned checkpoint (``out_dir/step-<steps>``, ``latest``)
-    and the run's metrics.jsonl and loss.png are written there.
+    and the run's metrics.jsonl and loss.png are written there; a directory that
+    already holds a run is refused unless ``overwrite`` (TrainConfig's rule).
     """
     data = DefaultData(
         tokenizer, model.config.tokens_per_image, token_budget=token_budget, seed=seed
@@ -110,6 +120,7 @@ def finetune_on_vqa(
         progress=progress,
         log_every=max(1, steps // 5),
         out_dir=None if out_dir is None else str(out_dir),
+        overwrite=overwrite,
         device=device,
         dtype=dtype,
     )
@@ -138,7 +149,7 @@ def format_table(results: list[TaskAccuracy], title: str) -> str:
     for r in results:
         reader = "encoder" if r.encoder_demos else ("decoder" if r.shots else "-")
         lines.append(
-            f"  {r.task:<18} {r.shots:>5} {reader:<14} {r.accuracy:>9.1%} "
+            f"  {r.task:<18} {r.shots:>5} {reader:<14} {r.accuracy_text():>9} "
             f"{r.chance:>7.1%} {r.total:>5}"
         )
     return "\n".join(lines)
@@ -157,19 +168,60 @@ def _check_arguments(args: argparse.Namespace) -> None:
         )
 
 
+def _check_model_reads_digits(model, args: argparse.Namespace) -> None:
+    """Digit VQA shows 8x8 digit images (and, with --encoder-demos, gives the text
+    encoder the demonstrations): a checkpoint whose model lacks the encoder is
+    named here, before any work, rather than failing in the first batch."""
+    config, name = model.config, f"--checkpoint {args.checkpoint}"
+    digit_shape = tuple(load_digits("test").images.shape[1:])
+    shape = (config.image_channels, config.image_size, config.image_size)
+    if config.vision_layers == 0:
+        raise ValueError(f"{name} cannot answer digit questions: no vision encoder")
+    if shape != digit_shape:
+        raise ValueError(
+            f"{name} cannot answer digit questions: its vision encoder reads images "
+            f"{shape}, the digits are {digit_shape}"
+        )
+    if args.encoder_demos and (config.variant != "two_stack" or config.encoder_layers == 0):
+        raise ValueError(
+            f"--encoder-demos needs a text encoder to read the demonstrations; the model "
+            f"of {name} has none ({config.variant}, encoder_layers={config.encoder_layers})"
+        )
+
+
+def finetune_out(args: argparse.Namespace) -> Path:
+    """Where ``--finetune-steps`` saves: ``--out``, or ``<checkpoint>/finetuned``.
+
+    The save rewrites that directory, so it may not be the checkpoint being
+    evaluated nor a directory holding it: that would erase the model it started from.
+    """
+    if args.out is None:
+        return Path(args.checkpoint) / FINETUNED_DIR
+    out, source = Path(args.out), Path(args.checkpoint).resolve()
+    if out.resolve() in (source, *source.parents):
+        raise ValueError(
+            f"--out {args.out} holds --checkpoint {args.checkpoint}: saving the finetuned "
+            f"model there would erase the one it started from; give another --out"
+        )
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     _check_arguments(args)
     device = runtime_device(args)
-    model = load_model(args.checkpoint).to(device)
+    out = finetune_out(args) if args.finetune_steps else None
+    model = checkpoint_model(args.checkpoint).to(device)
+    _check_model_reads_digits(model, args)
     tokenizer = load_tokenizer(model.config.vocab_size)
-    if args.finetune_steps:
-        out = Path(args.out) if args.out is not None else Path(args.checkpoint) / FINETUNED_DIR
+    if out is not None:
         result = finetune_on_vqa(
             model,
             tokenizer,
             args.finetune_steps,
             seed=args.seed,
             out_dir=out,
+            # the finetuned copy is this command's output, rewritten on every run
+            overwrite=True,
             device=args.device,
             dtype=args.dtype,
         )

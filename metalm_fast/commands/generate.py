@@ -24,12 +24,12 @@ import argparse
 import numpy as np
 import torch
 
+from metalm_fast.commands._checkpoint import checkpoint_model
 from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.data.collator import build_batch
 from metalm_fast.data.digits import load_digits
 from metalm_fast.data.tokenizer import Tokenizer, load_tokenizer
-from metalm_fast.models.generation import generate
-from metalm_fast.training.checkpoint import load_model
+from metalm_fast.models.generation import RequestTooLargeError, generate
 from metalm_fast.training.runtime import autocast, move_batch
 
 __all__ = ["add_arguments", "encode_prompt", "load_image", "main", "run"]
@@ -88,13 +88,27 @@ def load_image(spec: str, config) -> torch.Tensor:
             raise ValueError(f"--image {spec}: held-out digits are 0..{len(test.labels) - 1}")
         image = test.images[index]
     else:
-        image = torch.from_numpy(np.load(spec)).float()
+        image = _read_npy(spec)
         if image.dim() == 2:
             image = image.unsqueeze(0)
     expected = (config.image_channels, config.image_size, config.image_size)
     if tuple(image.shape) != expected:
         raise ValueError(f"--image {spec}: shape {tuple(image.shape)}, the model reads {expected}")
     return image
+
+
+def _read_npy(spec: str) -> torch.Tensor:
+    """float tensor of the .npy file ``spec``; ValueError naming ``--image`` when the
+    file is missing, unreadable, not an .npy array, or not numbers."""
+    try:
+        array = np.load(spec)  # allow_pickle=False: a pickled object is refused, not run
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(
+            f"--image {spec}: expected digit:N or the path of a .npy array ({error})"
+        ) from error
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"--image {spec}: expected a numeric .npy array, got {type(array)}")
+    return torch.from_numpy(array.astype(np.float32))
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, tokens_per_image: int) -> tuple[list[int], int]:
@@ -141,22 +155,48 @@ def run(
     )
     batch = move_batch(batch, next(model.parameters()).device)
     sampling = top_p is not None
-    outputs = generate(
-        model,
-        batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        top_p=top_p if sampling else 1.0,
-        temperature=temperature,
-        eos_id=tokenizer.eos_id,
-        generator=torch.Generator(batch.input_ids.device).manual_seed(seed),
-    )
+    try:
+        outputs = generate(
+            model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            top_p=top_p if sampling else 1.0,
+            temperature=temperature,
+            eos_id=tokenizer.eos_id,
+            generator=torch.Generator(batch.input_ids.device).manual_seed(seed),
+        )
+    except RequestTooLargeError as error:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens}: {error.problem}; lower --max-new-tokens "
+            "or give fewer --prompt"
+        ) from error
     return [tokenizer.decode(tokens) for tokens in outputs]
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The flags' rules, named as the user typed them (generate() names its parameters)."""
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.top_p is not None and not args.temperature > 0.0:
+        raise ValueError(f"--temperature must be > 0 with --top-p, got {args.temperature}")
+
+
+def _check_model_reads_images(model, args: argparse.Namespace) -> None:
+    if args.image and model.config.vision_layers == 0:
+        raise ValueError(
+            f"--image {args.image[0]}: the model of --checkpoint {args.checkpoint} has no "
+            "vision encoder (vision_layers=0); it reads text only"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
+    _check_arguments(args)
     device = runtime_device(args)
-    model = load_model(args.checkpoint).to(device).eval()
+    model = checkpoint_model(args.checkpoint).to(device).eval()
+    _check_model_reads_images(model, args)
     tokenizer = load_tokenizer(model.config.vocab_size)
     images = [load_image(spec, model.config) for spec in args.image]
     with torch.no_grad(), autocast(device, args.dtype):

@@ -20,6 +20,7 @@ paper highlights. Images are always read by the vision encoder.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +55,19 @@ class TaskAccuracy:
 
     @property
     def accuracy(self) -> float:
-        return self.correct / max(self.total, 1)
+        """correct / total; NaN over zero examples (undefined, never a 0.0% that reads
+        as a score). :meth:`accuracy_text` prints it."""
+        return self.correct / self.total if self.total else math.nan
+
+    def accuracy_text(self) -> str:
+        """The accuracy as a percentage, or ``n/a (0 examples)``.
+
+        >>> TaskAccuracy("digit", 0, False, 3, 4, 0.1).accuracy_text()
+        '75.0%'
+        >>> TaskAccuracy("digit", 0, False, 0, 0, 0.1).accuracy_text()
+        'n/a (0 examples)'
+        """
+        return f"{self.accuracy:.1%}" if self.total else "n/a (0 examples)"
 
 
 def build_prompt(
@@ -174,6 +187,10 @@ def evaluate(
     """
     if shots < 0:
         raise ValueError(f"shots must be >= 0, got {shots}")
+    if limit is not None and limit < 1:  # an accuracy over no image is undefined
+        raise ValueError(f"limit must be >= 1 (or None: every test image), got {limit}")
+    if len(test.labels) == 0:
+        raise ValueError("test holds no image: an accuracy over no image is undefined")
     if encoder_demos and shots == 0:
         raise ValueError("encoder_demos needs shots > 0 (there is no demonstration to encode)")
     count = len(test.labels) if limit is None else min(limit, len(test.labels))
