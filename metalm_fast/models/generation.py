@@ -83,7 +83,19 @@ MAX_ADDRESSABLE = 2**31 - 1
 class RequestTooLargeError(ValueError):
     """A generation asks for more than fits: its KV pool exceeds the memory of the
     model's device, or a sequence would grow past what the cache can address.
-    ``max_new_tokens`` is the argument to lower; nothing was allocated."""
+    ``max_new_tokens`` is the argument to lower; nothing was allocated.
+
+    ``problem`` says what does not fit, without the argument's name, so that a
+    command line can put its own flag in front.
+    """
+
+    def __init__(self, max_new_tokens: int, problem: str):
+        self.max_new_tokens = max_new_tokens
+        self.problem = problem
+        super().__init__(
+            f"max_new_tokens={max_new_tokens}: {problem}; lower max_new_tokens "
+            "(or the number of prompts)"
+        )
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -195,8 +207,9 @@ def _check_addressable(prompt_lens: list[int], max_new_tokens: int) -> None:
     longest = max(prompt_lens) + max_new_tokens
     if longest > MAX_ADDRESSABLE:
         raise RequestTooLargeError(
-            f"max_new_tokens={max_new_tokens}: a sequence would reach {longest:,} tokens "
-            f"(prompt + new), past the {MAX_ADDRESSABLE:,} a sequence may hold (int32 lengths)"
+            max_new_tokens,
+            f"a sequence would reach {longest:,} tokens (prompt + new), past the "
+            f"{MAX_ADDRESSABLE:,} a sequence may hold (int32 lengths)",
         )
 
 
@@ -212,16 +225,17 @@ def check_fits(model, prompt_lens: list[int], max_new_tokens: int, block_size: i
     blocks = _blocks_needed(prompt_lens, max_new_tokens, block_size)
     if blocks > MAX_ADDRESSABLE:
         raise RequestTooLargeError(
-            f"max_new_tokens={max_new_tokens}: the KV pool would need {blocks:,} pages of "
-            f"{block_size} tokens, past the {MAX_ADDRESSABLE:,} its int32 block tables address"
+            max_new_tokens,
+            f"the KV pool would need {blocks:,} pages of {block_size} tokens, past the "
+            f"{MAX_ADDRESSABLE:,} its int32 block tables address",
         )
     needed = pool_bytes(model, prompt_lens, max_new_tokens, block_size)
     bound = _memory_bound(model.embedding.weight.device, model)
     if bound is not None and needed > bound[0]:
         raise RequestTooLargeError(
-            f"max_new_tokens={max_new_tokens}: the KV pool for {len(prompt_lens)} prompt(s) "
-            f"would need {needed:,} bytes ({needed / 2**30:,.1f} GiB), more than the "
-            f"{bound[0]:,} bytes {bound[1]}; lower max_new_tokens or the number of prompts"
+            max_new_tokens,
+            f"the KV pool for {len(prompt_lens)} prompt(s) would need {needed:,} bytes "
+            f"({needed / 2**30:,.1f} GiB), more than the {bound[0]:,} bytes {bound[1]}",
         )
 
 
