@@ -1,12 +1,14 @@
 """Digit VQA evaluation: prompts, candidate ranking, and a finetuned tiny model beating chance."""
 
+import math
+
 import pytest
 import torch
 
-from metalm_fast.commands.evaluate import finetune_on_vqa
+from metalm_fast.commands.evaluate import finetune_on_vqa, format_table
 from metalm_fast.data.digits import QUESTIONS, load_digits
 from metalm_fast.data.tokenizer import load_tokenizer
-from metalm_fast.evaluation.digits_vqa import build_prompt, evaluate
+from metalm_fast.evaluation.digits_vqa import TaskAccuracy, build_prompt, evaluate
 from metalm_fast.models import PRESETS, MetaLM
 
 CONFIG = PRESETS["tiny"]
@@ -38,6 +40,24 @@ def test_encoder_demos_need_shots(tokenizer):
     test = load_digits("test")
     with pytest.raises(ValueError, match="shots"):
         evaluate(model, tokenizer, test, test, shots=0, encoder_demos=True, limit=1)
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_no_image_is_refused_not_scored_zero(tokenizer, limit):
+    """An accuracy over zero images is undefined: refused, never a 0.0% that reads as a score."""
+    model = MetaLM(CONFIG)
+    test = load_digits("test")
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        evaluate(model, tokenizer, test, test, limit=limit)
+
+
+def test_accuracy_over_zero_examples_is_not_a_number():
+    empty = TaskAccuracy("digit", 0, False, 0, 0, 0.1)
+    assert math.isnan(empty.accuracy)
+    assert empty.accuracy_text() == "n/a (0 examples)"
+    assert "n/a (0 examples)" in format_table([empty], "title")
+    assert "0.0%" not in format_table([empty], "title").splitlines()[-1].split()  # 10.0% is chance
+    assert TaskAccuracy("digit", 0, False, 1, 4, 0.1).accuracy_text() == "25.0%"
 
 
 def test_finetuned_tiny_model_beats_chance_on_held_out_digits(tokenizer):
