@@ -181,3 +181,26 @@ def test_a_command_error_is_one_line_naming_the_flag(demo_run, capsys):
         == 2
     )
     assert capsys.readouterr().err.startswith("metalm-fast generate: error: --image digit:x")
+
+
+def test_demo_runs_again_into_the_same_out(demo_run, tmp_path):
+    """README's command twice in a row: the second run replaces the first run's
+    checkpoints and metrics in --out (and in <out>/finetuned) instead of being refused."""
+    import contextlib
+    import io
+    import shutil
+
+    from metalm_fast.training.metrics import read_metrics
+
+    _, _, first = demo_run
+    out = tmp_path / "demo"
+    shutil.copytree(first, out)  # the first run, left for the other tests as it was
+    argv = ["demo", "--steps", "1", "--finetune-steps", "1", "--micro-batch-tokens", "256"]
+    argv += ["--limit", "1", "--shots", "1", "--no-bench", "--device", "cpu", "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    assert (out / "latest").read_text().strip() == "step-1"
+    assert not (out / "step-4").exists()  # the first run's checkpoint went
+    assert (out / "finetuned" / "latest").read_text().strip() == "step-1"
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert [r["step"] for r in read_metrics(out / "finetuned" / "metrics.jsonl")] == [1]
