@@ -16,6 +16,14 @@ Conventions shared by all helpers:
   ``lse2 = +inf`` in the backward helpers: ``exp2(s - inf) = 0`` for any finite
   or ``-inf`` score, so such rows contribute exactly nothing, with no NaN.
 * Token offsets are widened to int64 before they multiply a stride.
+* Intervals are clamped on load to ``0 <= start <= end <= Tk`` (``_clamp_interval``),
+  so no mask, however built, makes a kernel read or write out of bounds.
+* Non-finite inputs: masked entries of P and dS are exact zeros (``tl.where``,
+  never a product), and on masked tiles a NaN or inf row of the second operand
+  of a dot goes through ``_allowed_dot``, since 0 * NaN = NaN would otherwise
+  carry it to rows that never attend it. A row whose lse is NaN keeps it, so
+  its gradients are NaN as its math says; only lse = -inf (empty) rows get
+  ``lse2 = +inf``.
 """
 
 from __future__ import annotations
@@ -61,12 +69,72 @@ def _store_rows(base, tile, offs_t, offs_d, stride_t, num_rows, head_dim, EVEN_D
 
 
 @triton.jit
-def _load_intervals(kv_start_ptr, kv_end_ptr, offs_m, num_queries):
-    """kv_start/kv_end of rows ``offs_m``; rows past Tq read as the empty interval [0, 0)."""
+def _clamp_interval(start, end, num_keys):
+    """Clamp to 0 <= start <= end <= Tk (start > end becomes empty): nothing reads past k, v."""
+    start = tl.minimum(tl.maximum(start, 0), num_keys)
+    end = tl.maximum(tl.minimum(end, num_keys), start)
+    return start, end
+
+
+@triton.jit
+def _load_intervals(kv_start_ptr, kv_end_ptr, offs_m, num_queries, num_keys):
+    """Clamped kv_start/kv_end of rows ``offs_m``; rows past Tq read as empty, [0, 0)."""
     row_valid = offs_m < num_queries
     row_start = tl.load(kv_start_ptr + offs_m, mask=row_valid, other=0)
     row_end = tl.load(kv_end_ptr + offs_m, mask=row_valid, other=0)
+    row_start, row_end = _clamp_interval(row_start, row_end, num_keys)
     return row_start, row_end, row_valid
+
+
+@triton.jit
+def _has_nonfinite(x):
+    """Whether a loaded tile holds a NaN or an infinity (a uniform scalar)."""
+    finite = tl.abs(x.to(tl.float32)) < float("inf")  # False for NaN and +-inf
+    return tl.min(tl.min(finite.to(tl.int32), 1), 0) == 0
+
+
+@triton.jit
+def _count_split(d):
+    """(d mod 4096, d // 4096) of an exact count code d = low + 4096 * high."""
+    high = tl.floor(d * (1.0 / 4096.0))
+    return d - high * 4096.0, high
+
+
+@triton.jit
+def _allowed_dot(coeff, allowed, x, DOT_PRECISION: tl.constexpr):
+    """sum_p coeff[i, p] * x[p, :] over allowed (i, p) only, as float math: [I, D] fp32.
+
+    The slow path of a masked tile whose x holds a NaN or an inf. The finite
+    part is one dot with non-finite entries zeroed. The non-finite terms only
+    decide whether an output is +inf, -inf or NaN, so they are counted per
+    class by dots of 0/1 and small powers of two (exact in every dot dtype, and
+    the fp32 sums are exact: counts <= 128, codes < 2**24): a term is NaN when
+    x is NaN or when a zero (or NaN) coefficient meets an inf, and +inf and
+    -inf together make NaN.
+    """
+    xf = x.to(tl.float32)
+    finite = tl.abs(xf) < float("inf")
+    c = tl.where(allowed, coeff, 0.0)
+    clean = tl.dot(
+        c.to(x.dtype), tl.where(finite, x, 0.0).to(x.dtype), input_precision=DOT_PRECISION
+    )
+    inf_code = tl.where(xf == float("inf"), 1.0, tl.where(xf == float("-inf"), 4096.0, 0.0))
+    bad_code = tl.where(xf != xf, 1.0, tl.where(finite, 0.0, 4096.0))
+    inf_code = inf_code.to(x.dtype)
+    bad_code = bad_code.to(x.dtype)
+    pos = tl.where(allowed & (coeff > 0), 1.0, 0.0).to(x.dtype)
+    neg = tl.where(allowed & (coeff < 0), 1.0, 0.0).to(x.dtype)
+    any_term = tl.where(allowed, 1.0, 0.0).to(x.dtype)
+    pos_plus, pos_minus = _count_split(tl.dot(pos, inf_code, input_precision=DOT_PRECISION))
+    neg_plus, neg_minus = _count_split(tl.dot(neg, inf_code, input_precision=DOT_PRECISION))
+    nan_terms, inf_terms = _count_split(tl.dot(any_term, bad_code, input_precision=DOT_PRECISION))
+    plus = (pos_plus + neg_minus) > 0
+    minus = (pos_minus + neg_plus) > 0
+    signed = pos_plus + pos_minus + neg_plus + neg_minus
+    nan = (nan_terms > 0) | (inf_terms > signed) | (plus & minus) | (clean != clean)
+    return tl.where(
+        nan, float("nan"), tl.where(plus, float("inf"), tl.where(minus, -float("inf"), clean))
+    )
 
 
 @triton.jit
@@ -117,7 +185,7 @@ def _tile_is_full(row_start, row_end, row_valid, n0, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _monotone_row_bounds(kv_start_ptr, kv_end_ptr, num_queries, n0, n1):
+def _monotone_row_bounds(kv_start_ptr, kv_end_ptr, num_queries, num_keys, n0, n1):
     """For non-decreasing kv_start and kv_end: the rows that see keys [n0, n1).
 
     Four lower-bound searches run as the lanes of one vector, so the loop costs
@@ -130,6 +198,9 @@ def _monotone_row_bounds(kv_start_ptr, kv_end_ptr, num_queries, n0, n1):
         3: kv_start > n0   rows before it start at or before the tile's start
 
     Rows [lane0, lane1) may see the tile, rows [lane2, lane3) see all of it.
+    The intervals are clamped as everywhere else (a clamped monotone mask stays
+    monotone). A mask wrongly flagged monotone can misplace these bounds, but
+    every probe stays in [0, Tq): wrong, never out of bounds.
     """
     lane = tl.arange(0, 4)
     on_end = (lane % 2) == 0
@@ -139,8 +210,10 @@ def _monotone_row_bounds(kv_start_ptr, kv_end_ptr, num_queries, n0, n1):
     while tl.max(hi - lo, 0) > 0:
         active = lo < hi
         mid = lo + (hi - lo) // 2  # never lo + hi: that could overflow int32
-        start_val = tl.load(kv_start_ptr + mid, mask=active & ~on_end, other=0)
-        end_val = tl.load(kv_end_ptr + mid, mask=active & on_end, other=0)
+        # Both ends per lane: the clamped end depends on the start.
+        start_val = tl.load(kv_start_ptr + mid, mask=active, other=0)
+        end_val = tl.load(kv_end_ptr + mid, mask=active, other=0)
+        start_val, end_val = _clamp_interval(start_val, end_val, num_keys)
         right = tl.where(on_end, end_val, start_val) >= threshold
         hi = tl.where(active & right, mid, hi)
         lo = tl.where(active & ~right, mid + 1, lo)
@@ -192,7 +265,11 @@ def _fwd_tile(
     alpha = tl.math.exp2(m_i - m_new_safe)
     p = tl.math.exp2(s - m_new_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if MASKED:
+        if _has_nonfinite(v):
+            pv = _allowed_dot(p, seen, v, DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -222,13 +299,18 @@ def _dq_tile(
     k = _load_rows(k_base, offs_n, offs_d, stride_kt, num_keys, head_dim, MASKED, EVEN_D)
     v = _load_rows(v_base, offs_n, offs_d, stride_vt, num_keys, head_dim, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        seen = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] < row_end[:, None])
-        s = tl.where(seen, s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if MASKED:
+        # Masked dS is an exact 0 whatever S, lse or dP hold there (a NaN key or value).
+        seen = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] < row_end[:, None])
+        ds = tl.where(seen, ds, 0.0)
+    dsk = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if MASKED:
+        if _has_nonfinite(k):
+            dsk = _allowed_dot(ds, seen, k, DOT_PRECISION)
+    return dq + dsk
 
 
 @triton.jit
@@ -270,16 +352,28 @@ def _dkdv_tile(
     # Rows past Tq or with an empty interval (lse = -inf) get lse2 = +inf: P = 0,
     # and delta = 0 so dS = 0 even if the caller's delta is not finite there.
     # (Sanitised after both loads, so the software pipeline carries only them.)
-    has_keys = lse > float("-inf")
+    # A NaN lse (a row attending a NaN) is kept: that row's gradients are NaN.
+    has_keys = lse != float("-inf")
     lse2 = tl.where(has_keys, lse * 1.4426950408889634, float("inf"))
     delta = tl.where(has_keys, delta, 0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        seen = (offs_n[:, None] >= row_start[None, :]) & (offs_n[:, None] < row_end[None, :])
-        s_t = tl.where(seen, s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse2[None, :])
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    if MASKED:
+        # Masked P and dS are exact zeros whatever S, lse or dP hold there.
+        seen = (offs_n[:, None] >= row_start[None, :]) & (offs_n[:, None] < row_end[None, :])
+        p_t = tl.where(seen, p_t, 0.0)
+    pdo = tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    if MASKED:
+        if _has_nonfinite(do):
+            pdo = _allowed_dot(p_t, seen, do, DOT_PRECISION)
+    dv += pdo
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if MASKED:
+        ds_t = tl.where(seen, ds_t, 0.0)
+    dsq = tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if MASKED:
+        if _has_nonfinite(q):
+            dsq = _allowed_dot(ds_t, seen, q, DOT_PRECISION)
+    dk += dsq
     return dk, dv

@@ -43,10 +43,18 @@ Tiles and memory
   from an in-kernel binary search; otherwise every query block is tested from
   its intervals. Accumulation is fp32 throughout; P and dS are rounded to the
   input dtype only as tensor-core operands, as in FlashAttention-2.
-* Empty intervals: the forward sees l = 0 and writes out = 0, lse = -inf; a
-  running max that is still -inf is replaced by 0 before exp2, so -inf - -inf
-  never happens. The backward turns lse = -inf into +inf (P = exp2(s - inf) = 0)
-  and zeroes delta there, so dS = 0 and nothing is NaN.
+* Intervals are clamped to [0, Tk] on load (start > end is empty), so no mask,
+  however built, makes a kernel read or write out of bounds; the dK/dV binary
+  search under a false ``monotone`` flag stays in bounds (but may be wrong).
+* Empty intervals (from the clamped interval, not from l) get out = 0 and
+  lse = -inf; a running max that is still -inf is replaced by 0 before exp2.
+  The backward turns lse = -inf into +inf (P = exp2(s - inf) = 0) and zeroes
+  delta there, so dS = 0.
+* Non-finite inputs follow the float math of each row's allowed keys: a row
+  attending a NaN (or +inf) score gets NaN out and lse (and NaN gradients),
+  masked entries of P and dS are exact zeros, and masked tiles send a NaN or
+  inf row of v, k, q or dO through an exact slow path (``_allowed_dot``), so
+  it never reaches rows that do not attend it (0 * NaN in a dot).
 * D is padded to BLOCK_D = next_pow2(D) with masked loads; configs with
   D == BLOCK_D (EVEN_D) carry no head-dim mask at all.
 * Token offsets are widened to int64 before multiplying a stride.
@@ -120,7 +128,7 @@ _LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------- kernels
-# group and is_monotone are not specialised: the JIT would otherwise turn a
+# group is not specialised: the JIT would otherwise turn a
 # value of 1 into a constant and run code other than the shipped, AOT-checked one.
 @triton.jit(do_not_specialize=["group"])
 def _fwd_kernel(
@@ -161,7 +169,9 @@ def _fwd_kernel(
     kv_head = head // group
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m, num_queries)
+    row_start, row_end, row_valid = _load_intervals(
+        kv_start_ptr, kv_end_ptr, offs_m, num_queries, num_keys
+    )
     lo, full_lo, full_hi, hi = _key_tile_ranges(row_start, row_end, row_valid, num_keys, BLOCK_N)
 
     q = _load_rows(
@@ -230,11 +240,14 @@ def _fwd_kernel(
             DOT_PRECISION,
         )
 
-    # l_i == 0 exactly when a row saw no key (otherwise its max term is 1).
-    empty = l_i == 0.0
+    # Emptiness comes from the interval, not from l: a row attending a NaN or
+    # +inf score has l = NaN, and one whose allowed scores are all -inf has
+    # l = 0 (0 / 0 in its math): both are NaN, never a silent empty row.
+    empty = row_start >= row_end
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    lse = tl.where(empty, float("-inf"), tl.where(l_i == 0.0, float("nan"), lse))
     _store_rows(
         out_ptr + head.to(tl.int64) * stride_oh,
         out.to(out_ptr.dtype.element_ty),
@@ -291,7 +304,9 @@ def _bwd_dq_kernel(
     kv_head = head // group
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_start, row_end, row_valid = _load_intervals(kv_start_ptr, kv_end_ptr, offs_m, num_queries)
+    row_start, row_end, row_valid = _load_intervals(
+        kv_start_ptr, kv_end_ptr, offs_m, num_queries, num_keys
+    )
     lo, full_lo, full_hi, hi = _key_tile_ranges(row_start, row_end, row_valid, num_keys, BLOCK_N)
 
     q = _load_rows(
@@ -316,7 +331,8 @@ def _bwd_dq_kernel(
     )
     row_stats = head.to(tl.int64) * num_queries + offs_m
     lse = tl.load(lse_ptr + row_stats, mask=row_valid, other=float("-inf"))
-    has_keys = lse > float("-inf")
+    # lse is -inf exactly on empty rows; a NaN lse is kept (that row's dq is NaN).
+    has_keys = lse != float("-inf")
     lse2 = tl.where(has_keys, lse * 1.4426950408889634, float("inf"))
     delta = tl.load(delta_ptr + row_stats, mask=row_valid & has_keys, other=0.0)
     k_base = k_ptr + kv_head.to(tl.int64) * stride_kh
@@ -385,7 +401,7 @@ def _bwd_dq_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["group", "is_monotone"])
+@triton.jit(do_not_specialize=["group"])
 def _bwd_dkdv_kernel(
     q_ptr,
     k_ptr,
@@ -413,7 +429,7 @@ def _bwd_dkdv_kernel(
     num_keys,
     head_dim,
     group,
-    is_monotone,
+    monotone_ptr,
     qk_scale,
     sm_scale,
     BLOCK_M: tl.constexpr,
@@ -458,9 +474,11 @@ def _bwd_dkdv_kernel(
         EVEN_D,
     )
 
-    if is_monotone != 0:
+    # The caller's monotone claim, checked on the device (_checked_monotone): a false
+    # claim must not steer the binary search.
+    if tl.load(monotone_ptr) != 0:
         seen_lo, seen_hi, rows_full_lo, rows_full_hi = _monotone_row_bounds(
-            kv_start_ptr, kv_end_ptr, num_queries, n0, n1
+            kv_start_ptr, kv_end_ptr, num_queries, num_keys, n0, n1
         )
         qb_lo = seen_lo // BLOCK_M
         qb_hi = tl.cdiv(seen_hi, BLOCK_M)
@@ -490,7 +508,7 @@ def _bwd_dkdv_kernel(
             q_block = tl.where(i < num_left, qb_lo + i, full_hi + (i - num_left))
             offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
             row_start, row_end, row_valid = _load_intervals(
-                kv_start_ptr, kv_end_ptr, offs_m, num_queries
+                kv_start_ptr, kv_end_ptr, offs_m, num_queries, num_keys
             )
             # Only a non-monotone mask puts full blocks in this loop; they skip
             # the mask through a uniform runtime branch inside the body, since a
@@ -573,7 +591,13 @@ def _bwd_dkdv_kernel(
 # --------------------------------------------------------------------------- configs
 _KERNELS = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}
 # Signature typing: every *_ptr points at data of the input dtype except these.
-_POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kv_start_ptr": "*i32", "kv_end_ptr": "*i32"}
+_POINTERS = {
+    "lse_ptr": "*fp32",
+    "delta_ptr": "*fp32",
+    "kv_start_ptr": "*i32",
+    "kv_end_ptr": "*i32",
+    "monotone_ptr": "*i32",
+}
 _FP32_SCALARS = {"qk_scale": "fp32", "sm_scale": "fp32"}
 
 
@@ -649,7 +673,8 @@ def span_attention_forward(
     Parameters
     ----------
     q : [Tq, Hq, D];  k, v : [Tk, Hkv, D]; fp16/bf16/fp32, last dim contiguous.
-    kv_start, kv_end : int32 [Tq], contiguous, 0 <= start <= end <= Tk.
+    kv_start, kv_end : int32 [Tq], contiguous; clamped in the kernel to
+        0 <= start <= end <= Tk (start > end is an empty interval).
     scale : softmax scale.  monotone : unused by the forward (its tile walk
         needs no search); accepted so both launchers take the same mask.
 
@@ -695,6 +720,22 @@ def span_attention_forward(
     return out, lse
 
 
+def _checked_monotone(kv_start, kv_end, num_keys: int, monotone: bool) -> torch.Tensor:
+    """int32 [1] on the intervals' device: 1 when ``monotone`` holds for the clamped intervals.
+
+    The dK/dV kernel binary-searches monotone intervals; the claim comes from
+    the caller (SpanMask checks its own, the raw op takes it on trust), so it
+    is verified here, on the device and without a sync, over the intervals as
+    the kernel clamps them. A false claim falls back to the scan: still correct.
+    """
+    if not monotone or kv_start.numel() < 2:
+        return torch.full((1,), int(monotone), dtype=torch.int32, device=kv_start.device)
+    start = kv_start.clamp(0, num_keys)
+    end = torch.maximum(kv_end.clamp(max=num_keys), start)
+    holds = (start[1:] >= start[:-1]).all() & (end[1:] >= end[:-1]).all()
+    return holds.to(torch.int32).reshape(1)
+
+
 def span_attention_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -715,7 +756,8 @@ def span_attention_backward(
         as for the forward.  lse : [Hq, Tq] float32 from the forward.
     delta : [Hq, Tq] float32, ``rowsum(do * out) - dlse``.
     monotone : kv_start and kv_end are both non-decreasing; lets the dK/dV
-        kernel binary-search the query blocks that see each key block.
+        kernel binary-search the query blocks that see each key block (the
+        claim is checked on the device first, so a false one stays correct).
 
     Returns
     -------
@@ -784,7 +826,7 @@ def span_attention_backward(
         num_keys,
         head_dim,
         group,
-        int(bool(monotone)),
+        _checked_monotone(kv_start, kv_end, num_keys, bool(monotone)),
         scale * _LOG2E,
         scale,
         **options,

@@ -38,16 +38,42 @@ __all__ = ["span_attention", "SUPPORTED_HEAD_DIMS"]
 _SUPPORTED = ("triton", "cpu", "reference")
 
 
+# ----------------------------------------------------------------------------- intervals
+def _clamped(kv_start, kv_end, num_keys):
+    """Intervals clamped to 0 <= start <= end <= Tk, in int64 (no device sync).
+
+    The clamp runs in 64 bits before any narrowing, so a kv_end of 2**32 + 3 is
+    past the end (Tk), never 3. A start past its end becomes an empty interval.
+    """
+    start = kv_start.to(torch.int64).clamp(0, num_keys)
+    end = torch.maximum(kv_end.to(torch.int64).clamp(max=num_keys), start)
+    return start, end
+
+
+def _kernel_intervals(kv_start, kv_end, num_keys):
+    """int32 contiguous intervals for the Triton kernels, which clamp int32 themselves.
+
+    int32 (every SpanMask) passes through untouched; any wider or other integer
+    type is clamped in int64 first (see _clamped), then narrowed.
+    """
+    if kv_start.dtype == torch.int32 and kv_end.dtype == torch.int32:
+        return kv_start.contiguous(), kv_end.contiguous()
+    start, end = _clamped(kv_start, kv_end, num_keys)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
 # ----------------------------------------------------------------------------- backends
 def _forward_triton(q, k, v, kv_start, kv_end, scale, monotone):
     from metalm_fast.kernels.span_attention import span_attention_forward
 
+    kv_start, kv_end = _kernel_intervals(kv_start, kv_end, k.shape[0])
     return span_attention_forward(q, k, v, kv_start, kv_end, scale, monotone)
 
 
 def _backward_triton(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone):
     from metalm_fast.kernels.span_attention import span_attention_backward
 
+    kv_start, kv_end = _kernel_intervals(kv_start, kv_end, k.shape[0])
     return span_attention_backward(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale, monotone)
 
 
@@ -88,7 +114,12 @@ def _backward_cpu(grad_out, q, k, v, lse, delta, kv_start, kv_end, scale):
 
 
 def _mask_of(kv_start, kv_end, num_keys, monotone) -> SpanMask:
-    return SpanMask(kv_start, kv_end, num_keys, monotone)
+    # Raw intervals are clamped as the kernels clamp them, so the reference
+    # computes what they compute; monotone is not used by the dense reference
+    # (and may be false: the op takes it on trust), so it is not claimed.
+    del monotone
+    start, end = _clamped(kv_start, kv_end, num_keys)
+    return SpanMask(start.to(torch.int32), end.to(torch.int32), num_keys, False)
 
 
 def _forward_reference(q, k, v, kv_start, kv_end, scale, monotone):
@@ -189,8 +220,8 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
-    # lse is -inf for empty rows; no gradient can flow into them.
-    grad_lse = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse)
+    # lse is -inf exactly on empty rows; no gradient can flow into them.
+    grad_lse = torch.where(lse == -math.inf, torch.zeros_like(grad_lse), grad_lse)
     dq, dk, dv = _span_attention_bwd(
         grad_out,
         q,

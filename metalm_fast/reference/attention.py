@@ -11,6 +11,40 @@ from metalm_fast.masks import SpanMask
 __all__ = ["span_attention", "span_attention_backward"]
 
 
+def _masked_scores(q, keys, allowed, scale):
+    """scale * q . k as [Hq, Tq, Tk], where a non-finite q or k entry reaches allowed pairs only.
+
+    With finite q and k this is one einsum. Otherwise masked pairs multiply
+    zeros in place of both rows (also in the backward: a masked-out NaN key
+    must not reach dq through 0 * NaN), at the cost of a [Hq, Tq, Tk, D] tensor.
+    """
+    if bool(torch.isfinite(q).all()) and bool(torch.isfinite(keys).all()):
+        return torch.einsum("qhd,khd->hqk", q, keys) * scale
+    pair = allowed[..., None]  # [1, Tq, Tk, 1]
+    q_b = torch.where(pair, q.transpose(0, 1)[:, :, None], torch.zeros((), dtype=q.dtype))
+    k_b = torch.where(pair, keys.transpose(0, 1)[:, None], torch.zeros((), dtype=q.dtype))
+    return (q_b * k_b).sum(-1) * scale
+
+
+def _masked_contract(coeff, x, allowed):
+    """out[i, h] = sum_p coeff[h, i, p] x[p, h] over allowed (i, p) only -> [I, H, D].
+
+    coeff is [H, I, P] and already 0 where not allowed; x is [P, H, D]. With a
+    finite x this is one einsum. Otherwise 0 * NaN would carry a non-finite row
+    of x into every output row, so masked terms multiply zeros in place of x.
+    """
+    if bool(torch.isfinite(x).all()):
+        return torch.einsum("hip,phd->ihd", coeff, x)
+    x_b = torch.where(
+        allowed[..., None], x.transpose(0, 1)[:, None], torch.zeros((), dtype=x.dtype)
+    )
+    return (coeff[..., None] * x_b).sum(2).transpose(0, 1)
+
+
+def _dense_allowed(mask: SpanMask, device) -> torch.Tensor:
+    return mask.to_dense().to(device)[None]  # [1, Tq, Tk]
+
+
 def span_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -20,6 +54,16 @@ def span_attention(
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked attention over packed tokens, computed in ``q.dtype``.
+
+    The float math of attention restricted to each row's allowed keys::
+
+        m = max_j s_j,  l = sum_j exp(s_j - m),  out = sum_j exp(s_j - m) v_j / l,
+        lse = m + log(l)
+
+    so a NaN or inf in q, k or v reaches exactly the rows whose allowed keys
+    include it (a row with a NaN score, a +inf score or only -inf scores is
+    NaN), masked-out keys never reach a row, and an empty row is exactly 0 with
+    lse -inf.
 
     Parameters
     ----------
@@ -40,21 +84,22 @@ def span_attention(
         scale = 1.0 / math.sqrt(head_dim)
     keys = k.repeat_interleave(group, dim=1)  # [Tk, Hq, D]
     values = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, keys) * scale  # [Hq, Tq, Tk]
-    allowed = mask.to_dense().to(q.device)[None]  # [1, Tq, Tk]
+    allowed = _dense_allowed(mask, q.device)
     empty_row = ~allowed.any(dim=-1, keepdim=True)  # [1, Tq, 1]
-    # Empty rows take zeros before the log-sum-exp so its backward never sees
-    # exp(-inf - -inf); their lse is replaced by -inf afterwards.
-    neg_inf = torch.full_like(scores, -math.inf)
-    safe_scores = torch.where(allowed, scores, neg_inf)
-    safe_scores = torch.where(empty_row, torch.zeros_like(scores), safe_scores)
-    lse = torch.logsumexp(safe_scores, dim=-1, keepdim=True)  # [Hq, Tq, 1]
-    # exp of the -inf-filled scores: masked entries are exactly 0 and their
-    # backward is 0 * 0, never 0 * inf (a masked score far above lse would
-    # overflow exp in fp16).
-    probs = torch.where(allowed, torch.exp(safe_scores - lse), torch.zeros_like(scores))
-    out = torch.einsum("hqk,khd->qhd", probs, values)
-    lse = torch.where(empty_row, torch.full_like(lse, -math.inf), lse)
+    scores = _masked_scores(q, keys, allowed, scale)  # [Hq, Tq, Tk]
+    scores = torch.where(allowed, scores, -math.inf)
+    # m is a shift the result does not depend on: detached, so the gradient is
+    # exactly softmax's. Empty rows shift by 0 (their m is -inf).
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(empty_row, torch.zeros_like(row_max), row_max)
+    # Masked entries are exactly 0 (never exp of a masked score: its backward is 0 * 0).
+    probs = torch.where(allowed, torch.exp(scores - row_max), torch.zeros_like(scores))
+    row_sum = probs.sum(dim=-1, keepdim=True)
+    # l = 1 on empty rows, so neither the forward nor its backward divides by 0.
+    safe_sum = torch.where(empty_row, torch.ones_like(row_sum), row_sum)
+    # Divided after the product: masked coefficients stay exact zeros even when l is NaN.
+    out = _masked_contract(probs, values, allowed) / safe_sum.squeeze(-1).transpose(0, 1)[..., None]
+    lse = torch.where(empty_row, -math.inf, row_max + torch.log(safe_sum))
     return out, lse.squeeze(-1)
 
 
@@ -87,18 +132,21 @@ def span_attention_backward(
     out, lse = span_attention(q, k, v, mask, scale=scale)
     keys = k.repeat_interleave(group, dim=1)
     values = v.repeat_interleave(group, dim=1)
-    allowed = mask.to_dense().to(q.device)[None]
-    scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None]
+    allowed = _dense_allowed(mask, q.device)
+    scores = _masked_scores(q, keys, allowed, scale)
+    # lse is -inf only on empty rows, whose probabilities are masked anyway.
+    finite_lse = torch.where(lse == -math.inf, torch.zeros_like(lse), lse)[..., None]
     probs = torch.where(allowed, torch.exp(scores - finite_lse), torch.zeros_like(scores))
     delta = (grad_out * out).sum(-1).transpose(0, 1)  # [Hq, Tq]
     if grad_lse is not None:
         delta = delta - grad_lse.to(delta.dtype)
-    grad_values = torch.einsum("hqk,qhd->khd", probs, grad_out)
-    grad_probs = torch.einsum("qhd,khd->hqk", grad_out, values)
-    grad_scores = probs * (grad_probs - delta[..., None])
-    grad_q = torch.einsum("hqk,khd->qhd", grad_scores, keys) * scale
-    grad_keys = torch.einsum("hqk,qhd->khd", grad_scores, q) * scale
+    allowed_t = allowed.transpose(1, 2)
+    grad_values = _masked_contract(probs.transpose(1, 2), grad_out, allowed_t)  # P^T dO
+    grad_probs = _masked_scores(grad_out, values, allowed, 1.0)  # dO V^T
+    zero = torch.zeros_like(scores)
+    grad_scores = torch.where(allowed, probs * (grad_probs - delta[..., None]), zero)
+    grad_q = _masked_contract(grad_scores, keys, allowed) * scale
+    grad_keys = _masked_contract(grad_scores.transpose(1, 2), q, allowed_t) * scale
     tokens, kv_heads = k.shape[0], k.shape[1]
     grad_k = grad_keys.reshape(tokens, kv_heads, group, head_dim).sum(2)
     grad_v = grad_values.reshape(tokens, kv_heads, group, head_dim).sum(2)
