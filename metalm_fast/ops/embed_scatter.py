@@ -11,6 +11,17 @@ public :func:`embed_scatter` that validates on the host and picks a backend.
 
 The weight gradient accumulates repeated ids in fp32 (fp64 for float64) with a
 deterministic segmented reduction (no float atomics): bit-identical on repeat.
+
+Out-of-range rows, one contract for every backend: an id outside ``[0, V)`` at a
+token position, or a feature row ``>= F``, is never read. ``validate=True``
+raises ValueError on the host before any kernel runs. Without it the call
+still fails rather than answering: cpu and reference tensors raise RuntimeError
+naming the position (the cpu kernel checks each row as it copies it; the
+others are checked on the host first, which costs nothing for host tensors).
+On a GPU the triton and cuda backends queue a device-side assertion instead
+(``torch._assert_async``: no synchronisation, the error surfaces at the next
+one, as an out-of-range ``nn.Embedding`` does there). All comparisons are in
+int64, so no id aliases another.
 """
 
 from __future__ import annotations
@@ -19,7 +30,17 @@ import torch
 
 from metalm_fast import reference
 from metalm_fast.ops._backend import cpu_extension, cuda_extension, resolve_backend
-from metalm_fast.ops._validation import check_float_tensor, check_index_tensor, check_scale
+from metalm_fast.ops._validation import (
+    check_float_tensor,
+    check_index_tensor,
+    check_int,
+    check_scale,
+)
+from metalm_fast.reference.embedding import check_rows_in_range
+
+#: Positions and table rows are grouped with int32 order/offsets and launched as
+#: grid.x (both < 2**31); checked on the shapes, so it costs no sync.
+_ROW_LIMIT = 2**31
 
 __all__ = ["embed_scatter"]
 
@@ -27,6 +48,22 @@ _SUPPORTED = ("triton", "cuda", "cpu", "reference")
 
 
 # ----------------------------------------------------------------------------- backends
+def _check_rows_read(token_ids, feature_index, num_embeddings: int, num_features: int) -> None:
+    """The out-of-range contract (module docstring) for backends whose kernels skip a
+    bad row instead of raising: exact and synchronous on the host, asynchronous
+    on a GPU (a host check there would cost the sync validate=False avoids)."""
+    if token_ids.device.type == "cpu":
+        check_rows_in_range(token_ids, feature_index, num_embeddings, num_features)
+        return
+    ids, rows = token_ids.to(torch.int64), feature_index.to(torch.int64)
+    bad = torch.where(rows < 0, (ids < 0) | (ids >= num_embeddings), rows >= num_features)
+    torch._assert_async(
+        ~bad.any(),
+        f"embed_scatter: a token id outside [0, {num_embeddings}) or a feature row "
+        f">= {num_features} (run with validate=True to find it)",
+    )
+
+
 def _forward_reference(token_ids, weight, features, feature_index, scale):
     return reference.embed_scatter(token_ids, weight, features, feature_index, scale=scale)
 
@@ -35,6 +72,7 @@ def _backward_reference(
     grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
 ):
     """index_add in the accumulation dtype: the slow, obviously right backward."""
+    check_rows_in_range(token_ids, feature_index, num_embeddings, num_features)
     accumulate = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     is_token = feature_index < 0
     ids = token_ids[is_token].long()
@@ -54,6 +92,7 @@ def _backward_reference(
 def _forward_triton(token_ids, weight, features, feature_index, scale):
     from metalm_fast.kernels.embed_scatter import embed_scatter_forward
 
+    _check_rows_read(token_ids, feature_index, weight.shape[0], features.shape[0])
     return embed_scatter_forward(token_ids, weight, features, feature_index, scale)
 
 
@@ -62,6 +101,7 @@ def _backward_triton(
 ):
     from metalm_fast.kernels.embed_scatter import embed_scatter_backward
 
+    _check_rows_read(token_ids, feature_index, num_embeddings, num_features)
     return embed_scatter_backward(
         grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
     )
@@ -69,6 +109,7 @@ def _backward_triton(
 
 def _forward_cuda(token_ids, weight, features, feature_index, scale):
     cuda_extension()
+    _check_rows_read(token_ids, feature_index, weight.shape[0], features.shape[0])
     return torch.ops.metalm._embed_scatter_fwd_cuda(
         token_ids, weight, features, feature_index, scale
     )
@@ -78,6 +119,7 @@ def _backward_cuda(
     grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
 ):
     cuda_extension()
+    _check_rows_read(token_ids, feature_index, num_embeddings, num_features)
     return torch.ops.metalm._embed_scatter_bwd_cuda(
         grad_out, token_ids, feature_index, num_embeddings, num_features, scale, padding_idx
     )
@@ -208,7 +250,7 @@ def _check_table(name: str, table, rows_name: str) -> None:
     check_float_tensor(name, table, f"2-D [{rows_name}, Dm]", dtype_text="a floating dtype")
 
 
-def _check_inputs(token_ids, weight, features, feature_index, scale, padding_idx) -> None:
+def _check_inputs(token_ids, weight, features, feature_index, scale) -> None:
     _check_index("token_ids", token_ids, None)
     _check_index("feature_index", feature_index, token_ids.shape[0])
     _check_table("weight", weight, "V")
@@ -228,14 +270,26 @@ def _check_inputs(token_ids, weight, features, feature_index, scale, padding_idx
             "token_ids, weight, features and feature_index must be on one device, got "
             f"{token_ids.device}, {weight.device}, {features.device}, {feature_index.device}"
         )
+    for name, size in (("token_ids", token_ids.shape[0]), ("weight", weight.shape[0])):
+        if size >= _ROW_LIMIT:
+            raise ValueError(f"{name} must have fewer than 2**31 rows, got {size}")
+    if features.shape[0] >= _ROW_LIMIT:
+        raise ValueError(f"features must have fewer than 2**31 rows, got {features.shape[0]}")
     check_scale(scale, allow_none=False)
-    if padding_idx is not None and not (
-        isinstance(padding_idx, int) and -weight.shape[0] <= padding_idx < weight.shape[0]
-    ):
+
+
+def _padding_row(padding_idx, num_embeddings: int) -> int:
+    """The weight row ``padding_idx`` names (negative counts from the end), or -1 for
+    None. A bool or a float raises TypeError: True would name row 1."""
+    if padding_idx is None:
+        return -1
+    row = check_int("padding_idx", padding_idx)
+    if not -num_embeddings <= row < num_embeddings:
         raise ValueError(
-            f"padding_idx must be an int in [-{weight.shape[0]}, {weight.shape[0]}), "
+            f"padding_idx must be an int in [-{num_embeddings}, {num_embeddings}), "
             f"got {padding_idx!r}"
         )
+    return row + num_embeddings if row < 0 else row
 
 
 def _check_index_contents(token_ids, weight, features, feature_index) -> None:
@@ -284,7 +338,9 @@ def embed_scatter(
     scale : multiplies token embeddings (e.g. ``sqrt(Dm)``), not features.
     padding_idx : as in ``nn.Embedding``: that row's gradient is always zero.
     validate : check index contents (ids in [0, V) at token positions, feature
-        rows < F); costs one device synchronisation.
+        rows < F) and raise ValueError; costs one device synchronisation.
+        Without it an out-of-range row still fails (RuntimeError; on a GPU a
+        device-side assertion), never reads another row: see the module docstring.
     backend : {"auto", "triton", "cuda", "cpu", "reference"}. "auto" picks triton
         on CUDA tensors and cpu on CPU tensors.
 
@@ -305,14 +361,11 @@ def embed_scatter(
     >>> embed_scatter(ids, weight, features, feature_index).shape
     torch.Size([4, 16])
     """
-    _check_inputs(token_ids, weight, features, feature_index, scale, padding_idx)
+    _check_inputs(token_ids, weight, features, feature_index, scale)
+    padding_row = _padding_row(padding_idx, weight.shape[0])
     if validate:
         _check_index_contents(token_ids, weight, features, feature_index)
     resolved = resolve_backend("embed_scatter", backend, weight.device, _SUPPORTED)
-    if padding_idx is None:
-        padding_idx = -1
-    elif padding_idx < 0:
-        padding_idx += weight.shape[0]
     return _embed_scatter_fwd(
-        token_ids, weight, features, feature_index, float(scale), padding_idx, resolved
+        token_ids, weight, features, feature_index, float(scale), padding_row, resolved
     )
