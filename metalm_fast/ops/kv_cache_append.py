@@ -198,7 +198,9 @@ def kv_cache_append(
         device; only the last dim must be contiguous.
     k_new, v_new : [T, Hkv, D] in the caches' dtype (slices of a fused qkv
         projection work as they are).
-    slot_mapping : int32/int64 [T]. A slot < 0 skips its token (padding).
+    slot_mapping : int32/int64 [T]. A slot < 0 skips its token (padding). Every
+        backend compares slots with the pool in int64 (never narrowed first), so
+        2**32 + 1 is outside the pool, not slot 1.
     validate : check that every slot is inside the pool and that no slot repeats
         (one device synchronisation). Without it, slots past the pool are
         skipped, never written; with repeats, which write lands is unspecified.
