@@ -23,7 +23,10 @@ import torch
 from metalm_fast.training.distributed import DEVICES, resolve_device
 from metalm_fast.training.runtime import DTYPES
 
-__all__ = ["add_runtime_options", "runtime_device"]
+__all__ = ["SEED_RANGE", "add_runtime_options", "check_seed", "runtime_device"]
+
+#: the seeds torch.manual_seed takes (a 64-bit value, negative ones wrapped)
+SEED_RANGE = (-(2**63), 2**64)
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -50,3 +53,11 @@ def runtime_device(args: argparse.Namespace) -> torch.device:
         return resolve_device(args.device)
     except ValueError as error:
         raise ValueError(f"--device {args.device}: {error}; use --device cpu or auto") from error
+
+
+def check_seed(seed: int) -> None:
+    """ValueError naming ``--seed`` when torch cannot take it (it says only "Overflow
+    when unpacking long long")."""
+    low, high = SEED_RANGE
+    if not low <= seed < high:
+        raise ValueError(f"--seed must lie in [-2**63, 2**64), got {seed}")

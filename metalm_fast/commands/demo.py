@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from metalm_fast.commands._options import add_runtime_options, runtime_device
+from metalm_fast.commands._options import add_runtime_options, check_seed, runtime_device
 from metalm_fast.commands.bench import BENCHMARKS, source_root
-from metalm_fast.commands.evaluate import FINETUNED_DIR, finetune_on_vqa, format_table
+from metalm_fast.commands.evaluate import FINETUNED_DIR, check_shots, finetune_on_vqa, format_table
 from metalm_fast.commands.evaluate import run as run_eval
 from metalm_fast.commands.generate import run as run_generate
 from metalm_fast.data.default_data import DefaultData
@@ -324,6 +324,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_shots([args.shots])
+    check_seed(args.seed)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from metalm_fast.commands._checkpoint import checkpoint_model
-from metalm_fast.commands._options import add_runtime_options, runtime_device
+from metalm_fast.commands._options import add_runtime_options, check_seed, runtime_device
 from metalm_fast.data.default_data import DefaultData
 from metalm_fast.data.digits import load_digits
 from metalm_fast.data.tokenizer import load_tokenizer
@@ -34,6 +34,7 @@ from metalm_fast.training.trainer import TrainConfig, TrainResult, train
 __all__ = [
     "FINETUNED_DIR",
     "add_arguments",
+    "check_shots",
     "finetune_on_vqa",
     "finetune_out",
     "format_table",
@@ -155,13 +156,24 @@ def format_table(results: list[TaskAccuracy], title: str) -> str:
     return "\n".join(lines)
 
 
+def check_shots(shots: list[int]) -> None:
+    """ValueError naming ``--shots`` unless every k is in [0, the training images]
+    (each k-shot prompt draws k distinct demonstrations from the training split)."""
+    pool = len(load_digits("train").labels)
+    if any(not 0 <= k <= pool for k in shots):
+        raise ValueError(
+            f"--shots must all lie in [0, {pool}] (the training images the "
+            f"demonstrations are drawn from), got {' '.join(map(str, shots))}"
+        )
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.finetune_steps < 0:
         raise ValueError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if any(k < 0 for k in args.shots):
-        raise ValueError(f"--shots must all be >= 0, got {args.shots}")
+    check_shots(args.shots)
+    check_seed(args.seed)
     if args.out is not None and not args.finetune_steps:
         raise ValueError(
             "--out is where --finetune-steps saves its checkpoint; give --finetune-steps N as well"

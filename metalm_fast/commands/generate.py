@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from metalm_fast.commands._checkpoint import checkpoint_model
-from metalm_fast.commands._options import add_runtime_options, runtime_device
+from metalm_fast.commands._options import add_runtime_options, check_seed, runtime_device
 from metalm_fast.data.collator import build_batch
 from metalm_fast.data.digits import load_digits
 from metalm_fast.data.tokenizer import Tokenizer, load_tokenizer
@@ -176,6 +176,7 @@ def run(
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """The flags' rules, named as the user typed them (generate() names its parameters)."""
+    check_seed(args.seed)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:

@@ -185,8 +185,10 @@ def evaluate(
     Demonstrations for k-shot prompts are drawn (seeded) from ``demo_pool``, a
     fresh draw per query, answered with the task's true answers.
     """
-    if shots < 0:
-        raise ValueError(f"shots must be >= 0, got {shots}")
+    if not 0 <= shots <= len(demo_pool.labels):  # k distinct demonstrations per prompt
+        raise ValueError(
+            f"shots must lie in [0, {len(demo_pool.labels)}] (demo_pool's images), got {shots}"
+        )
     if limit is not None and limit < 1:  # an accuracy over no image is undefined
         raise ValueError(f"limit must be >= 1 (or None: every test image), got {limit}")
     if len(test.labels) == 0:

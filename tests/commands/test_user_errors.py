@@ -89,6 +89,10 @@ CHECKPOINT = "CHECKPOINT"
         (["demo", "--finetune-steps", "-1", "--no-bench"], "--finetune-steps"),
         (["eval", CHECKPOINT, "--finetune-steps", "-1"], "--finetune-steps"),
         (["eval", CHECKPOINT, "--shots", "0", "-2"], "--shots"),
+        (["eval", CHECKPOINT, "--shots", "100000"], "--shots"),
+        (["eval", CHECKPOINT, "--seed", str(2**64)], "--seed"),
+        (["demo", "--shots", "100000", "--no-bench"], "--shots"),
+        (["generate", CHECKPOINT, "--prompt", "x", "--seed", str(2**70)], "--seed"),
         (["generate", CHECKPOINT, "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
         (["generate", CHECKPOINT, "--prompt", "x", "--top-p", "1.5"], "--top-p"),
         (
@@ -97,7 +101,7 @@ CHECKPOINT = "CHECKPOINT"
         ),
     ],
 )
-def test_negative_counts_name_the_flag(tiny_checkpoint, capsys, argv, flag):
+def test_bad_counts_name_the_flag(tiny_checkpoint, capsys, argv, flag):
     checkpoint = ["--checkpoint", str(tiny_checkpoint)]
     argv = [word for arg in argv for word in (checkpoint if arg == CHECKPOINT else [arg])]
     assert f"error: {flag} must" in one_line_error(capsys, argv)
