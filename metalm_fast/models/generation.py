@@ -189,7 +189,8 @@ def _memory_bound(device: torch.device, model) -> tuple[int, str] | None:
     counts as available.
     """
     kept = _POOLS.get(model)
-    kept_bytes = kept.kv.numel() * kept.kv.element_size() if kept is not None else 0
+    on_device = kept is not None and kept.device == device
+    kept_bytes = kept.kv.numel() * kept.kv.element_size() if on_device else 0
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
