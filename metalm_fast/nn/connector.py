@@ -23,9 +23,37 @@ from metalm_fast.ops.span_attention import span_attention
 __all__ = ["Connector", "LatentResampler"]
 
 
+def _check_count(name: str, value, minimum: int) -> None:
+    # isinstance(True, int) holds: a bool would pass as a layer, head or latent count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_item_offsets(cu_seqlens, num_rows: int) -> torch.Tensor:
+    """cu_seqlens as int64 [B + 1]: an integer tensor from 0 to the number of rows of x.
+
+    A float tensor would be truncated by ``.to(int64)``, a bool one read as 0/1,
+    and offsets not spanning x would leave rows unread; all raise instead.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype == torch.bool or cu_seqlens.dtype.is_floating_point:
+        raise TypeError(f"cu_seqlens must be an integer tensor, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [B + 1], got shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.to(torch.int64)
+    if int(cu[0]) != 0 or int(cu[-1]) != num_rows:
+        raise ValueError(
+            f"cu_seqlens must run from 0 to the {num_rows} rows of x, got "
+            f"[{int(cu[0])}, ..., {int(cu[-1])}]"
+        )
+    return cu
+
+
 def _mlp(in_dim: int, out_dim: int, num_layers: int) -> nn.Sequential:
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    _check_count("num_layers", num_layers, 1)
     linears = [nn.Linear(in_dim, out_dim)] + [
         nn.Linear(out_dim, out_dim) for _ in range(num_layers - 1)
     ]
@@ -56,6 +84,8 @@ class LatentResampler(nn.Module):
         self, in_dim: int, out_dim: int, num_latents: int, num_heads: int, backend: str = "auto"
     ):
         super().__init__()
+        _check_count("num_latents", num_latents, 1)
+        _check_count("num_heads", num_heads, 1)
         if out_dim % num_heads:
             raise ValueError(f"out_dim ({out_dim}) must be divisible by num_heads ({num_heads})")
         self.num_latents, self.num_heads, self.backend = num_latents, num_heads, backend
@@ -66,9 +96,14 @@ class LatentResampler(nn.Module):
         self.kv_proj = nn.Linear(in_dim, 2 * out_dim, bias=False)
         self.out_proj = nn.Linear(out_dim, out_dim)
 
-    def item_mask(self, cu_seqlens: torch.Tensor) -> SpanMask:
-        """Latent queries of item b attend keys [cu[b], cu[b + 1])."""
-        cu = cu_seqlens.to(torch.int64)
+    def item_mask(self, cu_seqlens: torch.Tensor, num_keys: int | None = None) -> SpanMask:
+        """Latent queries of item b attend keys [cu[b], cu[b + 1]).
+
+        ``num_keys`` (the rows of x; default ``cu[-1]``) must be where cu ends.
+        """
+        if num_keys is None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel():
+            num_keys = int(cu_seqlens[-1])
+        cu = _check_item_offsets(cu_seqlens, num_keys)
         starts = cu[:-1].repeat_interleave(self.num_latents)
         ends = cu[1:].repeat_interleave(self.num_latents)
         return SpanMask.from_intervals(starts, ends, num_keys=int(cu[-1]))
@@ -82,7 +117,7 @@ class LatentResampler(nn.Module):
             queries,
             keys_values[:, 0],
             keys_values[:, 1],
-            self.item_mask(cu_seqlens),
+            self.item_mask(cu_seqlens, x.shape[0]),
             backend=self.backend,
         )
         return self.out_proj(attended.reshape(items * self.num_latents, heads * head_dim))

@@ -38,6 +38,18 @@ class EmbeddingScatter(nn.Module):
         device=None,
     ):
         super().__init__()
+        # isinstance(True, int) holds: a bool size or padding_idx=True (row 1) must not pass.
+        for name, value in (("num_embeddings", num_embeddings), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+        if padding_idx is not None and (
+            isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+        ):
+            raise TypeError(f"padding_idx must be an int or None, got {padding_idx!r}")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(
+                f"padding_idx must lie in [-{num_embeddings}, {num_embeddings}), got {padding_idx}"
+            )
         self.num_embeddings, self.dim = num_embeddings, dim
         self.padding_idx, self.scale, self.backend = padding_idx, scale, backend
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype, device=device))

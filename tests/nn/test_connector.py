@@ -73,3 +73,38 @@ def test_embedding_scatter_module_with_tied_head():
     assert torch.equal(plain, embedding.weight[ids] * 4)
     with pytest.raises(ValueError, match="given together"):
         embedding(ids, features)
+
+
+# ----------------------------------------------------------------------------- not integers
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: Connector("mlp", 8, 16, num_layers=True), TypeError, "num_layers must be an int"),
+        (lambda: Connector("mlp", 8, 16, num_layers=2.0), TypeError, "num_layers must be an int"),
+        (lambda: Connector("resampler", 8, 16, num_latents=True), TypeError, "num_latents"),
+        (lambda: Connector("resampler", 8, 16, num_heads=2.0), TypeError, "num_heads"),
+        (lambda: EmbeddingScatter(10, 4, padding_idx=True), TypeError, "padding_idx"),
+        (lambda: EmbeddingScatter(10, 4, padding_idx=1.0), TypeError, "padding_idx"),
+        (lambda: EmbeddingScatter(True, 4), TypeError, "num_embeddings"),
+        (lambda: EmbeddingScatter(10, 4.0), TypeError, "dim"),
+        (lambda: EmbeddingScatter(10, 4, padding_idx=10), ValueError, "padding_idx"),
+    ],
+)
+def test_counts_and_indices_must_be_real_ints(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_resampler_offsets_are_integers_spanning_x():
+    connector = Connector("resampler", 8, 32, num_latents=2, num_heads=2, backend="reference")
+    x = torch.randn(5, 8)
+    for cu, error, match in [
+        (torch.tensor([0.0, 2.7, 5.0]), TypeError, "cu_seqlens must be an integer tensor"),
+        (torch.tensor([False, True]), TypeError, "cu_seqlens must be an integer tensor"),
+        (torch.tensor([1, 5]), ValueError, "from 0 to the 5 rows of x"),
+        (torch.tensor([0, 3]), ValueError, "from 0 to the 5 rows of x"),
+        (torch.tensor([0, 2**32 + 5]), ValueError, "from 0 to the 5 rows of x"),
+    ]:
+        with pytest.raises(error, match=match):
+            connector(x, cu)
+    assert connector(x, torch.tensor([0, 2, 5], dtype=torch.int32)).shape == (4, 32)
