@@ -57,8 +57,9 @@ def _embed_scatter_fwd_kernel(
 ):
     """out[t, d] for one [BLOCK_T, BLOCK_D] tile; feature rows copied, token rows scaled.
 
-    An id or feature row out of range (possible only with validate=False) is
-    never dereferenced: its row reads as zeros.
+    An id or feature row out of range is never dereferenced: its row reads as
+    zeros. Defence in depth only: the op layer raises (or, on a GPU, queues a
+    device-side assert) for such a row before this kernel runs.
     """
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -207,8 +208,8 @@ def embed_scatter_backward(
     is_feature = feature_index >= 0
     # Positions of the other kind get the key past every real row: they sort last
     # and no program reads them.
-    # Out-of-range indices (possible only with validate=False) take that key too,
-    # so no program ever addresses a row that does not exist.
+    # Out-of-range indices (the op layer has already failed on them) take that
+    # key too, so no program ever addresses a row that does not exist.
     ids = token_ids.to(torch.int64)
     rows = feature_index.to(torch.int64)
     id_keys = torch.where(is_feature | (ids < 0) | (ids >= num_embeddings), num_embeddings, ids)

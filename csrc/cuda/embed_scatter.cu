@@ -16,8 +16,11 @@
 // chunk) sums its positions' gradient rows in fp32, in position order, and
 // writes the row once (zeros for empty rows and `skip_row`).
 //
-// Every offset is 64-bit. Ids or rows out of range (possible only when the
-// caller skipped validation) are never dereferenced: they read as zeros.
+// Every offset is 64-bit. Ids or rows out of range are never dereferenced: they
+// read as zeros (the op layer has already queued a device-side assert for them,
+// so this is defence in depth, not the contract). Launch sizes the grid cannot
+// hold (rows >= 2^31 on grid.x, column chunks > 65535 on grid.y) are refused with
+// cudaErrorInvalidValue rather than truncated by the unsigned casts below.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,6 +31,8 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
@@ -101,6 +106,7 @@ cudaError_t launch_fwd(void* out, const void* weight, const void* features, cons
                        int64_t stride_weight, int64_t stride_features, float scale,
                        cudaStream_t stream) {
   if (tokens == 0 || width == 0) return cudaSuccess;
+  if (tokens < 0 || tokens > kMaxGridX) return cudaErrorInvalidValue;
   auto* o = static_cast<T*>(out);
   const auto* w = static_cast<const T*>(weight);
   const auto* f = static_cast<const T*>(features);
@@ -125,6 +131,8 @@ cudaError_t launch_segment_sum(void* dst, const void* grad, const int32_t* order
                                int64_t stride_dst, int64_t stride_grad, float factor,
                                int64_t skip_row, cudaStream_t stream) {
   if (num_rows == 0 || width == 0) return cudaSuccess;
+  if (num_rows < 0 || num_rows > kMaxGridX || (width + kThreads - 1) / kThreads > kMaxGridY)
+    return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(num_rows),
                   static_cast<unsigned>((width + kThreads - 1) / kThreads));
   segment_sum_kernel<T><<<grid, kThreads, 0, stream>>>(
