@@ -18,6 +18,8 @@ from metalm_fast.ops._backend import compiled_op
 __all__ = ["argmax_rows", "uses_kernel"]
 
 _CPU_OP = "_argmax_rows_cpu"
+#: The kernel's vector loop indexes lanes with int32 (csrc/cpu/argmax_rows.cpp checks it).
+_KERNEL_MAX_VOCAB = 2**31 - 1
 
 
 def uses_kernel(logits: torch.Tensor) -> bool:
@@ -27,6 +29,8 @@ def uses_kernel(logits: torch.Tensor) -> bool:
     if not (logits.is_cpu and logits.dtype == torch.float32):
         return False
     if logits.shape[1] > 1 and logits.stride(1) != 1:
+        return False
+    if logits.shape[1] >= _KERNEL_MAX_VOCAB:  # the kernel would refuse it; argmax serves it
         return False
     return compiled_op(_CPU_OP) is not None
 

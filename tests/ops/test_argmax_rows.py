@@ -65,3 +65,15 @@ def test_the_cpu_kernel_runs_when_built():
 def test_errors_name_the_argument(logits, error, match):
     with pytest.raises(error, match=match):
         argmax_rows(logits)
+
+
+def test_a_vocab_past_int32_steps_aside_to_torch_argmax(tmp_path):
+    """The kernel indexes lanes with int32 and refuses V >= 2**31 - 1; the rule must
+    send such logits to torch.argmax instead of raising. A sparse file gives the
+    [1, 2**31] fp32 tensor without 8 GB of memory (only uses_kernel looks at it)."""
+    path = tmp_path / "logits.bin"
+    with open(path, "wb") as handle:
+        handle.truncate(2**31 * 4)
+    logits = torch.from_file(str(path), shared=True, size=2**31, dtype=torch.float32)
+    assert not uses_kernel(logits.view(1, 2**31))
+    assert not uses_kernel(logits[: 2**31 - 1].view(1, -1))
