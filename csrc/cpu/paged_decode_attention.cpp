@@ -52,8 +52,14 @@
 // from an atomic counter.
 //
 // Accumulation is fp32 for fp32/fp16/bf16 and fp64 for fp64. Lengths are
-// clamped to [0, max_blocks * block_size], so no index is ever read past the
-// block table, whatever seq_lens holds.
+// clamped to [0, max_blocks * block_size] in int64, so no index is ever read past
+// the block table, whatever seq_lens holds; int64 page ids are checked against
+// the pool before they are narrowed (pages_for_kernel).
+//
+// Non-finite values follow the float math of each row over its own keys: a NaN
+// or inf in q, k or v reaches exactly the rows whose keys include it (NaN / inf
+// as softmax(S) V says), keys past seq_lens or on skipped pages are never read,
+// a row with no key is 0 and a row whose scores are all -inf is NaN.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -211,9 +217,10 @@ void collect_rows(const Problem& p, const Item& item, int64_t first, int64_t las
 }
 
 // Runs one item (a sequence's keys [first_key, last_key), every head); leaves
-// (m, l, acc) of all Hq query heads in the scratch.
+// (m, l, acc) of all Hq query heads in the scratch. Returns whether the item saw
+// a key (one on a page inside the pool): an item that saw none has no allowed key.
 template <typename scalar_t, typename T>
-void run_item(const Problem& p, const Item& item, const at::Tensor& q, double scale,
+bool run_item(const Problem& p, const Item& item, const at::Tensor& q, double scale,
               bool in_place, Scratch<T>& scratch) {
   const int64_t dp = p.padded_dim;
   for (int64_t h = 0; h < p.q_heads; ++h) {
@@ -239,6 +246,7 @@ void run_item(const Problem& p, const Item& item, const at::Tensor& q, double sc
   // other in memory; the tile step elsewhere (paged_decode_stream.h says why).
   const bool stream = paged_decode::stream_fits(p.q_heads, dp);
   int current = 0;
+  bool seen = false;
   if (in_place)
     collect_rows<scalar_t>(p, item, item.first_key, tile_end(item.first_key), true, scratch,
                            scratch.tiles[0]);
@@ -256,6 +264,7 @@ void run_item(const Problem& p, const Item& item, const at::Tensor& q, double sc
       collect_rows<scalar_t>(p, item, first, last, false, scratch, tile);
     }
     if (tile.count == 0) continue;
+    seen = true;
     if constexpr (std::is_same_v<T, float>) {
       const paged_decode::QueryHeads heads{scratch.q.data(), p.q_heads, p.group, dp};
       const paged_decode::RowTile rows{tile.k.data(),  k_head_stride, tile.v.data(),
@@ -276,35 +285,42 @@ void run_item(const Problem& p, const Item& item, const at::Tensor& q, double sc
       }
     }
   }
+  return seen;
 }
 
 // out[b, h] = acc / l for every query head of one item (zeros when it saw no key).
+// Where it saw keys, l is not tested: a NaN l stays NaN, and l = 0 (every score
+// -inf) gives 0 * inf = NaN, as softmax over those keys does.
 template <typename scalar_t, typename T>
-void write_final(const Problem& p, const Item& item, const Scratch<T>& scratch, at::Tensor& out) {
+void write_final(const Problem& p, const Item& item, bool seen, const Scratch<T>& scratch,
+                 at::Tensor& out) {
   scalar_t* dst = out.data_ptr<scalar_t>() + item.batch * p.q_heads * p.head_dim;
   for (int64_t h = 0; h < p.q_heads; ++h) {
-    const T l = scratch.l[h];
-    const T inv = l > 0 ? T(1) / l : T(0);
+    const T inv = seen ? T(1) / scratch.l[h] : T(0);
     for (int64_t d = 0; d < p.head_dim; ++d)
       dst[h * p.head_dim + d] = static_cast<scalar_t>(scratch.acc[h * p.padded_dim + d] * inv);
   }
 }
 
-// Partials of every split: ml [B, Hq, splits, 2] and acc [B, Hq, splits, D].
+// Partials of every split: ml [B, Hq, splits, 2], acc [B, Hq, splits, D] and
+// seen [B, splits] (the split saw a key; m = -inf, l = 0 alone cannot tell a split
+// with no key from one whose scores were all -inf).
 template <typename T>
 struct Partials {
   std::vector<T> ml, acc;
+  std::vector<uint8_t> seen;
   int64_t q_heads, splits;
   explicit Partials(const Problem& p)
       : ml(p.splits > 1 ? p.batch * p.q_heads * p.splits * 2 : 0),
         acc(p.splits > 1 ? p.batch * p.q_heads * p.splits * p.head_dim : 0),
-        q_heads(p.q_heads), splits(p.splits) {}
+        seen(p.splits > 1 ? p.batch * p.splits : 0), q_heads(p.q_heads), splits(p.splits) {}
   int64_t index(int64_t b, int64_t h, int64_t s) const { return (b * q_heads + h) * splits + s; }
 };
 
 template <typename T>
-void store_partial(const Problem& p, const Item& item, const Scratch<T>& scratch,
+void store_partial(const Problem& p, const Item& item, bool seen, const Scratch<T>& scratch,
                    Partials<T>& partials) {
+  partials.seen[item.batch * p.splits + item.split] = seen;
   for (int64_t h = 0; h < p.q_heads; ++h) {
     const int64_t i = partials.index(item.batch, h, item.split);
     partials.ml[2 * i] = scratch.m[h];
@@ -315,6 +331,10 @@ void store_partial(const Problem& p, const Item& item, const Scratch<T>& scratch
 }
 
 // Second pass of flash-decoding: merge the splits of every (sequence, query head).
+// Only splits that saw no key are left out, whatever their (m, l): a NaN l or m
+// must reach the output (a test `l > 0` would drop it and return a finite row),
+// and splits whose scores were all -inf weigh exp(-inf - M) = 0, or give 0 / 0 =
+// NaN where every split's were (softmax over -inf scores only).
 template <typename scalar_t, typename T>
 void merge_partials(const Problem& p, const Partials<T>& partials, at::Tensor& out) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -323,22 +343,27 @@ void merge_partials(const Problem& p, const Partials<T>& partials, at::Tensor& o
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
       const int64_t used = (p.lengths[b] + p.split_keys - 1) / p.split_keys;
+      const uint8_t* seen = partials.seen.data() + b * p.splits;
       T max_m = kNegInf;
+      bool any_seen = false;
       for (int64_t s = 0; s < used; ++s) {
-        const int64_t i = partials.index(b, h, s);
-        if (partials.ml[2 * i + 1] > 0) max_m = std::max(max_m, partials.ml[2 * i]);
+        if (!seen[s]) continue;  // a split whose pages were all outside the pool
+        any_seen = true;
+        const T m = partials.ml[2 * partials.index(b, h, s)];
+        if (m > max_m) max_m = m;  // a NaN m is not the max; its weight is NaN below
       }
+      const T base = max_m == kNegInf ? T(0) : max_m;  // no exp(-inf - -inf)
       std::fill(sum.begin(), sum.end(), T(0));
       T total = 0;
-      for (int64_t s = 0; s < used && max_m > kNegInf; ++s) {
+      for (int64_t s = 0; s < used; ++s) {
+        if (!seen[s]) continue;
         const int64_t i = partials.index(b, h, s);
-        if (!(partials.ml[2 * i + 1] > 0)) continue;  // a split whose pages were all invalid
-        const T weight = std::exp(partials.ml[2 * i] - max_m);
+        const T weight = std::exp(partials.ml[2 * i] - base);
         total += weight * partials.ml[2 * i + 1];
         const T* acc = partials.acc.data() + i * p.head_dim;
         for (int64_t d = 0; d < p.head_dim; ++d) sum[d] += weight * acc[d];
       }
-      const T inv = total > 0 ? T(1) / total : T(0);
+      const T inv = any_seen ? T(1) / total : T(0);
       scalar_t* dst = out.data_ptr<scalar_t>() + bh * p.head_dim;
       for (int64_t d = 0; d < p.head_dim; ++d) dst[d] = static_cast<scalar_t>(sum[d] * inv);
     }
@@ -389,11 +414,11 @@ void run_items(const Problem& p, const std::vector<Item>& items, const at::Tenso
   Scratch<T> scratch(p, !in_place);
   const auto num_items = static_cast<int64_t>(items.size());
   for (int64_t i = next++; i < num_items; i = next++) {
-    run_item<scalar_t>(p, items[i], q, scale, in_place, scratch);
+    const bool seen = run_item<scalar_t>(p, items[i], q, scale, in_place, scratch);
     if (p.splits == 1) {
-      write_final<scalar_t>(p, items[i], scratch, out);
+      write_final<scalar_t>(p, items[i], seen, scratch, out);
     } else {
-      store_partial(p, items[i], scratch, partials);
+      store_partial(p, items[i], seen, scratch, partials);
     }
   }
 }
@@ -420,6 +445,16 @@ CacheView view_of(const at::Tensor& cache) {
   return {cache.const_data_ptr(), cache.stride(0), cache.stride(1), cache.stride(2)};
 }
 
+// The block table as the kernel reads it: int32, contiguous. An int64 page id is
+// compared with the pool in its own width first and one outside [0, num_blocks)
+// becomes -1 (skipped): narrowed as it is, 2^32 + 1 would alias page 1. O(B x
+// max_blocks), and nothing at all for an int32 table (the allocator's).
+at::Tensor pages_for_kernel(const at::Tensor& block_table, int64_t num_blocks) {
+  if (block_table.scalar_type() == at::kInt) return block_table.contiguous();
+  const at::Tensor outside = block_table.lt(0).logical_or(block_table.ge(num_blocks));
+  return block_table.masked_fill(outside, -1).to(at::kInt).contiguous();
+}
+
 at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                       const at::Tensor& v_cache, const at::Tensor& block_table,
                                       const at::Tensor& seq_lens, double scale) {
@@ -438,6 +473,10 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0) &&
                   seq_lens.dim() == 1 && seq_lens.size(0) == q.size(0),
               "paged_decode_attention (cpu): block_table must be [B, max_blocks], seq_lens [B]");
+  for (const at::Tensor* t : {&block_table, &seq_lens})
+    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong,
+                "paged_decode_attention (cpu): block_table and seq_lens must be int32 or int64, "
+                "got ", t->scalar_type());
   Problem p;
   p.batch = q.size(0);
   p.q_heads = q.size(1);
@@ -450,7 +489,7 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
   p.max_blocks = block_table.size(1);
   p.k = view_of(k_cache);
   p.v = view_of(v_cache);
-  const at::Tensor table = block_table.to(at::kInt).contiguous();
+  const at::Tensor table = pages_for_kernel(block_table, p.num_blocks);
   p.block_table = table.const_data_ptr<int32_t>();
   const at::Tensor lengths = seq_lens.to(at::kLong).contiguous();
   const int64_t capacity = p.max_blocks * p.block_size;

@@ -129,6 +129,10 @@ METALM_ALWAYS_INLINE void stream_tile_impl(const QueryHeads& h, const RowTile& t
   f32x16 m_vec, l_vec = splat(0.0f);
   for (int lane = 0; lane < kLanes; ++lane) m_vec[lane] = m[lane % HQ];
   for (int i = 0; i < HQ; ++i) l_vec[i] = l[i];  // one lane per head holds its sum so far
+  // What P subtracts: m, or 0 for a head with only -inf scores so far (exp(-inf - 0)
+  // = 0, where exp(-inf - -inf) would be NaN); updated only where m changes.
+  auto base_of = [](f32x16 m) { return select(m == splat(kNegInf), splat(0.0f), m); };
+  f32x16 m_base = base_of(m_vec);
   i32x16 key_of_lane;                            // lane x scores key j0 + x / HQ
   for (int lane = 0; lane < kLanes; ++lane) key_of_lane[lane] = lane / HQ;
   JumpPrefetcher prefetcher;
@@ -156,8 +160,9 @@ METALM_ALWAYS_INLINE void stream_tile_impl(const QueryHeads& h, const RowTile& t
         for (int c = 0; c < ND; ++c) a[i][c] *= factor;
       }
       m_vec = m_new;
+      m_base = base_of(m_vec);
     }
-    const f32x16 p = exp16(s - m_vec);  // 0 on the lanes of keys past the tile
+    const f32x16 p = exp16(s - m_base);  // 0 on the lanes of keys past the tile
     l_vec += p;
     for (int64_t j = 0; j < keys; ++j) {
       const float* v = opaque(t.v_rows[j0 + j]);

@@ -150,7 +150,10 @@ METALM_ALWAYS_INLINE f32x16 combine_head_lanes(f32x16 v) {
 
 // Online-softmax update of every query head over the tile: on exit the scores
 // hold P = exp(S - m_new) (0 for keys past `rows`), m and l are updated and the
-// acc rows rescaled by exp(m_old - m_new) where the max grew.
+// acc rows rescaled by exp(m_old - m_new) where the max grew. Non-finite scores
+// follow the float math of the whole row: a NaN score makes its head's l and acc
+// NaN, a +inf one gives exp(inf - inf) = NaN, a -inf one weighs 0 (a head that saw
+// only -inf scores keeps l = 0, and the caller turns 0 / 0 into its NaN).
 template <int HB>
 METALM_ALWAYS_INLINE void row_softmax(const QueryHeads& h, int64_t rows, float* scores,
                                       float* m, float* l, float* acc) {
@@ -164,12 +167,16 @@ METALM_ALWAYS_INLINE void row_softmax(const QueryHeads& h, int64_t rows, float* 
     for (int64_t x = kLanes; x < used; x += kLanes) tile_max = max_of(tile_max, load16(s + x));
     f32x16 old_max;
     for (int lane = 0; lane < kLanes; ++lane) old_max[lane] = m[h0 + lane % HB];
-    float new_max[kLanes];
+    float new_max[kLanes], base[kLanes];
     store16(new_max, max_of(old_max, combine_head_lanes<HB, true>(tile_max)));
+    // A head whose scores so far are all -inf subtracts 0: exp(-inf - 0) = 0, where
+    // exp(-inf - -inf) would be NaN and poison the keys of the later tiles.
+    for (int lane = 0; lane < kLanes; ++lane)
+      base[lane] = new_max[lane] == kNegInf ? 0.0f : new_max[lane];
     for (int64_t x = 0; x < used; x += kLanes) {
 #pragma omp simd
       for (int lane = 0; lane < kLanes; ++lane)
-        s[x + lane] = rows::exp_approx(s[x + lane] - new_max[lane]);
+        s[x + lane] = rows::exp_approx(s[x + lane] - base[lane]);
     }
     f32x16 sums = load16(s);
     for (int64_t x = kLanes; x < used; x += kLanes) sums += load16(s + x);
@@ -296,9 +303,10 @@ METALM_ALWAYS_INLINE void softmax_update(double* scores, int64_t group, int64_t 
     double tile_max = kNegInf;
     for (int64_t j = 0; j < rows; ++j) tile_max = std::max(tile_max, s[j]);
     const double new_max = std::max(m[g], tile_max);
+    const double base = new_max == kNegInf ? 0.0 : new_max;  // as the float step
     double sum = 0;
     for (int64_t j = 0; j < rows; ++j) {
-      s[j] = std::exp(s[j] - new_max);
+      s[j] = std::exp(s[j] - base);
       sum += s[j];
     }
     if (new_max != m[g]) {
