@@ -171,9 +171,11 @@ def build_batch(
     lengths = [len(doc) for doc in documents]
     input_ids = torch.tensor([token for doc in documents for token in doc], dtype=torch.int64)
     cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
+    # The mask validates the spans as given (integers, inside one document, no
+    # overlap) before any conversion could truncate a float or read a bool.
+    SpanMask.semi_causal(cu, span_starts, span_ends)
     starts = torch.as_tensor(span_starts, dtype=torch.int64)
     ends = torch.as_tensor(span_ends, dtype=torch.int64)
-    SpanMask.semi_causal(cu, starts, ends)  # validates: inside one document, no overlap
     order = torch.argsort(starts)
     starts, ends = starts[order], ends[order]
     feature_index = feature_index_from_spans(input_ids.numel(), starts, ends)

@@ -139,3 +139,12 @@ def test_image_path_bad_input_raises():
         build_batch(
             [doc], [], [], images=torch.zeros(1, 2, 2), image_token_id=IMAGE_ID, tokens_per_image=2
         )
+
+
+@pytest.mark.parametrize(
+    "starts, ends, name",
+    [([1.7], [3], "span_starts"), ([1], [3.2], "span_ends"), ([True], [3], "span_starts")],
+)
+def test_spans_that_are_not_integers_are_refused_not_truncated(starts, ends, name):
+    with pytest.raises(TypeError, match=name):
+        build_batch([[1, 2, 3, 4]], starts, ends)
