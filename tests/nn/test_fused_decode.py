@@ -177,3 +177,38 @@ def test_op_errors_name_the_argument():
     args[4] = a.qkv.weight[:-1]
     with torch.no_grad(), pytest.raises(RuntimeError, match="qkv_weight must have"):
         kernel(*args)
+
+
+def test_wide_block_table_is_checked_before_narrowing():
+    """An int64 block-table entry of 2**32 + page is outside the pool (skipped), in the
+    fused step as in the op: narrowed first, it would read ``page``."""
+    import dataclasses
+
+    _kernel_or_skip()
+    block = _block(4, 2, "gelu", rotary=False)
+    cache = PagedKVCache(1, 16, 4, 2, HEAD_DIM, dtype=torch.float32)
+    ids = [cache.allocate() for _ in PROMPT_LENS]
+    with torch.no_grad():
+        block(
+            torch.randn(sum(PROMPT_LENS), DIM),
+            None,
+            None,
+            cache=cache,
+            layer_idx=0,
+            step=cache.step(ids, PROMPT_LENS),
+        )
+        step = cache.step(ids, 1)
+        x = torch.randn(len(ids), DIM)
+        wide, skipped = step.block_table.to(torch.int64), step.block_table.clone()
+        wide[2, 0] += 2**32  # sequence 2's first page, a used one
+        skipped[2, 0] = -1
+
+        def run(table):
+            changed = dataclasses.replace(step, block_table=table)
+            out = fused_decode.fused_decode_block(block, x, cache, 0, changed)
+            assert out is not None, "the fused step must serve this block"
+            return out
+
+        out = run(wide)
+        assert torch.equal(out, run(skipped))
+        assert not torch.allclose(out[2], run(step.block_table)[2])
