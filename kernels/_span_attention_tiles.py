@@ -19,11 +19,13 @@ Conventions shared by all helpers:
 * Intervals are clamped on load to ``0 <= start <= end <= Tk`` (``_clamp_interval``),
   so no mask, however built, makes a kernel read or write out of bounds.
 * Non-finite inputs: masked entries of P and dS are exact zeros (``tl.where``,
-  never a product), and on masked tiles a NaN or inf row of the second operand
-  of a dot goes through ``_allowed_dot``, since 0 * NaN = NaN would otherwise
-  carry it to rows that never attend it. A row whose lse is NaN keeps it, so
-  its gradients are NaN as its math says; only lse = -inf (empty) rows get
-  ``lse2 = +inf``.
+  never a product), and a row whose lse is NaN keeps it, so its gradients are
+  NaN as its math says; only lse = -inf (empty) rows get ``lse2 = +inf``.
+  Known gap: on a masked tile, a NaN or inf row of v (forward), k (dQ) or q /
+  dO (dK, dV) still meets the masked zeros in a dot (0 * NaN), reaching rows
+  of the tile that do not attend it. An exact in-loop slow path (counting
+  dots) was tried and spills on every shipped config; the fix needs a
+  separate pass (flag the tile, recompute flagged blocks without dots).
 """
 
 from __future__ import annotations
@@ -84,57 +86,6 @@ def _load_intervals(kv_start_ptr, kv_end_ptr, offs_m, num_queries, num_keys):
     row_end = tl.load(kv_end_ptr + offs_m, mask=row_valid, other=0)
     row_start, row_end = _clamp_interval(row_start, row_end, num_keys)
     return row_start, row_end, row_valid
-
-
-@triton.jit
-def _has_nonfinite(x):
-    """Whether a loaded tile holds a NaN or an infinity (a uniform scalar)."""
-    finite = tl.abs(x.to(tl.float32)) < float("inf")  # False for NaN and +-inf
-    return tl.min(tl.min(finite.to(tl.int32), 1), 0) == 0
-
-
-@triton.jit
-def _count_split(d):
-    """(d mod 4096, d // 4096) of an exact count code d = low + 4096 * high."""
-    high = tl.floor(d * (1.0 / 4096.0))
-    return d - high * 4096.0, high
-
-
-@triton.jit
-def _allowed_dot(coeff, allowed, x, DOT_PRECISION: tl.constexpr):
-    """sum_p coeff[i, p] * x[p, :] over allowed (i, p) only, as float math: [I, D] fp32.
-
-    The slow path of a masked tile whose x holds a NaN or an inf. The finite
-    part is one dot with non-finite entries zeroed. The non-finite terms only
-    decide whether an output is +inf, -inf or NaN, so they are counted per
-    class by dots of 0/1 and small powers of two (exact in every dot dtype, and
-    the fp32 sums are exact: counts <= 128, codes < 2**24): a term is NaN when
-    x is NaN or when a zero (or NaN) coefficient meets an inf, and +inf and
-    -inf together make NaN.
-    """
-    xf = x.to(tl.float32)
-    finite = tl.abs(xf) < float("inf")
-    c = tl.where(allowed, coeff, 0.0)
-    clean = tl.dot(
-        c.to(x.dtype), tl.where(finite, x, 0.0).to(x.dtype), input_precision=DOT_PRECISION
-    )
-    inf_code = tl.where(xf == float("inf"), 1.0, tl.where(xf == float("-inf"), 4096.0, 0.0))
-    bad_code = tl.where(xf != xf, 1.0, tl.where(finite, 0.0, 4096.0))
-    inf_code = inf_code.to(x.dtype)
-    bad_code = bad_code.to(x.dtype)
-    pos = tl.where(allowed & (coeff > 0), 1.0, 0.0).to(x.dtype)
-    neg = tl.where(allowed & (coeff < 0), 1.0, 0.0).to(x.dtype)
-    any_term = tl.where(allowed, 1.0, 0.0).to(x.dtype)
-    pos_plus, pos_minus = _count_split(tl.dot(pos, inf_code, input_precision=DOT_PRECISION))
-    neg_plus, neg_minus = _count_split(tl.dot(neg, inf_code, input_precision=DOT_PRECISION))
-    nan_terms, inf_terms = _count_split(tl.dot(any_term, bad_code, input_precision=DOT_PRECISION))
-    plus = (pos_plus + neg_minus) > 0
-    minus = (pos_minus + neg_plus) > 0
-    signed = pos_plus + pos_minus + neg_plus + neg_minus
-    nan = (nan_terms > 0) | (inf_terms > signed) | (plus & minus) | (clean != clean)
-    return tl.where(
-        nan, float("nan"), tl.where(plus, float("inf"), tl.where(minus, -float("inf"), clean))
-    )
 
 
 @triton.jit
@@ -265,11 +216,7 @@ def _fwd_tile(
     alpha = tl.math.exp2(m_i - m_new_safe)
     p = tl.math.exp2(s - m_new_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    if MASKED:
-        if _has_nonfinite(v):
-            pv = _allowed_dot(p, seen, v, DOT_PRECISION)
-    acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -306,11 +253,7 @@ def _dq_tile(
         # Masked dS is an exact 0 whatever S, lse or dP hold there (a NaN key or value).
         seen = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] < row_end[:, None])
         ds = tl.where(seen, ds, 0.0)
-    dsk = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    if MASKED:
-        if _has_nonfinite(k):
-            dsk = _allowed_dot(ds, seen, k, DOT_PRECISION)
-    return dq + dsk
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -362,18 +305,10 @@ def _dkdv_tile(
         # Masked P and dS are exact zeros whatever S, lse or dP hold there.
         seen = (offs_n[:, None] >= row_start[None, :]) & (offs_n[:, None] < row_end[None, :])
         p_t = tl.where(seen, p_t, 0.0)
-    pdo = tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    if MASKED:
-        if _has_nonfinite(do):
-            pdo = _allowed_dot(p_t, seen, do, DOT_PRECISION)
-    dv += pdo
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if MASKED:
         ds_t = tl.where(seen, ds_t, 0.0)
-    dsq = tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    if MASKED:
-        if _has_nonfinite(q):
-            dsq = _allowed_dot(ds_t, seen, q, DOT_PRECISION)
-    dk += dsq
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv

@@ -52,9 +52,9 @@ Tiles and memory
   delta there, so dS = 0.
 * Non-finite inputs follow the float math of each row's allowed keys: a row
   attending a NaN (or +inf) score gets NaN out and lse (and NaN gradients),
-  masked entries of P and dS are exact zeros, and masked tiles send a NaN or
-  inf row of v, k, q or dO through an exact slow path (``_allowed_dot``), so
-  it never reaches rows that do not attend it (0 * NaN in a dot).
+  masked entries of P and dS are exact zeros. Known gap (see
+  _span_attention_tiles.py): a NaN or inf row of v, k, q or dO on a masked
+  tile can still reach that tile's rows that do not attend it (0 * NaN in a dot).
 * D is padded to BLOCK_D = next_pow2(D) with masked loads; configs with
   D == BLOCK_D (EVEN_D) carry no head-dim mask at all.
 * Token offsets are widened to int64 before multiplying a stride.

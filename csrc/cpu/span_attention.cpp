@@ -108,6 +108,7 @@ template <typename T>
 struct ForwardInputs {
   Operand<T> q, v;
   KeysT<T> keys;
+  const NonFiniteRows& bad_values;  // of v, per kv head
   const std::vector<int32_t>& start;
   const std::vector<int32_t>& end;
   T scale;
@@ -142,14 +143,21 @@ void forward_block(const Shape& shape, const ForwardInputs<T>& in, const plan::Q
     rows::softmax_step(scores, rows, cols, ld, s.lo.get(), s.hi.get(), row_max, row_sum, acc,
                        head_dim);
     // acc += P V.
-    tile::matmul<T>(in.kernel, product<T>(rows, head_dim, cols, scores, ld, false,
-                                          in.v.at(key0, kv_head), in.v.ld, acc, head_dim, true));
+    const int32_t* lo = s.lo.get();
+    const int32_t* hi = s.hi.get();
+    matmul_allowed<T>(in.kernel,
+                      product<T>(rows, head_dim, cols, scores, ld, false, in.v.at(key0, kv_head),
+                                 in.v.ld, acc, head_dim, true),
+                      in.bad_values, kv_head, key0,
+                      [&](int64_t r, int64_t j) { return lo[r] <= j && j < hi[r]; });
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = block.begin + r;
     T* out_row = out + (t * shape.heads + head) * head_dim;
     const T* acc_row = acc + r * head_dim;
-    if (row_sum[r] > T(0)) {
+    // Emptiness comes from the interval, not from l: a row that attends a NaN or
+    // +inf score has l = NaN and must come out NaN, as its float math says.
+    if (in.start[t] < in.end[t]) {
       const T inv = T(1) / row_sum[r];
       for (int64_t d = 0; d < head_dim; ++d) out_row[d] = acc_row[d] * inv;
       lse[head * shape.num_queries + t] = row_max[r] + std::log(row_sum[r]);
@@ -178,8 +186,11 @@ void forward(const Shape& shape, const at::Tensor& q_t, const at::Tensor& k_t,
   if (tile::vector_width(kernel) > 1)
     k_transposed = std::make_unique<Transposed<T>>(k, shape.num_keys, shape.kv_heads,
                                                    shape.head_dim, 0);
-  const ForwardInputs<T> in{operand<T>(q_t), operand<T>(v_t), {k, k_transposed.get()}, start, end,
-                            static_cast<T>(scale), kernel, sizes.key_tile};
+  const Operand<T> v = operand<T>(v_t);
+  const NonFiniteRows bad_values(v, static_cast<const Operand<T>*>(nullptr), shape.num_keys,
+                                 shape.kv_heads, shape.head_dim);
+  const ForwardInputs<T> in{operand<T>(q_t), v,     {k, k_transposed.get()}, bad_values, start,
+                            end,             static_cast<T>(scale), kernel, sizes.key_tile};
   T* out = out_t.data_ptr<T>();
   T* lse = lse_t.data_ptr<T>();
   run_items(
@@ -208,6 +219,8 @@ template <typename T>
 struct BackwardInputs {
   Operand<T> grad_out, q, k, v;
   KeysT<T> keys, values;  // K^T and V^T operands
+  const NonFiniteRows& bad_keys;     // of k, per kv head
+  const NonFiniteRows& bad_queries;  // of q or grad_out, per head
   const T* lse;           // [Hq, Tq]
   const T* delta;         // [Hq, Tq]
   const std::vector<int32_t>& start;
@@ -216,6 +229,17 @@ struct BackwardInputs {
   Kernel kernel;
   TileSizes sizes;
 };
+
+// Predicates of matmul_allowed over the tile that clip_rows last described in
+// s.lo / s.hi: row r of the tile may use key column j, as (r, j) or as (j, r).
+template <typename T>
+auto row_allowed(const BackwardScratch<T>& s) {
+  return [lo = s.lo.get(), hi = s.hi.get()](int64_t r, int64_t j) { return lo[r] <= j && j < hi[r]; };
+}
+template <typename T>
+auto column_allowed(const BackwardScratch<T>& s) {
+  return [lo = s.lo.get(), hi = s.hi.get()](int64_t j, int64_t r) { return lo[r] <= j && j < hi[r]; };
+}
 
 // One tile: P in s.scores and dS in s.dscores (rows x cols, ld returned) of query
 // rows `block` (head h) against keys [key0, key0 + cols); with `grad_v`, also
@@ -239,8 +263,10 @@ int64_t backward_tile(const Shape& shape, const BackwardInputs<T>& in,
   clip_rows(in.start, in.end, block.begin, rows, key0, cols, s.lo.get(), s.hi.get());
   rows::probs(probs, rows, cols, ld, s.lo.get(), s.hi.get(), in.lse + row_offset);
   if (grad_v != nullptr) {  // grad_v += P^T dO
-    tile::matmul<T>(in.kernel, product<T>(cols, head_dim, rows, probs, ld, true, grad_out_rows,
-                                          in.grad_out.ld, grad_v, head_dim, true));
+    matmul_allowed<T>(in.kernel,
+                      product<T>(cols, head_dim, rows, probs, ld, true, grad_out_rows,
+                                 in.grad_out.ld, grad_v, head_dim, true),
+                      in.bad_queries, head, block.begin, column_allowed(s));
   }
   // dP = dO V^T, then dS = P * (dP - delta) in place.
   Product dov = product<T>(rows, ld, head_dim, grad_out_rows, in.grad_out.ld, false, nullptr, 0,
@@ -270,9 +296,10 @@ void backward_key_block(const Shape& shape, const BackwardInputs<T>& in,
       const plan::QueryBlock& block = query_blocks[links.members[m]];
       const int64_t ld = backward_tile(shape, in, block, head, key_block.begin, cols, acc_v, s);
       // acc_k += dS^T Q.
-      tile::matmul<T>(in.kernel, product<T>(cols, head_dim, block.rows(), s.dscores.get(), ld,
-                                            true, in.q.at(block.begin, head), in.q.ld, acc_k,
-                                            head_dim, true));
+      matmul_allowed<T>(in.kernel,
+                        product<T>(cols, head_dim, block.rows(), s.dscores.get(), ld, true,
+                                   in.q.at(block.begin, head), in.q.ld, acc_k, head_dim, true),
+                        in.bad_queries, head, block.begin, column_allowed(s));
     }
   }
   for (int64_t j = 0; j < cols; ++j) {
@@ -297,8 +324,10 @@ void backward_query_block(const Shape& shape, const BackwardInputs<T>& in,
     const int64_t cols = std::min(in.sizes.key_tile, block.key_end - key0);
     const int64_t ld = backward_tile<T>(shape, in, block, head, key0, cols, nullptr, s);
     // acc_q += dS K.
-    tile::matmul<T>(in.kernel, product<T>(rows, head_dim, cols, s.dscores.get(), ld, false,
-                                          in.k.at(key0, kv_head), in.k.ld, acc_q, head_dim, true));
+    matmul_allowed<T>(in.kernel,
+                      product<T>(rows, head_dim, cols, s.dscores.get(), ld, false,
+                                 in.k.at(key0, kv_head), in.k.ld, acc_q, head_dim, true),
+                      in.bad_keys, kv_head, key0, row_allowed(s));
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* row = grad_q + ((block.begin + r) * shape.heads + head) * head_dim;
@@ -321,9 +350,14 @@ void backward(const Shape& shape, const at::Tensor& grad_out, const at::Tensor& 
     v_transposed =
         std::make_unique<Transposed<T>>(v, shape.num_keys, shape.kv_heads, shape.head_dim, 1);
   }
-  const BackwardInputs<T> in{operand<T>(grad_out), operand<T>(q), k, v,
-                             {k, k_transposed.get()}, {v, v_transposed.get()}, lse, delta,
-                             start, end, static_cast<T>(scale), kernel, sizes};
+  const Operand<T> q_rows = operand<T>(q), grad_out_rows = operand<T>(grad_out);
+  const NonFiniteRows bad_keys(k, static_cast<const Operand<T>*>(nullptr), shape.num_keys,
+                               shape.kv_heads, shape.head_dim);
+  const NonFiniteRows bad_queries(q_rows, &grad_out_rows, shape.num_queries, shape.heads,
+                                  shape.head_dim);
+  const BackwardInputs<T> in{grad_out_rows, q_rows, k, v, {k, k_transposed.get()},
+                             {v, v_transposed.get()}, bad_keys, bad_queries, lse, delta, start,
+                             end, static_cast<T>(scale), kernel, sizes};
   const auto query_blocks = plan::query_blocks(start, end, sizes.bwd_q_rows);
   const auto key_blocks = plan::key_blocks(start, end, shape.num_keys, sizes.bwd_key_rows);
   const auto links = plan::link_key_blocks(query_blocks, key_blocks);
@@ -388,9 +422,10 @@ Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 void intervals(const at::Tensor& kv_start, const at::Tensor& kv_end, const Shape& shape,
                std::vector<int32_t>& start, std::vector<int32_t>& end) {
-  const at::Tensor s = kv_start.to(at::kInt).contiguous();
-  const at::Tensor e = kv_end.to(at::kInt).contiguous();
-  plan::clamp_intervals(s.const_data_ptr<int32_t>(), e.const_data_ptr<int32_t>(),
+  // Widened, never narrowed, before the clamp (see plan::clamp_intervals).
+  const at::Tensor s = kv_start.to(at::kLong).contiguous();
+  const at::Tensor e = kv_end.to(at::kLong).contiguous();
+  plan::clamp_intervals(s.const_data_ptr<int64_t>(), e.const_data_ptr<int64_t>(),
                         shape.num_queries, shape.num_keys, start, end);
 }
 

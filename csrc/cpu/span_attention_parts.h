@@ -194,6 +194,93 @@ inline void clip_rows(const std::vector<int32_t>& start, const std::vector<int32
 }
 
 
+// Which token rows of a [tokens, heads, D] operand (or of either of two such
+// operands) hold a NaN or an infinity, per head. Masked entries of P and dS are
+// exact zeros, and 0 * NaN = NaN: a non-finite row fed to a tile product would
+// reach output rows that never attend it. matmul_allowed routes the products
+// over such rows through a slow path; for finite inputs the only cost is this
+// one pass over the operand per call.
+class NonFiniteRows {
+ public:
+  template <typename T>
+  NonFiniteRows(const Operand<T>& a, const Operand<T>* b, int64_t tokens, int64_t heads,
+                int64_t head_dim)
+      : tokens_(tokens) {
+    std::vector<uint8_t> flags(static_cast<size_t>(tokens * heads), 0);
+    at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+          const bool bad = !finite(a.at(t, h), head_dim) ||
+                           (b != nullptr && !finite(b->at(t, h), head_dim));
+          flags[h * tokens + t] = bad ? 1 : 0;
+        }
+    });
+    if (std::find(flags.begin(), flags.end(), uint8_t{1}) == flags.end()) return;
+    // Prefix counts per head: "does [begin, end) hold one?" in O(1) per tile.
+    count_.assign(static_cast<size_t>((tokens + 1) * heads), 0);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t t = 0; t < tokens; ++t)
+        count_[h * (tokens + 1) + t + 1] = count_[h * (tokens + 1) + t] + flags[h * tokens + t];
+  }
+
+  // Whether rows [begin, end) of `head` hold a non-finite value.
+  bool meets(int64_t head, int64_t begin, int64_t end) const {
+    if (count_.empty()) return false;
+    const int32_t* c = count_.data() + head * (tokens_ + 1);
+    return c[end] > c[begin];
+  }
+  bool row(int64_t head, int64_t token) const { return meets(head, token, token + 1); }
+
+ private:
+  // x * 0 is +-0 for a finite x and NaN otherwise; a sum of zeros compares equal to 0.
+  template <typename T>
+  static bool finite(const T* x, int64_t n) {
+    T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < n; ++d) sum += x[d] * T(0);
+    return sum == T(0);
+  }
+
+  int64_t tokens_;
+  std::vector<int32_t> count_;  // empty when every row is finite
+};
+
+// C += A B, where B's rows are the tokens [token0, token0 + p.k) of `head` of an
+// operand whose non-finite rows `bad` lists, and allowed(i, r) says whether C row
+// i may use B row r (A(i, r) is a masked zero otherwise). With no non-finite row
+// in range this is tile::matmul. Otherwise the runs of finite rows go through
+// tile::matmul and each non-finite row is added to the allowed C rows only: the
+// float math of the allowed terms (NaN, inf as it says), and nothing else.
+template <typename T, typename Allowed>
+void matmul_allowed(tile::Kernel kernel, const Product& p, const NonFiniteRows& bad, int64_t head,
+                    int64_t token0, Allowed&& allowed) {
+  if (!bad.meets(head, token0, token0 + p.k)) return tile::matmul<T>(kernel, p);
+  TORCH_INTERNAL_ASSERT(p.accumulate, "matmul_allowed accumulates into C");
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  T* c = static_cast<T*>(p.c);
+  const T alpha = static_cast<T>(p.alpha);
+  int64_t run = 0;  // first row of the current run of finite rows
+  for (int64_t r = 0; r <= p.k; ++r) {
+    if (r < p.k && !bad.row(head, token0 + r)) continue;
+    if (r > run) {
+      Product part = p;
+      part.k = r - run;
+      part.a = a + run * p.a_col;
+      part.b = b + run * p.b_row;
+      tile::matmul<T>(kernel, part);
+    }
+    run = r + 1;
+    if (r == p.k) break;
+    for (int64_t i = 0; i < p.m; ++i) {
+      if (!allowed(i, r)) continue;
+      const T coefficient = alpha * a[i * p.a_row + r * p.a_col];
+      for (int64_t n = 0; n < p.n; ++n)
+        c[i * p.ldc + n] += coefficient * b[r * p.b_row + n * p.b_col];
+    }
+  }
+}
+
 // Row-major C (m x n, ldc) (+)= A B with A rows `a` (ld a_ld) or A^T (`a_transposed`).
 template <typename T>
 Product product(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_ld, bool a_transposed,

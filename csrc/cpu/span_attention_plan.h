@@ -40,8 +40,11 @@ struct KeyBlock {
 };
 
 // Intervals clamped so that 0 <= start <= end <= num_keys: a kernel never reads
-// out of bounds, whatever it is given (SpanMask has already validated them).
-inline void clamp_intervals(const int32_t* kv_start, const int32_t* kv_end, int64_t num_queries,
+// out of bounds, whatever it is given (SpanMask validates its own, but the raw
+// ops take any integer tensor). The clamp runs in 64 bits, before any narrowing:
+// a kv_end of 2**32 + 3 is past the end, not 3. An interval with start >= end
+// after clamping is empty (out 0, lse -inf, zero gradients).
+inline void clamp_intervals(const int64_t* kv_start, const int64_t* kv_end, int64_t num_queries,
                             int64_t num_keys, std::vector<int32_t>& start,
                             std::vector<int32_t>& end) {
   start.resize(num_queries);

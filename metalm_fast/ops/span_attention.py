@@ -328,6 +328,15 @@ def span_attention(
 
     Notes
     -----
+    Non-finite inputs: the result is the float math of attention restricted to
+    each row's allowed keys (``m = max_j s_j``, ``out = sum_j exp(s_j - m) v_j
+    / sum_j exp(s_j - m)``, ``lse = m + log sum_j exp(s_j - m)``). A NaN or inf
+    in q, k or v affects exactly the rows whose allowed keys include it (a row
+    with a NaN score, a +inf score, or only -inf scores comes out NaN, in out,
+    lse and gradients; an inf in v gives inf where that math does); masked-out
+    keys never contaminate a row; empty rows stay exactly 0 with lse -inf.
+    Every backend (cpu, triton, reference) follows this, forward and backward.
+
     Differentiable in q, k and v. The backward pass is deterministic
     (bit-identical on repeat) on every backend. Index contents are validated
     when the SpanMask is built, so this call does no device synchronisation.
