@@ -301,14 +301,14 @@ def _dkdv_tile(
     delta = tl.where(has_keys, delta, 0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.math.exp2(s_t - lse2[None, :])
-    if MASKED:
-        # Masked P and dS are exact zeros whatever S, lse or dP hold there.
-        seen = (offs_n[:, None] >= row_start[None, :]) & (offs_n[:, None] < row_end[None, :])
-        p_t = tl.where(seen, p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if MASKED:
+        # Masked P and dS are exact zeros whatever S, lse or dP hold there (one
+        # block: MASKED may be a runtime flag, and names set inside stay inside).
+        seen = (offs_n[:, None] >= row_start[None, :]) & (offs_n[:, None] < row_end[None, :])
+        p_t = tl.where(seen, p_t, 0.0)
         ds_t = tl.where(seen, ds_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
