@@ -21,11 +21,11 @@ Conventions shared by all helpers:
 * Non-finite inputs: masked entries of P and dS are exact zeros (``tl.where``,
   never a product), and a row whose lse is NaN keeps it, so its gradients are
   NaN as its math says; only lse = -inf (empty) rows get ``lse2 = +inf``.
-  Known gap: on a masked tile, a NaN or inf row of v (forward), k (dQ) or q /
-  dO (dK, dV) still meets the masked zeros in a dot (0 * NaN), reaching rows
-  of the tile that do not attend it. An exact in-loop slow path (counting
-  dots) was tried and spills on every shipped config; the fix needs a
-  separate pass (flag the tile, recompute flagged blocks without dots).
+  On a masked tile, a NaN or inf row of v (forward), k (dQ) or q / dO (dK,
+  dV) still meets the masked zeros in a dot (0 * NaN) and reaches rows of the
+  tile that do not attend it; kernels/span_attention_rows.py recomputes every
+  result row that came out non-finite exactly, after these kernels ran (an
+  in-loop fix with counting dots spilled on every shipped config).
 """
 
 from __future__ import annotations

@@ -52,9 +52,11 @@ Tiles and memory
   delta there, so dS = 0.
 * Non-finite inputs follow the float math of each row's allowed keys: a row
   attending a NaN (or +inf) score gets NaN out and lse (and NaN gradients),
-  masked entries of P and dS are exact zeros. Known gap (see
-  _span_attention_tiles.py): a NaN or inf row of v, k, q or dO on a masked
-  tile can still reach that tile's rows that do not attend it (0 * NaN in a dot).
+  masked entries of P and dS are exact zeros. A NaN or inf operand row on a
+  masked tile still meets the tile's masked zeros in a dot (0 * NaN); every
+  result row that comes out non-finite is then recomputed exactly over its
+  allowed keys by kernels/span_attention_rows.py (on finite inputs that pass
+  only reads out/lse and dq/dk/dv once).
 * D is padded to BLOCK_D = next_pow2(D) with masked loads; configs with
   D == BLOCK_D (EVEN_D) carry no head-dim mask at all.
 * Token offsets are widened to int64 before multiplying a stride.
@@ -95,6 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import span_attention_rows
 from ._config import KernelConfig, aligned_attrs, triton_signature
 from ._span_attention_configs import (
     _DTYPE_NAMES,
@@ -648,7 +651,7 @@ def shipped_configs() -> list[KernelConfig]:
                         },
                     )
                 )
-    return configs
+    return configs + span_attention_rows.shipped_configs()
 
 
 # --------------------------------------------------------------------------- launchers
@@ -717,6 +720,8 @@ def span_attention_forward(
         scale * _LOG2E,
         **options,
     )
+    # Rows a NaN or inf operand reached through a masked tile's dot are redone exactly.
+    span_attention_rows.recompute_forward_rows(q, k, v, out, lse, kv_start, kv_end, scale)
     return out, lse
 
 
@@ -830,5 +835,8 @@ def span_attention_backward(
         scale * _LOG2E,
         scale,
         **options,
+    )
+    span_attention_rows.recompute_backward_rows(
+        do, q, k, v, lse, delta, dq, dk, dv, kv_start, kv_end, scale
     )
     return dq, dk, dv

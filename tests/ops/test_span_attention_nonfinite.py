@@ -25,12 +25,6 @@ from tests.cases import assert_matches_golden, clamp_intervals, per_row_attentio
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 BACKENDS = ["cpu", "triton", "reference"]
-# Known gap of the Triton kernels (kernels/_span_attention_tiles.py): a NaN or inf
-# row of v, k, q or dO on a masked tile still meets the tile's masked zeros in a
-# dot (0 * NaN). strict: the day it is fixed, these must be turned back on.
-TRITON_GAP = pytest.mark.xfail(
-    reason="triton: non-finite rows on masked tiles reach non-attending rows", strict=True
-)
 HEADS, KV_HEADS, HEAD_DIM = 2, 1, 32
 
 
@@ -53,7 +47,9 @@ def run_op(backend, q, k, v, kv_start, kv_end, monotone, grad_out, grad_lse):
     return out.detach(), lse.detach(), [x.grad for x in leaves]
 
 
-def check_against_per_row_golden(backend, q, k, v, kv_start, kv_end, monotone=False, seed=0):
+def check_against_per_row_golden(
+    backend, q, k, v, kv_start, kv_end, monotone=False, seed=0, baseline_factor=2.0
+):
     generator = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(q.shape, generator=generator)
     grad_lse = torch.randn(q.shape[1], q.shape[0], generator=generator)
@@ -67,10 +63,10 @@ def check_against_per_row_golden(backend, q, k, v, kv_start, kv_end, monotone=Fa
         "reference", q, k, v, kv_start, kv_end, monotone, grad_out, grad_lse
     )
     base = (base_out, base_lse, base_grads)
-    assert_matches_golden(out, gold[0], base[0], "out")
-    assert_matches_golden(lse, gold[1], base[1], "lse")
+    assert_matches_golden(out, gold[0], base[0], "out", baseline_factor)
+    assert_matches_golden(lse, gold[1], base[1], "lse", baseline_factor)
     for name, grad, golden, baseline in zip(("dq", "dk", "dv"), grads, gold[2], base[2]):
-        assert_matches_golden(grad, golden, baseline, name)
+        assert_matches_golden(grad, golden, baseline, name, baseline_factor)
     start, end = clamp_intervals(kv_start, kv_end, k.shape[0])
     empty = end <= start
     assert torch.all(out[empty] == 0), "empty rows must be exactly 0"
@@ -119,10 +115,8 @@ PLACEMENTS = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("tensor", ["q", "k", "v"])
-def test_non_finite_reaches_only_rows_that_attend_it(backend, tensor, value, request):
+def test_non_finite_reaches_only_rows_that_attend_it(backend, tensor, value):
     _require(backend)
-    if backend == "triton":
-        request.applymarker(TRITON_GAP)
     kv_start, kv_end = packed_intervals()
     q, k, v = _qkv(40, seed=1)
     target = {"q": q, "k": k, "v": v}[tensor]
@@ -137,11 +131,9 @@ def test_non_finite_reaches_only_rows_that_attend_it(backend, tensor, value, req
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_key_is_not_an_empty_row(backend, request):
+def test_nan_key_is_not_an_empty_row(backend):
     # The old cpu behaviour: a row attending a NaN key came out 0 with lse -inf.
     _require(backend)
-    if backend == "triton":
-        request.applymarker(TRITON_GAP)
     kv_start, kv_end = packed_intervals()
     q, k, v = _qkv(40, seed=2)
     k[0, 0, 0] = math.nan  # attended by every row of the first document
