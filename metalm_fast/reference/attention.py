@@ -90,7 +90,10 @@ def span_attention(
     scores = torch.where(allowed, scores, -math.inf)
     # m is a shift the result does not depend on: detached, so the gradient is
     # exactly softmax's. Empty rows shift by 0 (their m is -inf).
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    if scores.shape[-1]:
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
+    else:  # no keys at all (Tk = 0): every row is empty; amax has nothing to reduce
+        row_max = scores.new_zeros((*scores.shape[:-1], 1))
     row_max = torch.where(empty_row, torch.zeros_like(row_max), row_max)
     # Masked entries are exactly 0 (never exp of a masked score: its backward is 0 * 0).
     probs = torch.where(allowed, torch.exp(scores - row_max), torch.zeros_like(scores))

@@ -340,7 +340,9 @@ def test_shipped_configs_cover_every_launch():
     configs = kernels.shipped_configs()
     assert configs
     seen = {(c.pass_name, c.signature["q_ptr"], c.constexprs["BLOCK_D"], c.arch) for c in configs}
-    for pass_name in ("fwd", "bwd_dq", "bwd_dkdv"):
+    # The tiled passes and the exact recompute of non-finite rows that follows each.
+    passes = ("fwd", "bwd_dq", "bwd_dkdv", "fwd_rows", "bwd_dq_rows", "bwd_dkdv_rows")
+    for pass_name in passes:
         for dtype in ("*fp16", "*bf16", "*fp32"):
             for block_d in (32, 64, 128, 256):
                 for arch in (80, 90):
@@ -350,6 +352,9 @@ def test_shipped_configs_cover_every_launch():
         assert list(config.signature) == names, config.label
         assert set(config.constexprs) | set(names) == set(config.kernel.arg_names)
         assert config.op == "span_attention"
+        if config.pass_name.endswith("_rows"):
+            assert not config.uses_matmul  # plain fp32 sums: no dot, no tensor cores
+            continue
         precision = config.constexprs["DOT_PRECISION"]
         if config.signature["q_ptr"] == "*fp32":
             assert precision in ("tf32x3", "ieee")

@@ -151,3 +151,15 @@ def test_raw_intervals_are_clamped_in_64_bits(backend):
     kv_end = torch.tensor([3, 2**32 + 3, 50, 4, 4, 2**32 + 1, 1, 12, 5, 12, 2, -1])
     out, _, _ = check_against_per_row_golden(backend, q, k, v, kv_start, kv_end, monotone=True)
     assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_keys_at_all_gives_empty_rows(backend):
+    # Tk = 0 (the model tests reach it through empty encoder batches): every row is
+    # empty; the reference's row max once failed on the empty reduction.
+    _require(backend)
+    q = torch.randn(5, HEADS, HEAD_DIM)
+    k = v = torch.randn(0, KV_HEADS, HEAD_DIM)
+    zeros = torch.zeros(5, dtype=torch.int32)
+    out, lse, _ = check_against_per_row_golden(backend, q, k, v, zeros, zeros + 3)
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == -math.inf).all())
