@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from metalm_fast import SpanMask
@@ -37,11 +37,13 @@ def test_feature_rows_equal_span_tokens(doc_lengths, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(length=st.integers(min_value=1024, max_value=8192), seed=st.integers(0, 2**31 - 1))
+@example(length=1142, seed=29187226)  # budget round(285.5) = 286 > L/4, once taken for a bug
 def test_covered_fraction_near_target_for_long_documents(length, seed):
     starts, ends = sample_spans([length], generator=torch.Generator().manual_seed(seed))
     covered = int((ends - starts).sum()) / length
-    # Spans are whole (64..128 tokens), so coverage undershoots by < one span.
-    assert 0.25 - 128 / length <= covered <= 0.25 + 1e-9
+    # Spans are whole (64..128 tokens), so coverage undershoots by < one span; the
+    # budget is round(0.25 * L) tokens (documented), which may be half a token above L/4.
+    assert 0.25 - 128 / length <= covered <= round(0.25 * length) / length
 
 
 def test_short_documents_get_no_span_and_seed_reproduces():
