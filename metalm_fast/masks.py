@@ -24,60 +24,17 @@ built, so kernels can trust them.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
+
+from metalm_fast.checks import index_vector, integer
 
 __all__ = ["SpanMask"]
 
 
 #: Intervals are stored as int32; every bound is checked in int64 against this first.
 _INT32_LIMIT = 2**31
-
-
-def _as_int(value, name: str) -> int:
-    """``value`` as a Python int. Python counts True as the int 1, and a float
-    would be truncated, so both raise TypeError naming ``name``."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an int, got the bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-
-
-def _as_index_vector(value, name: str, device=None) -> torch.Tensor:
-    """Return ``value`` as a 1-D int64 tensor (for exact host-side arithmetic).
-
-    Integer tensors and sequences of ints are accepted. Bools and floats raise
-    TypeError, from a tensor or a list alike: converting ``[0, 2.7, 5]`` with
-    ``dtype=int64`` would truncate 2.7 to 2 silently, and True would become 1.
-    """
-    if isinstance(value, torch.Tensor):
-        tensor = value
-    else:
-        if isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value):
-            raise TypeError(f"{name} must hold ints, got a bool in {value!r}")
-        try:
-            tensor = torch.as_tensor(value, device=device)
-        except (TypeError, ValueError, RuntimeError) as error:
-            kind = ValueError if "Overflow" in str(error) else TypeError
-            raise kind(
-                f"{name} must be a 1-D integer tensor or sequence of int64: {error}"
-            ) from None
-        if tensor.numel() == 0 and tensor.dtype == torch.float32:
-            tensor = tensor.to(torch.int64)  # [] has no dtype of its own: torch guesses float32
-    if tensor.dtype == torch.bool:
-        raise TypeError(
-            f"{name} must be integer indices, got bool values (dtype {tensor.dtype}); "
-            "for a boolean mask pass torch.nonzero(mask).flatten()"
-        )
-    if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
-        raise TypeError(f"{name} must be an integer tensor or sequence, got dtype {tensor.dtype}")
-    if tensor.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-    return tensor.to(torch.int64)
 
 
 def _check_same_device(tensor: torch.Tensor, name: str, device: torch.device, other: str) -> None:
@@ -89,8 +46,8 @@ def _check_intervals(kv_start, kv_end, num_keys) -> tuple[torch.Tensor, torch.Te
     """(start, end) as int64 and num_keys as int, after every check of an explicit
     mask: one length, one device, 0 <= start <= end <= num_keys < 2**31 (in int64,
     so 2**32 + 3 is rejected rather than narrowed to 3). num_keys None means Tq."""
-    start = _as_index_vector(kv_start, "kv_start")
-    end = _as_index_vector(kv_end, "kv_end", start.device)
+    start = index_vector(kv_start, "kv_start")
+    end = index_vector(kv_end, "kv_end", start.device)
     if start.numel() != end.numel():
         raise ValueError(
             f"kv_start and kv_end must have the same length, got {start.numel()} and {end.numel()}"
@@ -99,7 +56,7 @@ def _check_intervals(kv_start, kv_end, num_keys) -> tuple[torch.Tensor, torch.Te
         raise ValueError(
             f"kv_start and kv_end must be on one device, got {start.device} and {end.device}"
         )
-    num_keys = start.numel() if num_keys is None else _as_int(num_keys, "num_keys")
+    num_keys = start.numel() if num_keys is None else integer(num_keys, "num_keys")
     if num_keys < 0:
         raise ValueError(f"num_keys must be a non-negative int, got {num_keys!r}")
     if num_keys >= _INT32_LIMIT:
@@ -124,7 +81,7 @@ def _is_monotone(start: torch.Tensor, end: torch.Tensor) -> bool:
 
 
 def _check_cu_seqlens(cu_seqlens, num_tokens: int | None) -> torch.Tensor:
-    cu = _as_index_vector(cu_seqlens, "cu_seqlens")
+    cu = index_vector(cu_seqlens, "cu_seqlens")
     if cu.numel() < 1:
         raise ValueError("cu_seqlens must have at least one entry (it starts at 0)")
     if int(cu[0]) != 0:
@@ -140,7 +97,7 @@ def _check_cu_seqlens(cu_seqlens, num_tokens: int | None) -> torch.Tensor:
             f"cu_seqlens must end below 2**31 (the intervals are int32), got {int(cu[-1])}"
         )
     if num_tokens is not None:
-        num_tokens = _as_int(num_tokens, "num_tokens")
+        num_tokens = integer(num_tokens, "num_tokens")
     if num_tokens is not None and int(cu[-1]) != num_tokens:
         raise ValueError(
             f"cu_seqlens must end at the number of tokens T={num_tokens}, got {int(cu[-1])}"
@@ -159,8 +116,8 @@ def _document_bounds(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_spans(cu: torch.Tensor, span_starts, span_ends) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate spans (absolute packed offsets) and return them sorted by start."""
-    starts = _as_index_vector(span_starts, "span_starts", cu.device)
-    ends = _as_index_vector(span_ends, "span_ends", cu.device)
+    starts = index_vector(span_starts, "span_starts", cu.device)
+    ends = index_vector(span_ends, "span_ends", cu.device)
     _check_same_device(starts, "span_starts", cu.device, "cu_seqlens")
     _check_same_device(ends, "span_ends", cu.device, "cu_seqlens")
     if starts.numel() != ends.numel():
@@ -283,7 +240,7 @@ class SpanMask:
         than being read as a row mask, because ``torch.as_tensor(mask, dtype=int64)``
         would silently pick rows 0 and 1; pass ``torch.nonzero(mask).flatten()``.
         """
-        rows = _as_index_vector(rows, "rows").to(self.kv_start.device)
+        rows = index_vector(rows, "rows").to(self.kv_start.device)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_queries):
             raise ValueError(
                 f"rows must lie in [0, {self.num_queries}), got [{int(rows.min())}, "
@@ -334,7 +291,7 @@ class SpanMask:
         Causal after the prefix: ``[doc_start, max(t + 1, doc_start + prefix_lens[i]))``.
         """
         cu = _check_cu_seqlens(cu_seqlens, num_tokens)
-        prefix = _as_index_vector(prefix_lens, "prefix_lens", cu.device)
+        prefix = index_vector(prefix_lens, "prefix_lens", cu.device)
         _check_same_device(prefix, "prefix_lens", cu.device, "cu_seqlens")
         lengths = cu[1:] - cu[:-1]
         if prefix.numel() != lengths.numel():
@@ -353,7 +310,7 @@ class SpanMask:
     @classmethod
     def sliding_window(cls, cu_seqlens, window: int, num_tokens: int | None = None) -> SpanMask:
         """Causal sliding window of ``window`` keys: ``[max(seq_start, t - window + 1), t + 1)``."""
-        window = _as_int(window, "window")
+        window = integer(window, "window")
         if window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         cu = _check_cu_seqlens(cu_seqlens, num_tokens)

@@ -13,34 +13,11 @@ encoder (and connector) emit them when items are packed in position order.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
+from metalm_fast.checks import index_vector, integer
+
 __all__ = ["feature_index_from_spans", "feature_index_from_placeholders"]
-
-
-def _as_int(value, name: str) -> int:
-    """A Python int; a bool (True would count as 1) or a float raises TypeError."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an int, got the bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-
-
-def _as_positions(value, name: str) -> torch.Tensor:
-    """int64 [S] from integer tensors or int sequences. Floats and bools raise
-    TypeError: ``as_tensor([1.7], dtype=int64)`` would truncate to 1 silently."""
-    if isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value):
-        raise TypeError(f"{name} must hold ints, got a bool in {value!r}")
-    tensor = torch.as_tensor(value)
-    if tensor.numel() == 0 and not isinstance(value, torch.Tensor):
-        tensor = tensor.to(torch.int64)  # [] has no dtype of its own: torch guesses float32
-    if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.dtype.is_complex:
-        raise TypeError(f"{name} must be integer positions, got dtype {tensor.dtype}")
-    return tensor.to(torch.int64).reshape(-1)
 
 
 def _check_count(positions: int, num_features: int | None, what: str) -> None:
@@ -62,13 +39,13 @@ def feature_index_from_spans(
     >>> feature_index_from_spans(6, [1, 4], [3, 5]).tolist()
     [-1, 0, 1, -1, 2, -1]
     """
-    num_tokens = _as_int(num_tokens, "num_tokens")
+    num_tokens = integer(num_tokens, "num_tokens")
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     if num_features is not None:
-        num_features = _as_int(num_features, "num_features")
-    starts = _as_positions(span_starts, "span_starts")
-    ends = _as_positions(span_ends, "span_ends")
+        num_features = integer(num_features, "num_features")
+    starts = index_vector(span_starts, "span_starts")
+    ends = index_vector(span_ends, "span_ends")
     if starts.shape != ends.shape:
         raise ValueError(
             f"span_starts and span_ends must have the same length, got {starts.numel()} "
@@ -98,8 +75,8 @@ def feature_index_from_placeholders(
     ``token_ids`` cannot hold matches nothing (comparing would wrap it:
     2**32 + 3 equals 3 in int32).
     """
-    placeholder_id = _as_int(placeholder_id, "placeholder_id")
-    num_features = _as_int(num_features, "num_features")
+    placeholder_id = integer(placeholder_id, "placeholder_id")
+    num_features = integer(num_features, "num_features")
     if not isinstance(token_ids, torch.Tensor) or token_ids.dtype not in (
         torch.int32,
         torch.int64,

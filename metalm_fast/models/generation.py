@@ -48,6 +48,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from metalm_fast.checks import integer
 from metalm_fast.nn.paged_kv_cache import PagedKVCache
 from metalm_fast.ops.argmax_rows import argmax_rows
 
@@ -98,23 +99,16 @@ class RequestTooLargeError(ValueError):
         )
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _check_real(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
 
 
 def _check_arguments(max_new_tokens, do_sample, top_p, temperature, eos_id, block_size) -> None:
-    _check_int("max_new_tokens", max_new_tokens, 0)
-    _check_int("block_size", block_size, 1)
+    integer(max_new_tokens, "max_new_tokens", minimum=0)
+    integer(block_size, "block_size", minimum=1)
     if eos_id is not None:
-        _check_int("eos_id", eos_id, 0)
+        integer(eos_id, "eos_id", minimum=0)
     _check_real("top_p", top_p)
     if not 0.0 < top_p <= 1.0:  # NaN fails too
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")

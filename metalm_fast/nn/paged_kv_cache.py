@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metalm_fast.checks import integer
 from metalm_fast.ops.host_memory import zeros_on_huge_pages
 from metalm_fast.ops.kv_cache_append import CACHE_DTYPES, kv_cache_append
 
@@ -135,7 +136,7 @@ class PagedKVCache:
             "head_dim": head_dim,
         }
         for name, value in sizes.items():
-            if _integer(name, value) <= 0:
+            if integer(value, name) <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if num_blocks * block_size > _INT32_MAX:
             raise ValueError(
@@ -198,7 +199,7 @@ class PagedKVCache:
         return self._views[self._layer(layer)][1]
 
     def _layer(self, layer: int) -> int:
-        if not 0 <= _integer("layer", layer) < self.num_layers:
+        if not 0 <= integer(layer, "layer") < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         return int(layer)
 
@@ -206,7 +207,7 @@ class PagedKVCache:
     def allocate(self, num_tokens: int = 0) -> int:
         """Start a sequence holding ``num_tokens`` tokens; returns its id."""
         seq_id = self._next_id
-        self._reserve({seq_id: _count("num_tokens", num_tokens)}, new={seq_id})
+        self._reserve({seq_id: integer(num_tokens, "num_tokens", minimum=0)}, new={seq_id})
         self._next_id += 1
         return seq_id
 
@@ -229,7 +230,9 @@ class PagedKVCache:
         allocating call.
         """
         seq_id = self._known(seq_id)
-        wanted = self._blocks_for(_count("num_tokens", num_tokens)) - len(self._pages[seq_id])
+        wanted = self._blocks_for(integer(num_tokens, "num_tokens", minimum=0)) - len(
+            self._pages[seq_id]
+        )
         if wanted > 0:
             self._check_free(wanted)
             self._take_pages(seq_id, wanted)
@@ -245,7 +248,7 @@ class PagedKVCache:
 
     def _known(self, seq_id: int) -> int:
         # Type first: True == 1 and 1.0 == 1 would find sequence 1 in the dict.
-        seq_id = _integer("seq_ids", seq_id)
+        seq_id = integer(seq_id, "seq_ids")
         if seq_id not in self._lengths:
             raise ValueError(f"seq_ids: sequence {seq_id!r} is not allocated (or was freed)")
         return seq_id
@@ -260,7 +263,7 @@ class PagedKVCache:
         ids = [self._known(seq_id) for seq_id in ids]
         if len(set(ids)) != len(ids):
             raise ValueError(f"seq_ids must not repeat a sequence, got {ids}")
-        return ids, [_count("num_tokens", n) for n in counts]
+        return ids, [integer(n, "num_tokens", minimum=0) for n in counts]
 
     def _reserve(self, growth: dict[int, int], new: set[int] = frozenset()) -> None:
         """Give each sequence the pages for its extra tokens, or raise and change nothing."""
@@ -393,16 +396,3 @@ class PagedKVCache:
 
 
 _INT32_MAX = 2**31 - 1
-
-
-def _integer(name: str, value) -> int:
-    """``value`` as an int: a Python or numpy integer, never a bool or a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
-def _count(name: str, value) -> int:
-    if _integer(name, value) < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return int(value)

@@ -7,7 +7,6 @@ sync. Index *contents* are the ops' own business (``validate=True``).
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 
@@ -51,18 +50,6 @@ def check_index_tensor(name: str, index, shape_text: str) -> None:
     dims = int(shape_text.split("-D", 1)[0])
     if index.dim() != dims:
         raise ValueError(f"{name} must be {shape_text}, got shape {tuple(index.shape)}")
-
-
-def check_int(name: str, value) -> int:
-    """``value`` as a Python int (anything with ``__index__``: int, numpy or 0-d
-    integer tensor). Python counts True as the int 1 and a float would be
-    truncated, so a bool or a float raises TypeError naming ``name``."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an int, got the bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
 def check_head_dim(head_dim: int, where: str) -> None:

@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 
 from metalm_fast import reference
+from metalm_fast.checks import integer
 from metalm_fast.ops._backend import cpu_extension, cuda_extension, resolve_backend
 from metalm_fast.ops._validation import (
     check_float_tensor,
     check_index_tensor,
-    check_int,
     check_scale,
 )
 from metalm_fast.reference.embedding import check_rows_in_range
@@ -283,7 +283,7 @@ def _padding_row(padding_idx, num_embeddings: int) -> int:
     None. A bool or a float raises TypeError: True would name row 1."""
     if padding_idx is None:
         return -1
-    row = check_int("padding_idx", padding_idx)
+    row = integer(padding_idx, "padding_idx")
     if not -num_embeddings <= row < num_embeddings:
         raise ValueError(
             f"padding_idx must be an int in [-{num_embeddings}, {num_embeddings}), "
