@@ -79,6 +79,19 @@ def _rows_are_bad(ptr, rows, valid, stride_t, offs_d, head_dim):
 
 
 @triton.jit
+def _element(vector, r, ROWS: tl.constexpr):
+    """vector[r] for a runtime r (Triton cannot index a tensor by a scalar)."""
+    return tl.sum(tl.where(tl.arange(0, ROWS) == r, vector, 0), axis=0)
+
+
+@triton.jit
+def _probs_and_dscores(s, lse2, dp, delta, allowed):
+    """P = exp2(s - lse2) and dS = P (dP - delta), exact zeros where not ``allowed``."""
+    p = tl.where(allowed, tl.exp2(s - lse2), 0.0)
+    return p, tl.where(allowed, p * (dp - delta), 0.0)
+
+
+@triton.jit
 def _load_vector(ptr, offs_d, head_dim):
     return tl.load(ptr + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)
 
@@ -182,10 +195,9 @@ def _forward_rows_kernel(
     if tl.sum(suspect, axis=0) > 0:
         for r in range(0, ROWS):
             row = tl.program_id(0) * ROWS + r
-            row_suspect = tl.sum(tl.where(tl.arange(0, ROWS) == r, suspect, 0), axis=0)
-            if (row < num_queries) & (row_suspect > 0):
-                row_start = tl.sum(tl.where(tl.arange(0, ROWS) == r, start, 0), axis=0)
-                row_end = tl.sum(tl.where(tl.arange(0, ROWS) == r, end, 0), axis=0)
+            if (row < num_queries) & (_element(suspect, r, ROWS) > 0):
+                row_start = _element(start, r, ROWS)
+                row_end = _element(end, r, ROWS)
                 q_row = _load_vector(
                     q_ptr + row.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh,
                     offs_d,
@@ -260,10 +272,9 @@ def _dq_rows_kernel(
         v_base = v_ptr + kv_head.to(tl.int64) * stride_vh
         for r in range(0, ROWS):
             row = tl.program_id(0) * ROWS + r
-            pick = tl.arange(0, ROWS) == r
-            if (row < num_queries) & (tl.sum(tl.where(pick, suspect, 0), axis=0) > 0):
-                row_start = tl.sum(tl.where(pick, start, 0), axis=0)
-                row_end = tl.sum(tl.where(pick, end, 0), axis=0)
+            if (row < num_queries) & (_element(suspect, r, ROWS) > 0):
+                row_start = _element(start, r, ROWS)
+                row_end = _element(end, r, ROWS)
                 at = row.to(tl.int64)
                 q_row = _load_vector(q_ptr + at * stride_qt + head * stride_qh, offs_d, head_dim)
                 do_row = _load_vector(
@@ -278,9 +289,8 @@ def _dq_rows_kernel(
                     k = _load_key_tile(k_base, keys, key_ok, stride_kt, offs_d, head_dim)
                     v = _load_key_tile(v_base, keys, key_ok, stride_vt, offs_d, head_dim)
                     s = tl.sum(k * q_row[None, :], axis=1) * qk_scale
-                    p = tl.where(key_ok, tl.exp2(s - lse2), 0.0)
                     dp = tl.sum(v * do_row[None, :], axis=1)
-                    ds = tl.where(key_ok, p * (dp - delta), 0.0)
+                    _, ds = _probs_and_dscores(s, lse2, dp, delta, key_ok)
                     acc += tl.sum(ds[:, None] * k, axis=0)
                 tl.store(
                     dq_base + at * stride_dqt + offs_d,
@@ -341,9 +351,7 @@ def _dkdv_rows_kernel(
     if tl.sum(suspect, axis=0) > 0:
         for r in range(0, ROWS):
             key = tl.program_id(0) * ROWS + r
-            if (key < num_keys) & (
-                tl.sum(tl.where(tl.arange(0, ROWS) == r, suspect, 0), axis=0) > 0
-            ):
+            if (key < num_keys) & (_element(suspect, r, ROWS) > 0):
                 at = key.to(tl.int64)
                 k_row = _load_vector(
                     k_ptr + at * stride_kt + kv_head.to(tl.int64) * stride_kh, offs_d, head_dim
@@ -381,10 +389,9 @@ def _dkdv_rows_kernel(
                         lse2 = tl.load(lse_ptr + stats, mask=attends, other=0.0) * _LOG2E_C
                         delta = tl.load(delta_ptr + stats, mask=attends, other=0.0)
                         s = tl.sum(q * k_row[None, :], axis=1) * qk_scale
-                        p = tl.where(attends, tl.exp2(s - lse2), 0.0)
-                        dv += tl.sum(p[:, None] * do, axis=0)
                         dp = tl.sum(do * v_row[None, :], axis=1)
-                        ds = tl.where(attends, p * (dp - delta), 0.0)
+                        p, ds = _probs_and_dscores(s, lse2, dp, delta, attends)
+                        dv += tl.sum(p[:, None] * do, axis=0)
                         dk += tl.sum(ds[:, None] * q, axis=0)
                 d_ok = offs_d < head_dim
                 tl.store(
