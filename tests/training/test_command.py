@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 import metalm_fast
 from metalm_fast.training.command import main
+from tests.training.conftest import free_port
 
 REPO_ROOT = Path(metalm_fast.__file__).resolve().parent.parent
 # 3 steps of 4 micro-batches of 256 tokens: 2 ranks x grad_accum 2, or 1 process x grad_accum 4.
@@ -33,18 +33,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _outside_torchrun(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory):
     metrics = tmp_path_factory.mktemp("single") / "metrics.json"
@@ -61,7 +49,7 @@ def _torchrun(parallel: str, tmp_path: Path) -> subprocess.CompletedProcess:
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "metalm_fast.training.command",
         *COMMON,

@@ -9,7 +9,6 @@ torchrun), signalled once metrics.jsonl shows a given step, with
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 import metalm_fast
 from metalm_fast.training.command import main
+from tests.training.conftest import free_port
 
 REPO_ROOT = Path(metalm_fast.__file__).resolve().parent.parent
 STEPS = 10  # the signal lands within a step of SIGNAL_AFTER_STEP: the run must stop early
@@ -42,12 +42,6 @@ COMMON = [
     "--save-every",
     "0",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _outside_torchrun(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def _losses(run: Path) -> list[float]:
@@ -133,12 +127,6 @@ def test_a_signal_saves_the_step_and_the_resume_matches_the_uninterrupted_run(
     assert _losses(run) == uninterrupted_losses
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
     """The pid of torchrun's worker process with RANK=rank (read from /proc)."""
     deadline = time.monotonic() + 60
@@ -158,7 +146,7 @@ def _worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
 def _torchrun(run: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(_free_port()), "-m", "metalm_fast.training.command",
+        "--master-port", str(free_port()), "-m", "metalm_fast.training.command",
         *COMMON, "--grad-accum", "1", "--parallel", "ddp", "--out", str(run), *extra,
     ]  # fmt: skip
 
