@@ -37,29 +37,24 @@ BAD_IDS = [-1, V, -BIG + 1, BIG + 1, 2**62]
 BAD_ROWS = [F, BIG + 1, 2**62]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad", BAD_IDS)
-def test_out_of_range_id_fails_on_every_backend(backend, bad):
-    _require(backend)
-    weight, features = _tables()
-    token_ids, feature_index = _indices()
-    token_ids[2] = bad
-    with pytest.raises(RuntimeError, match=rf"token_ids\[2\]={bad} is out of range for {V}"):
-        embed_scatter(token_ids, weight, features, feature_index, backend=backend)
-    with pytest.raises(ValueError, match=f"token_ids contains {bad}"):
-        embed_scatter(token_ids, weight, features, feature_index, validate=True, backend=backend)
+# (index argument, position spoiled, bad value, table size the error must name)
+OUT_OF_RANGE = [("token_ids", 2, bad, V) for bad in BAD_IDS] + [
+    ("feature_index", 3, bad, F) for bad in BAD_ROWS
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad", BAD_ROWS)
-def test_out_of_range_feature_row_fails_on_every_backend(backend, bad):
+@pytest.mark.parametrize("name, position, bad, size", OUT_OF_RANGE)
+def test_out_of_range_index_fails_on_every_backend(backend, name, position, bad, size):
     _require(backend)
     weight, features = _tables()
     token_ids, feature_index = _indices()
-    feature_index[3] = bad
-    with pytest.raises(RuntimeError, match=rf"feature_index\[3\]={bad} is out of range for {F}"):
+    {"token_ids": token_ids, "feature_index": feature_index}[name][position] = bad
+    with pytest.raises(
+        RuntimeError, match=rf"{name}\[{position}\]={bad} is out of range for {size}"
+    ):
         embed_scatter(token_ids, weight, features, feature_index, backend=backend)
-    with pytest.raises(ValueError, match=f"feature_index contains {bad}"):
+    with pytest.raises(ValueError, match=f"{name} contains {bad}"):
         embed_scatter(token_ids, weight, features, feature_index, validate=True, backend=backend)
 
 
