@@ -27,7 +27,8 @@ metalm_fast.models.generation (``MetaLM.generate``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from metalm_fast.masks import SpanMask
 from metalm_fast.models.generation import generate
 from metalm_fast.models.transformer import TransformerStack
 from metalm_fast.models.vision import VisionEncoder
+from metalm_fast.nn.architecture import BlockArchitecture
 from metalm_fast.nn.connector import Connector
 from metalm_fast.nn.embedding import EmbeddingScatter
 from metalm_fast.nn.linear import DecodeLinear
@@ -73,6 +75,38 @@ class MetaLMConfig:
     vision_heads: int = 1
     vision_connector: str = "mlp"
     vision_connector_layers: int = 3
+    # The decoder's block computation (default: the native block) and MLP width (default
+    # 4 * decoder_dim); an untied LM head; the native text encoder's blocks.
+    decoder_architecture: BlockArchitecture = field(default_factory=BlockArchitecture)
+    decoder_mlp_hidden: int | None = None
+    tie_embeddings: bool = True
+    encoder_architecture: BlockArchitecture = field(default_factory=BlockArchitecture)
+
+    def __post_init__(self):
+        for name in ("decoder_architecture", "encoder_architecture"):
+            object.__setattr__(self, name, self._architecture(name))
+
+    def _architecture(self, name: str) -> BlockArchitecture:
+        """The field ``name`` as a BlockArchitecture carrying ``mlp_kind``.
+
+        A config read back from JSON (a checkpoint) holds the architectures as dicts;
+        ``mlp_kind`` (the native models' field) applies to an architecture that keeps
+        the default MLP, and must agree with one that names another.
+        """
+        value = getattr(self, name)
+        if isinstance(value, dict):
+            value = BlockArchitecture(**value)
+        if not isinstance(value, BlockArchitecture):
+            raise TypeError(
+                f"{name} must be a BlockArchitecture (or its dict), got {type(value).__name__}"
+            )
+        if value.mlp_kind == "gelu":
+            return dataclasses.replace(value, mlp_kind=self.mlp_kind)
+        if self.mlp_kind not in ("gelu", value.mlp_kind):
+            raise ValueError(
+                f"mlp_kind {self.mlp_kind!r} disagrees with {name}.mlp_kind {value.mlp_kind!r}"
+            )
+        return value
 
     @property
     def tokens_per_image(self) -> int:
@@ -161,6 +195,11 @@ class MetaLM(nn.Module):
         for name in ("encoder_layers", "vision_layers"):
             if getattr(config, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+        if config.variant == "single_stack" and config.decoder_architecture.sliding_window:
+            raise ValueError(
+                "decoder_architecture.sliding_window is for the two-stack (causal) decoder; "
+                "the single-stack variant's semi-causal mask has no window"
+            )
         self.config = config
         self.embedding = EmbeddingScatter(
             config.vocab_size, config.decoder_dim, backend=config.backend
@@ -170,18 +209,20 @@ class MetaLM(nn.Module):
             config.decoder_layers,
             config.decoder_heads,
             config.decoder_kv_heads,
-            mlp_kind=config.mlp_kind,
+            mlp_hidden=config.decoder_mlp_hidden,
+            architecture=config.decoder_architecture,
             backend=config.backend,
         )
         self.lm_head = DecodeLinear(config.decoder_dim, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embedding.weight  # tied input and output embeddings
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight  # tied input and output embeddings
         if config.variant == "two_stack" and config.encoder_layers > 0:
             self.encoder_embedding = nn.Embedding(config.vocab_size, config.encoder_dim)
             self.encoder = TransformerStack(
                 config.encoder_dim,
                 config.encoder_layers,
                 config.encoder_heads,
-                mlp_kind=config.mlp_kind,
+                architecture=config.encoder_architecture,
                 backend=config.backend,
             )
             self.connector = Connector(config.connector, config.encoder_dim, config.decoder_dim)
@@ -265,7 +306,7 @@ class MetaLM(nn.Module):
             if image_features is None:
                 return self.embedding(batch.input_ids), mask
             return self.embedding(batch.input_ids, image_features, vision[1]), mask
-        mask = SpanMask.causal(batch.cu_seqlens)
+        mask = self.decoder_mask(batch.cu_seqlens)
         text_features = None
         if self.has_text_encoder:
             text_features = self.encode_spans(batch)
@@ -286,6 +327,14 @@ class MetaLM(nn.Module):
             image_index >= 0, image_index + text_features.shape[0], batch.feature_index
         )
         return self.embedding(batch.input_ids, features, index), mask
+
+    def decoder_mask(self, cu_seqlens: torch.Tensor) -> SpanMask:
+        """The two-stack decoder's mask: causal over packed documents, within the
+        architecture's sliding window when it has one."""
+        window = self.config.decoder_architecture.sliding_window
+        if window is None:
+            return SpanMask.causal(cu_seqlens)
+        return SpanMask.sliding_window(cu_seqlens, window)
 
     def logits(self, batch) -> torch.Tensor:
         """[T, vocab] next-token logits."""

@@ -1,10 +1,13 @@
-"""A pre-norm transformer over packed tokens: the body of every MetaLM stack.
+"""A transformer over packed tokens: the body of every MetaLM stack.
 
-Each block (:class:`metalm_fast.nn.TransformerBlock`) is ``x + attn(norm(x))``
-then ``x + mlp(norm(x))``; attention is SpanSelfAttention (fused qkv, rotary
-over packed positions, any SpanMask), so the same stack serves the causal
-decoder (SpanMask.causal), the bidirectional encoders (SpanMask.bidirectional)
-and the single-stack variant (SpanMask.semi_causal).
+Its blocks (:class:`metalm_fast.nn.TransformerBlock`) compute what a
+:class:`~metalm_fast.nn.BlockArchitecture` says (by default pre-norm,
+``x + attn(norm(x))`` then ``x + mlp(norm(x))``, rotary over packed positions);
+attention is SpanSelfAttention over any SpanMask, so the same stack serves the
+causal decoder (SpanMask.causal, or SpanMask.sliding_window), the bidirectional
+encoders (SpanMask.bidirectional) and the single-stack variant
+(SpanMask.semi_causal). With learned absolute positions (GPT-2) the stack adds
+its position table to its input.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from metalm_fast.masks import SpanMask
+from metalm_fast.nn.architecture import BlockArchitecture, make_norm
 from metalm_fast.nn.paged_kv_cache import CacheStep, PagedKVCache
 from metalm_fast.nn.transformer_block import TransformerBlock
 
@@ -22,8 +26,9 @@ __all__ = ["TransformerStack"]
 class TransformerStack(nn.Module):
     """``num_layers`` blocks and a final norm.
 
-    ``forward(x [T, Dm], mask, positions [T]) -> [T, Dm]``. ``rotary=False``
-    (a ViT with learned position embeddings) makes ``positions`` optional.
+    ``forward(x [T, Dm], mask, positions [T]) -> [T, Dm]``. An architecture with
+    positions "none" (a ViT, BERT: their embeddings hold the positions) makes
+    ``positions`` optional. ``mlp_hidden`` (default ``mlp_ratio * dim``): the MLP width.
 
     With a paged KV cache (generation): ``forward(x [T_new, Dm], mask | None,
     cache=cache, step=step)``, ``step = cache.step(seq_ids, num_new_tokens)``
@@ -48,18 +53,23 @@ class TransformerStack(nn.Module):
         num_kv_heads: int | None = None,
         *,
         mlp_ratio: float = 4.0,
-        mlp_kind: str = "gelu",
-        rotary: bool = True,
+        mlp_hidden: int | None = None,
+        architecture: BlockArchitecture | None = None,
         backend: str = "auto",
     ):
         super().__init__()
+        arch = BlockArchitecture() if architecture is None else architecture
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        self.num_kv_heads, self.head_dim = num_kv_heads, dim // num_heads
+        self.architecture = arch
+        self.num_kv_heads, self.head_dim = num_kv_heads, arch.head_dim or dim // num_heads
+        hidden = int(dim * mlp_ratio) if mlp_hidden is None else mlp_hidden
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, num_kv_heads, mlp_ratio, mlp_kind, backend, rotary)
+            TransformerBlock(dim, num_heads, num_kv_heads, hidden, arch, backend)
             for _ in range(num_layers)
         )
-        self.norm = nn.LayerNorm(dim)
+        if arch.positions == "learned":
+            self.position_embedding = nn.Embedding(arch.max_positions, dim)
+        self.norm = make_norm(arch, dim) if arch.final_norm else nn.Identity()
 
     def forward(
         self,
@@ -71,6 +81,11 @@ class TransformerStack(nn.Module):
         step: CacheStep | None = None,
         output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.architecture.positions == "learned":
+            x = x + self._position_rows(
+                positions if positions is not None or step is None else step.positions
+            )
+            positions = positions if step is None else None  # the blocks need none
         last = len(self.blocks) - 1
         for layer_idx, block in enumerate(self.blocks):  # layer_idx, step: used with a cache
             rows = output_rows if layer_idx == last else None
@@ -80,3 +95,15 @@ class TransformerStack(nn.Module):
         if output_rows is not None and not self.blocks:
             x = x[output_rows]
         return self.norm(x)
+
+    def _position_rows(self, positions: torch.Tensor | None) -> torch.Tensor:
+        """The learned position table's rows for ``positions`` [T] (checked: in the table)."""
+        if positions is None:
+            raise ValueError("positions (int [T]) are required with learned positions")
+        table = self.position_embedding.weight
+        if positions.numel() and int(positions.max()) >= table.shape[0]:
+            raise ValueError(
+                f"positions reach {int(positions.max())} but the learned position table has "
+                f"{table.shape[0]} rows (max_positions)"
+            )
+        return table[positions]

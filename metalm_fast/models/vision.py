@@ -24,6 +24,7 @@ from torch import nn
 
 from metalm_fast.masks import SpanMask
 from metalm_fast.models.transformer import TransformerStack
+from metalm_fast.nn.architecture import BlockArchitecture
 
 __all__ = ["VisionEncoder"]
 
@@ -79,7 +80,11 @@ class VisionEncoder(nn.Module):
         self.patch_embedding = nn.Linear(image_channels * patch_size * patch_size, dim)
         self.position_embedding = nn.Parameter(torch.randn(self.num_patches, dim) * 0.02)
         self.transformer = TransformerStack(
-            dim, num_layers, num_heads, mlp_kind=mlp_kind, rotary=False, backend=backend
+            dim,
+            num_layers,
+            num_heads,
+            architecture=BlockArchitecture(positions="none", mlp_kind=mlp_kind),
+            backend=backend,
         )
 
     @classmethod

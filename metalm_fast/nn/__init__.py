@@ -1,5 +1,6 @@
 """Thin modules over metalm_fast.ops: attention, MLP, transformer block, paged KV cache."""
 
+from metalm_fast.nn.architecture import BlockArchitecture
 from metalm_fast.nn.attention import SpanSelfAttention
 from metalm_fast.nn.connector import Connector, LatentResampler
 from metalm_fast.nn.embedding import EmbeddingScatter
@@ -10,6 +11,7 @@ from metalm_fast.nn.rotary import RotaryEmbedding, packed_positions
 from metalm_fast.nn.transformer_block import TransformerBlock
 
 __all__ = [
+    "BlockArchitecture",
     "CacheStep",
     "Connector",
     "DecodeLinear",

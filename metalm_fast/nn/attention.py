@@ -31,8 +31,10 @@ class SpanSelfAttention(nn.Module):
     num_heads : query heads Hq.
     num_kv_heads : key/value heads Hkv (default Hq); Hq must be a multiple of it.
     head_dim : D (default ``dim // num_heads``).
-    rotary : apply rotary position embedding to q and k (needs ``positions``).
-    bias : bias in the qkv and output projections.
+    rotary : apply rotary position embedding to q and k (needs ``positions``): True
+        (every dim of each head, base ``rotary_base``), False, or a
+        :class:`~metalm_fast.nn.rotary.RotaryEmbedding` (partial, scaled).
+    qkv_bias, out_bias : bias in the qkv and in the output projection.
     backend : span_attention backend ("auto" by default).
 
     Shapes: ``forward(x [T, Dm], mask, positions int [T] | None) -> [T, Dm]``.
@@ -59,9 +61,10 @@ class SpanSelfAttention(nn.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         *,
-        rotary: bool = True,
+        rotary: bool | RotaryEmbedding = True,
         rotary_base: float = 10000.0,
-        bias: bool = False,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
@@ -76,9 +79,13 @@ class SpanSelfAttention(nn.Module):
             head_dim = dim // num_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.backend = backend
-        self.qkv = DecodeLinear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
-        self.out = DecodeLinear(num_heads * head_dim, dim, bias=bias)
-        self.rotary = RotaryEmbedding(head_dim, rotary_base) if rotary else None
+        self.qkv = DecodeLinear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = DecodeLinear(num_heads * head_dim, dim, bias=out_bias)
+        if rotary is True:
+            rotary = RotaryEmbedding(head_dim, rotary_base)
+        elif isinstance(rotary, RotaryEmbedding) and rotary.head_dim != head_dim:
+            raise ValueError(f"rotary is for head_dim {rotary.head_dim}, not {head_dim}")
+        self.rotary = rotary if isinstance(rotary, RotaryEmbedding) else None
 
     def project_qkv(
         self,
@@ -124,6 +131,7 @@ class SpanSelfAttention(nn.Module):
     def _projects_in_chunks(self, x: torch.Tensor) -> bool:
         return (
             self.rotary is not None
+            and not self.rotary.partial  # in place over whole heads only
             and x.dim() == 2
             and x.is_cpu
             and linear_into_serves(self.qkv, x)

@@ -20,9 +20,11 @@ those kernels, and returns None everywhere else, so that the modules run:
   rotary, when there is one, its cpu kernel (``ops.rotary.uses_kernel``);
 - fp32 on CPU: every parameter and the cache;
 - the block built of the stock modules (LayerNorm, SpanSelfAttention with
-  DecodeLinear projections and RotaryEmbedding or none, MLP with DecodeLinear)
-  and no forward hook on any of them, nor a global one (a hook sees the module
-  path);
+  DecodeLinear projections and RotaryEmbedding over whole heads or none, MLP with
+  DecodeLinear) and no forward hook on any of them, nor a global one (a hook sees
+  the module path);
+- the op's architecture: pre-norm, sequential residuals, a gelu or swiglu MLP (the
+  others, RMSNorm, post-norm and parallel residual run the modules);
 - the attention's backend ``auto`` or ``cpu``, and the extension built with the op.
 """
 
@@ -109,6 +111,16 @@ def _op_parameters(norm1, qkv, out, norm2, up, down, model_dim: int) -> tuple | 
     return params
 
 
+def _op_architecture(architecture, mlp, rotary) -> bool:
+    """Whether the op computes this block's architecture."""
+    return (
+        not architecture.post_norm
+        and not architecture.parallel_residual
+        and mlp.kind in ("gelu", "swiglu")
+        and (rotary is None or not rotary.partial)
+    )
+
+
 def fused_decode_block(
     block, x: torch.Tensor, cache: PagedKVCache, layer_idx: int, step: CacheStep
 ) -> torch.Tensor | None:
@@ -129,6 +141,8 @@ def fused_decode_block(
     if modules is None or forward_hooked(block, *modules):
         return None
     *layers, attention, mlp, rotary = modules
+    if not _op_architecture(block.architecture, mlp, rotary):
+        return None
     # q and k would be fp32 CPU rows (last dim contiguous) rotated by fp32 tables, as x
     # is: the rotary rule gives their answer from x.
     if rotary is not None and not rotary_op.uses_kernel(x, x):

@@ -1,4 +1,4 @@
-"""MLP: the feed-forward module of a transformer block (GELU or SwiGLU)."""
+"""MLP: the feed-forward module of a transformer block (an activation, or SwiGLU)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,28 @@ from metalm_fast.nn.linear import DecodeLinear
 __all__ = ["MLP"]
 
 
+#: In place (inference) and out of place (autograd) forms of each ungated activation.
+_ACTIVATIONS = {
+    "gelu": (torch.ops.aten.gelu_, F.gelu),
+    "gelu_tanh": (
+        lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+        lambda x: F.gelu(x, approximate="tanh"),
+    ),
+    # CLIP's x * sigmoid(1.702 x), as transformers computes it.
+    "quick_gelu": (
+        lambda x: x.mul_(torch.sigmoid(1.702 * x)),
+        lambda x: x * torch.sigmoid(1.702 * x),
+    ),
+    "relu": (torch.relu_, torch.relu),
+    "silu": (lambda x: F.silu(x, inplace=True), F.silu),
+}
+KINDS = (*_ACTIVATIONS, "swiglu")
+
+
 class MLP(nn.Module):
-    """GELU (``Linear-GELU-Linear``) or SwiGLU (``W2(silu(W1 x) * W3 x)``) feed-forward.
+    """``down(act(up x))`` with act one of gelu, gelu_tanh (GPT-2's gelu_new),
+    quick_gelu (CLIP), relu, silu; or SwiGLU, ``down(silu(gate x) * value x)`` with
+    ``gate | value`` one fused projection. ``bias``: in both projections.
 
     ``forward(x [T, dim]) -> [T, dim]``. Without autograd (inference), rows go
     through in equal chunks of at most :attr:`INFERENCE_CHUNK_ROWS` and the
@@ -38,13 +58,13 @@ class MLP(nn.Module):
 
     INFERENCE_CHUNK_ROWS = INFERENCE_CHUNK_ROWS
 
-    def __init__(self, dim: int, hidden: int, kind: str = "gelu"):
+    def __init__(self, dim: int, hidden: int, kind: str = "gelu", *, bias: bool = True):
         super().__init__()
-        if kind not in ("gelu", "swiglu"):
-            raise ValueError(f"mlp kind must be 'gelu' or 'swiglu', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"mlp kind must be one of {', '.join(KINDS)}; got {kind!r}")
         self.kind = kind
-        self.up = DecodeLinear(dim, 2 * hidden if kind == "swiglu" else hidden)
-        self.down = DecodeLinear(hidden, dim)
+        self.up = DecodeLinear(dim, 2 * hidden if kind == "swiglu" else hidden, bias=bias)
+        self.down = DecodeLinear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -68,7 +88,8 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, value = hidden.chunk(2, dim=-1)
             return F.silu(gate, inplace=in_place) * value
-        return torch.ops.aten.gelu_(hidden) if in_place else F.gelu(hidden)
+        in_place_form, form = _ACTIVATIONS[self.kind]
+        return in_place_form(hidden) if in_place else form(hidden)
 
     def _down_into(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """out = self.down(hidden), written in place where that is F.linear's own addmm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metalm_fast.nn import PagedKVCache, TransformerBlock, fused_decode
+from metalm_fast.nn import BlockArchitecture, PagedKVCache, TransformerBlock, fused_decode
 from metalm_fast.ops import decode_block
 
 PROMPT_LENS = [5, 2, 7]  # three sequences, pages of 4 tokens: partial, fresh and crossing
@@ -29,7 +29,13 @@ def _counting(kernel, calls: list):
 
 def _block(heads: int, kv_heads: int, kind: str, rotary: bool) -> TransformerBlock:
     torch.manual_seed(0)
-    block = TransformerBlock(DIM, heads, kv_heads, 2.0, kind, "auto", rotary=rotary).eval()
+    block = TransformerBlock(
+        DIM,
+        heads,
+        kv_heads,
+        2 * DIM,
+        BlockArchitecture(positions="rotary" if rotary else "none", mlp_kind=kind),
+    ).eval()
     with torch.no_grad():  # non-trivial norms, so a swapped weight or bias shows
         for norm in (block.attention_norm, block.mlp_norm):
             norm.weight.uniform_(0.5, 1.5)
