@@ -309,7 +309,9 @@ def _varlen_mask(kwargs, batch, q_len, kv_len, causal, window, device) -> SpanMa
 
     def build():
         cu = _check_cu("cu_seq_lens_q", cu_q, batch * q_len)
-        if cu_k is not cu_q and not torch.equal(cu, _check_cu("cu_seq_lens_k", cu_k, cu.numel())):
+        if cu_k is not cu_q and not torch.equal(
+            cu, _check_cu("cu_seq_lens_k", cu_k, batch * kv_len)
+        ):
             raise ValueError("metalm_span needs cu_seq_lens_q == cu_seq_lens_k (self-attention)")
         return _packed_mask(cu.to(device), batch * q_len, causal, window)
 
