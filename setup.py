@@ -105,6 +105,7 @@ setup(
     description="Fast, exact kernels for MetaLM-style encoder-connector-decoder models",
     packages=[
         "metalm_fast",
+        "metalm_fast.reference",
         "metalm_fast.ops",
         "metalm_fast.nn",
         "metalm_fast.models",
@@ -113,6 +114,7 @@ setup(
         "metalm_fast.evaluation",
         "metalm_fast.commands",
         "metalm_fast.tools",
+        "metalm_fast.hf",
         "metalm_fast.kernels",
     ],
     package_dir={"metalm_fast": "metalm_fast", "metalm_fast.kernels": "kernels"},
@@ -127,7 +129,10 @@ setup(
         "tqdm",
     ],
     extras_require={
+        # metalm_fast.hf.register and the export's checks import transformers; loading does not.
+        "hf": ["transformers>=5.0"],
         "dev": [
+            "transformers>=5.0",
             "pytest",
             "pytest-benchmark",
             "hypothesis",
