@@ -117,6 +117,30 @@ def _check_arguments(max_new_tokens, do_sample, top_p, temperature, eos_id, bloc
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
 
 
+def token_prompts(prompts, device=None) -> SimpleNamespace:
+    """A prompt batch (the SemiCausalBatch attributes, no spans, no images) of token
+    lists: ``[[int, ...], ...]`` -> input_ids [T] packed, cu_seqlens [B + 1]."""
+    if not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise TypeError("prompts must be a prompt batch or a list of token-id lists")
+    for index, prompt in enumerate(prompts):
+        for token in prompt:
+            integer(token, f"prompts[{index}] token")
+    lengths = torch.tensor([0] + [len(p) for p in prompts], dtype=torch.int64)
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    return SimpleNamespace(
+        input_ids=ids,
+        cu_seqlens=lengths.cumsum(0).to(device),
+        span_starts=empty,
+        span_ends=empty,
+        encoder_ids=empty,
+        encoder_cu_seqlens=torch.zeros(1, dtype=torch.int64, device=device),
+        feature_index=torch.full_like(ids, -1),
+        images=None,
+        image_index=None,
+    )
+
+
 def _prompt_lengths(prompts) -> list[int]:
     cu = prompts.cu_seqlens.tolist()
     lengths = [end - start for start, end in zip(cu[:-1], cu[1:])]
@@ -469,7 +493,8 @@ def generate(
     prompts : a batch with the SemiCausalBatch attributes (input_ids, cu_seqlens
         [B + 1], span_starts/span_ends, encoder_ids, encoder_cu_seqlens,
         feature_index, images, image_index), one document per prompt, each
-        non-empty; labels are ignored.
+        non-empty; labels are ignored. Or text-only prompts as lists of token ids
+        (:func:`token_prompts`).
     max_new_tokens : int >= 0; 0 returns empty lists. A request whose KV pool
         cannot fit (:func:`check_fits`) raises RequestTooLargeError, a ValueError
         naming max_new_tokens and the bytes needed, before anything is allocated.
@@ -509,6 +534,8 @@ def generate(
     [3, 3]
     """
     _check_arguments(max_new_tokens, do_sample, top_p, temperature, eos_id, block_size)
+    if isinstance(prompts, (list, tuple)):
+        prompts = token_prompts(prompts, model.embedding.weight.device)
     prompt_lens = _prompt_lengths(prompts)
     if max_new_tokens == 0:
         return [[] for _ in prompt_lens]
