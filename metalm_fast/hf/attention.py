@@ -355,7 +355,12 @@ def _mask_of_call(attention_mask, kwargs, batch, q_len, kv_len, causal, window, 
                 window,
             ),
         )
-    return _padded_mask(None, batch, q_len, kv_len, causal, window, device)
+    # One sequence per row: a function of the sizes alone, so no source tensor.
+    return _CACHE.get(
+        (),
+        ("rows",) + params,
+        lambda: _padded_mask(None, batch, q_len, kv_len, causal, window, device),
+    )
 
 
 def _check_padding(attention_mask, batch: int, kv_len: int) -> None:
@@ -424,7 +429,9 @@ def _check_call(module, query, key, value, dropout, kwargs) -> None:
 
 
 def _window(module, kwargs) -> int | None:
-    window = kwargs["sliding_window"] if "sliding_window" in kwargs else None
+    # Mistral passes the window as a kwarg; Qwen2 and Gemma also set it on the layer
+    # (None on their full-attention layers).
+    window = kwargs.get("sliding_window")
     if window is None:
         window = getattr(module, "sliding_window", None)
     if window is None:

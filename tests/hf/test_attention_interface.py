@@ -34,16 +34,16 @@ VOCAB, HIDDEN = 97, 64
 
 # ----------------------------------------------------------------------------- models
 def _llama(**overrides):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: two query heads per key/value head
-        max_position_embeddings=64,
-        **overrides,
-    )
+    settings = {
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # GQA: two query heads per key/value head
+        "max_position_embeddings": 64,
+    }
+    config = transformers.LlamaConfig(**{**settings, **overrides})
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
@@ -181,8 +181,9 @@ def test_packed_cu_seq_lens_match_sdpa():
     """The collator's varlen kwargs (what flash attention reads) against sdpa's packed mask."""
     torch.manual_seed(0)
     batch = _flattened([9, 14, 6])
-    varlen = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q")}
-    varlen["max_length_k"] = batch["max_length_k"]
+    varlen = {
+        k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    }
     positions = {"position_ids": batch["position_ids"], "use_cache": False}
     rows = torch.ones(1, 29, dtype=torch.bool)
     _assert_matches_sdpa(_llama(), _embeds(1, 29), rows, {**varlen, **positions}, positions)
@@ -211,6 +212,25 @@ def test_cu_seq_lens_are_read_before_position_ids():
     torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
 
 
+def test_training_steps_on_flattened_batches():
+    """model.train() (dropout 0), the collator's batch as Trainer would pass it, AdamW."""
+    torch.manual_seed(0)
+    actual, _, baseline = _trio(_llama())
+    batch = dict(_flattened([11, 7, 14]), use_cache=False)
+    reference = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "use_cache")}
+    expected = baseline.train()(**reference).loss
+    optimizer = torch.optim.AdamW(actual.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = actual.train()(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses[0]), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("layout", ["left padding", "packed"])
 def test_sliding_window_matches_sdpa(layout):
     torch.manual_seed(0)
@@ -235,6 +255,27 @@ def test_greedy_generation_with_left_padding_matches_sdpa():
     kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     expected = golden.generate(ids, **kwargs)
     assert torch.equal(actual.double().generate(ids, **kwargs), expected)
+
+
+def test_the_mask_is_built_once_per_forward_not_per_layer(monkeypatch):
+    """Every layer gets the same padding mask / positions; the SpanMask (and its host
+    syncs) is made once for them all."""
+    built = []
+    for name in ("from_intervals", "causal"):
+        original = getattr(SpanMask, name).__func__
+
+        def counted(cls, *args, _original=original, **kwargs):
+            built.append(1)
+            return _original(cls, *args, **kwargs)
+
+        monkeypatch.setattr(SpanMask, name, classmethod(counted))
+    model = _llama(num_hidden_layers=3)
+    model.set_attn_implementation(NAME)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    model(ids, attention_mask=_padding([10, 6], 10, "left"))
+    assert len(built) == 1
+    model(ids[:1], position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), use_cache=False)
+    assert len(built) == 2
 
 
 # ----------------------------------------------------------------------------- encoders
