@@ -16,14 +16,24 @@ How a call's mask is decided (first match wins):
    function through ``**kwargs``, as flash attention's varlen kwargs do): the whole
    mask, over the batch flattened row-major (query ``b * Sq + i``, key ``b * Sk + j``).
    It replaces everything below, padding included: prefix-LM, semi-causal spans,
-   anything the interval mask expresses;
+   anything the interval mask expresses. It is a kwarg, not ``attention_mask``,
+   because transformers' mask preparation reads ``attention_mask`` as a tensor
+   before any attention implementation sees it. E.g. a prefix-LM batch of two rows
+   of 16 tokens::
+
+       mask = SpanMask.prefix_lm(torch.tensor([0, 16, 32]), prefix_lens=[5, 9])
+       model(input_ids, span_mask=mask, use_cache=False)
+
 2. a 2-D padding mask (``attention_mask`` given to the model): each row's real
    tokens must be one contiguous run (left or right padding);
 3. ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``DataCollatorWithFlattening(
-   return_flash_attn_kwargs=True)``): packed documents over the flattened batch;
-4. ``position_ids`` when ``Sq == Sk``: a document starts wherever a position is not
-   its predecessor + 1 (``DataCollatorWithFlattening``'s restarting positions; the
-   rule of transformers' ``find_packed_sequence_indices``);
+   return_flash_attn_kwargs=True)``, passed to the model as they come): packed
+   documents over the flattened batch (``max_length_*`` are accepted and unused);
+4. ``position_ids`` [B or 1, S] of a self-attention call with ``Sq == Sk > 1``: a
+   document starts wherever a position is not its predecessor + 1
+   (``DataCollatorWithFlattening``'s restarting positions; the rule of transformers'
+   ``find_packed_sequence_indices``). This holds for encoders too, where sdpa
+   ignores positions: BERT given restarting positions attends within documents;
 5. otherwise every row is one sequence.
 
 Causal or not comes from the ``is_causal`` kwarg, else ``module.is_causal`` (BERT's
@@ -272,18 +282,29 @@ def _packed_mask(cu_seqlens, total, causal, window) -> SpanMask:
 
 def _cu_from_positions(position_ids: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     """cu_seqlens of the documents that position_ids [B or 1, S] mark (row starts included)."""
-    if position_ids.dim() == 1:
-        position_ids = position_ids[None]
-    if position_ids.dim() != 2 or position_ids.shape[-1] != seq:
-        raise ValueError(
-            f"position_ids must be [batch, {seq}] (or [1, {seq}]), got {tuple(position_ids.shape)}"
-        )
     position_ids = position_ids.expand(batch, seq)
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     offsets = torch.nonzero(starts.flatten()).flatten()
     end = torch.tensor([batch * seq], device=offsets.device, dtype=offsets.dtype)
     return torch.cat([offsets, end])
+
+
+def _reads_as_packing(position_ids, batch: int, q_len: int, kv_len: int) -> bool:
+    """Whether position_ids can mark documents: [B or 1, S] integers of a self-attention.
+
+    Other layouts (Qwen2-VL's [3, B, S] multimodal positions) are positions, not
+    boundaries, and are left alone, as is a decode step (one query) or a cached
+    prefill (fewer queries than keys), whose positions do not start at 0.
+    """
+    return (
+        isinstance(position_ids, torch.Tensor)
+        and q_len == kv_len > 1
+        and position_ids.dim() == 2
+        and position_ids.shape[0] in (1, batch)
+        and position_ids.shape[1] == q_len
+        and not position_ids.dtype.is_floating_point
+    )
 
 
 def _check_cu(name: str, cu, total: int) -> torch.Tensor:
@@ -344,7 +365,7 @@ def _mask_of_call(attention_mask, kwargs, batch, q_len, kv_len, causal, window, 
     if kwargs.get("cu_seq_lens_q") is not None:
         return _varlen_mask(kwargs, batch, q_len, kv_len, causal, window, device)
     position_ids = kwargs.get("position_ids")
-    if position_ids is not None and q_len == kv_len and q_len > 1:
+    if _reads_as_packing(position_ids, batch, q_len, kv_len):
         return _CACHE.get(
             (position_ids,),
             ("positions",) + params,

@@ -6,9 +6,9 @@ sdpa in fp32 (baseline). Outputs, the gradient of the input embeddings and every
 parameter's gradient must meet docs/ARCHITECTURE.md's rule (tests/tolerance.py):
 ``max|actual - golden| <= 2 * max|baseline - golden| + atol``, i.e. metalm_span is as
 close to exact attention as sdpa itself is in fp32. The loss is a fixed random
-weighting of the outputs at real (non-padding) positions only: padding rows are
-what each implementation makes of them (sdpa attends the real keys, or NaN-free
-garbage; metalm_span gives 0 where no key is allowed), and nothing reads them.
+weighting of the outputs at real (non-padding) positions only: a padding row is
+whatever each implementation makes of it (a left-padding query allowed no key gets
+exact zeros from metalm_span, something else from sdpa), and no real row reads it.
 """
 
 from __future__ import annotations
