@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metalm_fast.data.encoder_spans import retokenize_spans
 from metalm_fast.data.feature_index import (
     feature_index_from_placeholders,
     feature_index_from_spans,
@@ -131,13 +132,26 @@ class SemiCausalCollator:
 
     Spans are drawn by :func:`sample_spans` (``span_min``..``span_max`` tokens,
     about ``fraction`` of each document) from a generator seeded once, so a
-    collator with the same seed yields the same batches.
+    collator with the same seed yields the same batches. ``span_encoder`` (decoder
+    ids of a span -> encoder ids, e.g. metalm_fast.data.encoder_spans.SpanRetokenizer)
+    with ``placeholder_id``: the text encoder has its own tokenizer, and each span
+    becomes a placeholder run of its encoder token count.
     """
 
     def __init__(
-        self, *, span_min: int = 64, span_max: int = 128, fraction: float = 0.25, seed: int = 0
+        self,
+        *,
+        span_min: int = 64,
+        span_max: int = 128,
+        fraction: float = 0.25,
+        seed: int = 0,
+        span_encoder=None,
+        placeholder_id: int | None = None,
     ):
+        if span_encoder is not None and placeholder_id is None:
+            raise ValueError("span_encoder needs placeholder_id (the span positions' token)")
         self.span_min, self.span_max, self.fraction = span_min, span_max, fraction
+        self.span_encoder, self.placeholder_id = span_encoder, placeholder_id
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, documents: list[list[int]]) -> SemiCausalBatch:
@@ -149,7 +163,12 @@ class SemiCausalCollator:
             fraction=self.fraction,
             generator=self.generator,
         )
-        return build_batch(documents, starts, ends)
+        if self.span_encoder is None:
+            return build_batch(documents, starts, ends)
+        documents, starts, ends, encoder_spans = retokenize_spans(
+            documents, starts, ends, self.span_encoder, self.placeholder_id
+        )
+        return build_batch(documents, starts, ends, encoder_spans=encoder_spans)
 
 
 def build_batch(
@@ -160,8 +179,14 @@ def build_batch(
     images=None,
     image_token_id: int | None = None,
     tokens_per_image: int = 1,
+    encoder_spans: list[list[int]] | None = None,
 ) -> SemiCausalBatch:
     """The batch for given documents and spans (absolute packed offsets, validated).
+
+    ``encoder_spans``: each span's encoder token ids (in span order), when the text
+    encoder has its own tokenizer (metalm_fast.data.encoder_spans); the span's length
+    must equal its encoder token count. By default a span's encoder input is its
+    decoder tokens.
 
     ``images`` (float [I, C, H, W], in order of appearance) go with runs of
     ``tokens_per_image`` placeholder tokens ``image_token_id`` in the documents;
@@ -182,7 +207,10 @@ def build_batch(
     image_index, images = _image_index(input_ids, images, image_token_id, tokens_per_image)
     if bool(((feature_index >= 0) & (image_index >= 0)).any()):
         raise ValueError("span_starts/span_ends cover an image placeholder; spans must not")
-    span_tokens = [input_ids[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+    if encoder_spans is None:
+        span_tokens = [input_ids[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+    else:
+        span_tokens = _encoder_span_tensors(encoder_spans, order, ends - starts)
     encoder_ids = torch.cat(span_tokens) if span_tokens else input_ids[:0]
     encoder_cu = torch.tensor([0, *(ends - starts).tolist()], dtype=torch.int64).cumsum(0)
     return SemiCausalBatch(
@@ -197,6 +225,22 @@ def build_batch(
         images=images,
         image_index=image_index,
     )
+
+
+def _encoder_span_tensors(encoder_spans, order: torch.Tensor, lengths: torch.Tensor):
+    """The encoder ids of each span in start order, checked against the span lengths."""
+    if len(encoder_spans) != lengths.numel():
+        raise ValueError(
+            f"encoder_spans holds {len(encoder_spans)} spans, span_starts {lengths.numel()}"
+        )
+    tokens = [torch.as_tensor(encoder_spans[i], dtype=torch.int64) for i in order.tolist()]
+    for index, (ids, length) in enumerate(zip(tokens, lengths.tolist())):
+        if ids.dim() != 1 or ids.numel() != length:
+            raise ValueError(
+                f"encoder_spans: span {index} (in start order) has {ids.numel()} encoder "
+                f"tokens for {length} positions; each span needs one position per token"
+            )
+    return tokens
 
 
 def _image_index(input_ids, images, image_token_id, tokens_per_image):

@@ -36,6 +36,7 @@ from metalm_fast.data.digits import (
     caption_variants,
     load_digits,
 )
+from metalm_fast.data.encoder_spans import retokenize_spans
 from metalm_fast.data.semi_causal import sample_spans
 from metalm_fast.data.text_corpus import pydoc_documents
 from metalm_fast.data.tokenizer import Tokenizer
@@ -150,7 +151,8 @@ class DefaultData:
 
     Parameters
     ----------
-    tokenizer : the pydoc tokenizer (:func:`load_tokenizer`).
+    tokenizer : the pydoc tokenizer (:func:`load_tokenizer`), or a pretrained decoder's
+        (``Tokenizer.from_pretrained``).
     tokens_per_image : placeholder tokens per image (the vision encoder's rows per image).
     token_budget : tokens per micro-batch; every micro-batch has exactly this many.
     image_fraction : share of each micro-batch's *tokens* given to caption documents
@@ -160,6 +162,10 @@ class DefaultData:
     seed : seeds the epoch shuffles, caption templates and spans.
     digits_split : "train" or "test" digits for the captions.
     text_split : "train", "validation" or "all" pydoc documents.
+    span_encoder : None (the text encoder reads the decoder's tokens), or decoder ids of
+        a span -> the encoder's ids (:class:`~metalm_fast.data.encoder_spans.SpanRetokenizer`):
+        each span becomes a run of its encoder token count, so a micro-batch then holds
+        ``token_budget`` plus the spans' change in length.
 
     Attributes
     ----------
@@ -195,6 +201,7 @@ class DefaultData:
         seed: int = 0,
         digits_split: str = "train",
         text_split: str = "train",
+        span_encoder=None,
     ):
         _check_tokens_per_image(tokens_per_image)
         if not isinstance(token_budget, int) or token_budget < 1:
@@ -205,6 +212,7 @@ class DefaultData:
         self.tokenizer, self.tokens_per_image = tokenizer, tokens_per_image
         self.token_budget, self.image_fraction, self.seed = token_budget, image_fraction, seed
         self.span_min, self.span_max, self.span_fraction = span_min, span_max, span_fraction
+        self.span_encoder = span_encoder
         self.image_budget = round(image_fraction * token_budget)
         self._check_caption_fits()
         self.digits = load_digits(digits_split)
@@ -267,6 +275,11 @@ class DefaultData:
             generator=generator,
         )
         images = self.digits.images[rows] if rows else None
+        encoder_spans = None
+        if self.span_encoder is not None:  # the text encoder has its own tokenizer
+            text_docs, starts, ends, encoder_spans = retokenize_spans(
+                text_docs, starts, ends, self.span_encoder, self.tokenizer.bos_id
+            )
         return build_batch(
             text_docs + caption_docs,
             starts,
@@ -274,6 +287,7 @@ class DefaultData:
             images=images,
             image_token_id=self.tokenizer.image_id,
             tokens_per_image=self.tokens_per_image,
+            encoder_spans=encoder_spans,
         )
 
     def vqa_micro_batches(

@@ -19,6 +19,7 @@ race, both write identical contents.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -52,15 +53,18 @@ class Tokenizer:
     'def f(): pass'
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer):
-        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
-        if ids != list(range(len(SPECIAL_TOKENS))):
-            raise ValueError(f"backend must map {SPECIAL_TOKENS} to ids 0..3, got {ids}")
+    def __init__(self, backend: tokenizers.Tokenizer, special_ids: dict[str, int] | None = None):
+        if special_ids is None:  # ours: the special tokens come first
+            ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
+            if ids != list(range(len(SPECIAL_TOKENS))):
+                raise ValueError(f"backend must map {SPECIAL_TOKENS} to ids 0..3, got {ids}")
+            special_ids = dict(zip(("pad", "bos", "eos", "image"), ids, strict=True))
         # Treat special-token strings in the text as plain text (not serialised, so set here).
         backend.encode_special_tokens = True
         self._backend = backend
         self.vocab_size = backend.get_vocab_size()
-        self.pad_id, self.bos_id, self.eos_id, self.image_id = ids
+        self.pad_id, self.bos_id = special_ids.get("pad"), special_ids["bos"]
+        self.eos_id, self.image_id = special_ids["eos"], special_ids.get("image")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, no special tokens added."""
@@ -74,6 +78,8 @@ class Tokenizer:
         """Text of ``ids``: pad/bos/eos are dropped; each run of image placeholders
         becomes one ``"<image>"`` so a decoded prompt shows where an image went."""
         ids = [int(i) for i in ids]
+        if self.image_id is None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         pieces: list[str] = []
         segment: list[int] = []
         for position, token in enumerate(ids):
@@ -95,8 +101,63 @@ class Tokenizer:
         """Load a tokenizer written by :meth:`save`."""
         return cls(tokenizers.Tokenizer.from_file(str(path)))
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, image_token: str | None = None) -> Tokenizer:
+        """A pretrained model's tokenizer: ``path``'s tokenizer.json (the tokenizers
+        format transformers' fast tokenizers save), with its special tokens.
+
+        bos, eos and pad come from tokenizer_config.json (their strings) or config.json
+        (their ids). A tokenizer without a bos token (Qwen2) starts documents with eos,
+        the separator it was trained with. The image placeholder is ``image_token``, or
+        else the pad token when it is neither bos nor eos, or else the unk token; with
+        none of these ``image_id`` is None and image data is refused where it is built.
+        """
+        directory = Path(path)
+        file = directory / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no tokenizer.json (the tokenizers package's format)")
+        backend = tokenizers.Tokenizer.from_file(str(file))
+        return cls(backend, _pretrained_special_ids(directory, backend, image_token))
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_string(value) -> str | None:
+    """A tokenizer_config.json special token: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _pretrained_special_ids(
+    directory: Path, backend: tokenizers.Tokenizer, image_token: str | None
+) -> dict[str, int]:
+    settings = _read_json(directory / "tokenizer_config.json")
+    config = _read_json(directory / "config.json")
+    ids: dict[str, int] = {}
+    for name in ("bos", "eos", "pad", "unk"):
+        text = _token_string(settings.get(f"{name}_token"))
+        token_id = backend.token_to_id(text) if text else None
+        if token_id is None and isinstance(config.get(f"{name}_token_id"), int):
+            token_id = config[f"{name}_token_id"]
+        if token_id is not None:
+            ids[name] = token_id
+    if "eos" not in ids:
+        raise ValueError(f"{directory}: the tokenizer names no eos token (tokenizer_config.json)")
+    ids.setdefault("bos", ids["eos"])
+    if image_token is not None:
+        image_id = backend.token_to_id(image_token)
+        if image_id is None:
+            raise ValueError(f"image_token {image_token!r} is not in the tokenizer's vocabulary")
+        ids["image"] = image_id
+    elif ids.get("pad") not in (None, ids["bos"], ids["eos"]):
+        ids["image"] = ids["pad"]
+    elif "unk" in ids:
+        ids["image"] = ids["unk"]
+    return ids
 
 
 def default_cache_dir() -> Path:
