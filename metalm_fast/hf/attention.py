@@ -441,6 +441,12 @@ def _check_call(module, query, key, value, dropout, kwargs) -> None:
             raise ValueError(f"metalm_span does not support {what} ({name})")
     if kwargs.get("cache") is not None:
         raise ValueError("metalm_span does not support the paged cache of continuous batching")
+    # Llama 4's chunked layers attend within fixed chunks: a mask this module does not build.
+    chunk = getattr(getattr(module, "config", None), "attention_chunk_size", None)
+    if chunk is not None:
+        raise ValueError(
+            f"metalm_span does not support chunked attention (attention_chunk_size={chunk})"
+        )
     if dropout and getattr(module, "training", False):
         raise ValueError(
             f"metalm_span has no attention dropout, but the module trains with dropout={dropout}; "

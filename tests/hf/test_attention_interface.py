@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -371,3 +372,6 @@ def test_unsupported_features_are_clear_errors():
     module.is_causal = False
     with pytest.raises(ValueError, match="causal layers only"):
         span_attention_forward(module, q, k, k, None, sliding_window=4)
+    module.config = SimpleNamespace(attention_chunk_size=4)  # Llama 4's chunked layers
+    with pytest.raises(ValueError, match="chunked attention"):
+        span_attention_forward(module, q, k, k, None)
