@@ -4,6 +4,7 @@
   (``save_pretrained``'s format: config.json and safetensors) -> a decoder-only MetaLM;
 - :func:`load_text_encoder`: BERT, RoBERTa, ELECTRA -> a packed text encoder;
 - :func:`load_vision_encoder`: ViT, CLIP vision, SigLIP vision -> a vision encoder;
+- :func:`from_pretrained`: a MetaLM of such parts and fresh connectors;
 - :func:`export_decoder`: a MetaLM's decoder -> a transformers model directory;
 - :func:`register`: ``attn_implementation="metalm_span"`` inside transformers' models.
 
@@ -13,11 +14,14 @@ Loading reads weights with safetensors and never imports transformers; only
 
 from __future__ import annotations
 
+import torch
+
 from metalm_fast.hf.files import HFFormatError
 
 __all__ = [
     "HFFormatError",
     "export_decoder",
+    "from_pretrained",
     "load_decoder",
     "load_text_encoder",
     "load_vision_encoder",
@@ -44,6 +48,28 @@ def load_vision_encoder(path, dtype=None):
     from metalm_fast.hf.vision_encoders import load_vision_encoder as load
 
     return load(path, dtype=dtype)
+
+
+def from_pretrained(decoder, text_encoder=None, vision_encoder=None, *, dtype=None, **options):
+    """A MetaLM composed of pretrained parts, each a directory or an already loaded module:
+    ``decoder`` (:func:`load_decoder`), ``text_encoder`` (:func:`load_text_encoder`),
+    ``vision_encoder`` (:func:`load_vision_encoder`); ``options`` are
+    :meth:`metalm_fast.models.MetaLM.from_pretrained`'s (connectors, freezing).
+
+    Example: ``hf.from_pretrained("llama-dir", text_encoder="bert-dir",
+    freeze_encoder_layers=10)``.
+    """
+    from metalm_fast.models.metalm import MetaLM
+
+    def part(value, load):
+        return value if value is None or isinstance(value, torch.nn.Module) else load(value, dtype)
+
+    return MetaLM.from_pretrained(
+        part(decoder, load_decoder),
+        part(text_encoder, load_text_encoder),
+        part(vision_encoder, load_vision_encoder),
+        **options,
+    )
 
 
 def export_decoder(model, path, **kwargs):

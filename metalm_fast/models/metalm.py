@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalm_fast.checks import integer
 from metalm_fast.masks import SpanMask
 from metalm_fast.models.generation import generate
+from metalm_fast.models.text_encoder import TextEncoder, TextEncoderConfig
 from metalm_fast.models.transformer import TransformerStack
-from metalm_fast.models.vision import VisionEncoder
+from metalm_fast.models.vision import VisionEncoder, VisionEncoderConfig
 from metalm_fast.nn.architecture import BlockArchitecture
 from metalm_fast.nn.connector import Connector
 from metalm_fast.nn.embedding import EmbeddingScatter
@@ -81,10 +83,70 @@ class MetaLMConfig:
     decoder_mlp_hidden: int | None = None
     tie_embeddings: bool = True
     encoder_architecture: BlockArchitecture = field(default_factory=BlockArchitecture)
+    # Pretrained encoders (metalm_fast.hf): their whole configuration. When given, the
+    # encoder_* (text) or vision_* / image_* / patch_size (vision) fields are derived
+    # from them.
+    text_encoder: TextEncoderConfig | None = None
+    vision_encoder: VisionEncoderConfig | None = None
+    # Frozen (no gradient) parts: the text encoder's embeddings and lowest N layers, the
+    # vision encoder's likewise, the decoder with its embeddings and head. The paper
+    # trains only the last two layers of its pretrained encoders.
+    freeze_encoder_layers: int = 0
+    freeze_vision_layers: int = 0
+    freeze_decoder: bool = False
 
     def __post_init__(self):
         for name in ("decoder_architecture", "encoder_architecture"):
             object.__setattr__(self, name, self._architecture(name))
+        self._derive_encoder_fields()
+        for name in ("freeze_encoder_layers", "freeze_vision_layers"):
+            integer(getattr(self, name), name, minimum=0)
+        if self.freeze_encoder_layers > self.encoder_layers:
+            raise ValueError(
+                f"freeze_encoder_layers ({self.freeze_encoder_layers}) exceeds the text "
+                f"encoder's {self.encoder_layers} layers"
+            )
+        if self.freeze_vision_layers > self.vision_layers:
+            raise ValueError(
+                f"freeze_vision_layers ({self.freeze_vision_layers}) exceeds the vision "
+                f"encoder's {self.vision_layers} layers"
+            )
+
+    def _derive_encoder_fields(self) -> None:
+        """Read the pretrained encoders' configs (dicts from JSON) and the fields they fix."""
+        text, vision = self.text_encoder, self.vision_encoder
+        if isinstance(text, dict):
+            text = TextEncoderConfig(**text)
+        if isinstance(vision, dict):
+            vision = VisionEncoderConfig(**vision)
+        for name, value, kind in (
+            ("text_encoder", text, TextEncoderConfig),
+            ("vision_encoder", vision, VisionEncoderConfig),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"{name} must be a {kind.__name__} (or its dict) or None, "
+                    f"got {type(value).__name__}"
+                )
+            object.__setattr__(self, name, value)
+        derived = {}
+        if text is not None:
+            if self.variant != "two_stack":
+                raise ValueError("text_encoder needs variant='two_stack'")
+            derived.update(
+                encoder_dim=text.dim, encoder_layers=text.num_layers, encoder_heads=text.num_heads
+            )
+        if vision is not None:
+            derived.update(
+                vision_dim=vision.dim,
+                vision_layers=vision.num_layers,
+                vision_heads=vision.num_heads,
+                image_size=vision.image_size,
+                image_channels=vision.image_channels,
+                patch_size=vision.patch_size,
+            )
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def _architecture(self, name: str) -> BlockArchitecture:
         """The field ``name`` as a BlockArchitecture carrying ``mlp_kind``.
@@ -110,7 +172,10 @@ class MetaLMConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        """Decoder placeholder positions per image: one per patch."""
+        """Decoder placeholder positions per image: one per patch (and one for a
+        pretrained vision encoder's class token)."""
+        if self.vision_encoder is not None:
+            return self.vision_encoder.tokens_per_image
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -177,6 +242,27 @@ PRESETS = {
 }
 
 
+def _text_connector(config: MetaLMConfig) -> Connector:
+    return Connector(config.connector, config.encoder_dim, config.decoder_dim)
+
+
+def _vision_connector(config: MetaLMConfig) -> Connector:
+    return Connector(
+        config.vision_connector,
+        config.vision_dim,
+        config.decoder_dim,
+        num_layers=config.vision_connector_layers,
+        num_latents=config.tokens_per_image,  # a resampler keeps one row per placeholder
+        num_heads=config.decoder_heads,
+        backend=config.backend,
+    )
+
+
+def _outside(module: nn.Module, child: str) -> list[nn.Parameter]:
+    """``module``'s parameters that are not under its child ``child`` (its embeddings)."""
+    return [p for name, p in module.named_parameters() if not name.startswith(child + ".")]
+
+
 class MetaLM(nn.Module):
     """Encoder(s)-connector-decoder language model; ``forward(batch) -> mean loss``.
 
@@ -216,7 +302,10 @@ class MetaLM(nn.Module):
         self.lm_head = DecodeLinear(config.decoder_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight  # tied input and output embeddings
-        if config.variant == "two_stack" and config.encoder_layers > 0:
+        if config.text_encoder is not None:
+            self.text_encoder = TextEncoder(config.text_encoder)
+            self.connector = _text_connector(config)
+        elif config.variant == "two_stack" and config.encoder_layers > 0:
             self.encoder_embedding = nn.Embedding(config.vocab_size, config.encoder_dim)
             self.encoder = TransformerStack(
                 config.encoder_dim,
@@ -225,22 +314,123 @@ class MetaLM(nn.Module):
                 architecture=config.encoder_architecture,
                 backend=config.backend,
             )
-            self.connector = Connector(config.connector, config.encoder_dim, config.decoder_dim)
+            self.connector = _text_connector(config)
         if config.vision_layers > 0:
-            self.vision_encoder = VisionEncoder.from_config(config)
-            self.vision_connector = Connector(
-                config.vision_connector,
-                config.vision_dim,
-                config.decoder_dim,
-                num_layers=config.vision_connector_layers,
-                num_latents=config.tokens_per_image,  # a resampler keeps one row per placeholder
-                num_heads=config.decoder_heads,
-                backend=config.backend,
+            self.vision_encoder = VisionEncoder.from_config(
+                config.vision_encoder or config, backend=config.backend
             )
+            self.vision_connector = _vision_connector(config)
+        self.freeze(config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        decoder: MetaLM,
+        text_encoder: TextEncoder | None = None,
+        vision_encoder: VisionEncoder | None = None,
+        *,
+        connector: str = "linear",
+        vision_connector: str = "mlp",
+        vision_connector_layers: int = 3,
+        freeze_encoder_layers: int = 0,
+        freeze_vision_layers: int = 0,
+        freeze_decoder: bool = False,
+    ) -> MetaLM:
+        """A MetaLM of pretrained parts and fresh connectors (metalm_fast.hf loads them).
+
+        Parameters
+        ----------
+        decoder : a decoder-only MetaLM (``metalm_fast.hf.load_decoder``); its embedding,
+            decoder and LM head are taken as they are (not copied).
+        text_encoder : a TextEncoder (``hf.load_text_encoder``) or None.
+        vision_encoder : a VisionEncoder, or ``hf.load_vision_encoder``'s module holding
+            one (``.encoder``), or None.
+        connector, vision_connector, vision_connector_layers : the fresh connectors'
+            kinds (metalm_fast.nn.Connector), initialised as a new model's.
+        freeze_encoder_layers, freeze_vision_layers : freeze the encoder's embeddings and
+            its N lowest layers (the paper trains the last two: N = layers - 2).
+        freeze_decoder : freeze the decoder, its embeddings and its LM head.
+
+        ``metalm_fast.hf.from_pretrained`` does the same from directories.
+        """
+        if (
+            not isinstance(decoder, MetaLM)
+            or decoder.has_text_encoder
+            or decoder.has_vision_encoder
+        ):
+            raise TypeError(
+                "decoder must be a decoder-only MetaLM (metalm_fast.hf.load_decoder(path)), got "
+                + (
+                    type(decoder).__name__
+                    if not isinstance(decoder, MetaLM)
+                    else "one with encoders"
+                )
+            )
+        if isinstance(getattr(vision_encoder, "encoder", None), VisionEncoder):
+            vision_encoder = vision_encoder.encoder  # hf.load_vision_encoder's [I, P, D] wrapper
+        for name, part, kind in (
+            ("text_encoder", text_encoder, TextEncoder),
+            ("vision_encoder", vision_encoder, VisionEncoder),
+        ):
+            if part is not None and not isinstance(part, kind):
+                raise TypeError(
+                    f"{name} must be a {kind.__name__} (metalm_fast.hf.load_{name}(path)) or "
+                    f"None, got {type(part).__name__}"
+                )
+        config = dataclasses.replace(
+            decoder.config,
+            variant="two_stack",
+            encoder_layers=0,
+            text_encoder=None if text_encoder is None else text_encoder.config,
+            vision_encoder=None if vision_encoder is None else vision_encoder.config,
+            vision_layers=0,
+            connector=connector,
+            vision_connector=vision_connector,
+            vision_connector_layers=vision_connector_layers,
+            freeze_encoder_layers=freeze_encoder_layers,
+            freeze_vision_layers=freeze_vision_layers,
+            freeze_decoder=freeze_decoder,
+        )
+        # The parts already exist: build the rest on the meta device (no memory, no
+        # initialisation), put the parts in, then make the connectors for real.
+        with torch.device("meta"):
+            model = cls(config)
+        weight = decoder.embedding.weight
+        model.embedding, model.decoder = decoder.embedding, decoder.decoder
+        model.lm_head = decoder.lm_head
+        if text_encoder is not None:
+            model.text_encoder = text_encoder
+            model.connector = _text_connector(config).to(weight.device, weight.dtype)
+        if vision_encoder is not None:
+            model.vision_encoder = vision_encoder
+            model.vision_connector = _vision_connector(config).to(weight.device, weight.dtype)
+        model.hf_source = getattr(decoder, "hf_source", None)
+        model.freeze(config)
+        return model
+
+    def freeze(self, config: MetaLMConfig) -> None:
+        """Turn off the gradients of the parts ``config`` freezes (see MetaLMConfig)."""
+        frozen: list[nn.Parameter] = []
+        if config.freeze_decoder:
+            for part in (self.embedding, self.decoder, self.lm_head):
+                frozen += part.parameters()
+        layers = config.freeze_encoder_layers
+        if layers and hasattr(self, "text_encoder"):
+            frozen += _outside(self.text_encoder, "stack")
+            frozen += self.text_encoder.stack.blocks[:layers].parameters()
+        elif layers:
+            frozen += self.encoder_embedding.parameters()
+            frozen += self.encoder.blocks[:layers].parameters()
+        layers = config.freeze_vision_layers
+        if layers:
+            frozen += _outside(self.vision_encoder, "transformer")
+            frozen += self.vision_encoder.transformer.blocks[:layers].parameters()
+        for parameter in frozen:
+            parameter.requires_grad_(False)
 
     @property
     def has_text_encoder(self) -> bool:
-        return hasattr(self, "encoder")
+        return hasattr(self, "encoder") or hasattr(self, "text_encoder")
 
     @property
     def has_vision_encoder(self) -> bool:
@@ -251,6 +441,9 @@ class MetaLM(nn.Module):
         """Connector outputs for the span tokens: [N, decoder_dim]."""
         if not self.has_text_encoder:
             raise ValueError("this MetaLM has no text encoder (single_stack or encoder_layers=0)")
+        if hasattr(self, "text_encoder"):
+            hidden = self.text_encoder(batch.encoder_ids, batch.encoder_cu_seqlens)
+            return self.connector(hidden, batch.encoder_cu_seqlens)
         mask = SpanMask.bidirectional(batch.encoder_cu_seqlens)
         positions = packed_positions(batch.encoder_cu_seqlens)
         hidden = self.encoder(self.encoder_embedding(batch.encoder_ids), mask, positions)

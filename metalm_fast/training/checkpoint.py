@@ -440,7 +440,8 @@ def _check_model_config(directory: Path, meta: dict[str, Any], model: nn.Module)
     config = getattr(model, "config", None)
     if not isinstance(config, MetaLMConfig):
         return
-    ours, theirs = dataclasses.asdict(config), meta["model_config"]
+    # Through JSON, as the file holds it (tuples become lists, nested configs dicts).
+    ours, theirs = json.loads(json.dumps(dataclasses.asdict(config))), meta["model_config"]
     differences = [
         f"{key} {theirs.get(key)!r} in the file, {ours.get(key)!r} in the model"
         for key in sorted(ours.keys() | theirs.keys())
