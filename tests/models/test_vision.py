@@ -1,8 +1,10 @@
-"""VisionEncoder and images in MetaLM: shapes, placement, errors, fast path vs golden."""
+"""VisionEncoder and images in MetaLM: shapes, placement, errors, fast path vs golden; the
+configurable encoder (class token, pre norm, config round trip) and preprocess."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from metalm_fast import SpanMask
 from metalm_fast.data.collator import build_batch
 from metalm_fast.models import PRESETS, MetaLM, VisionEncoder
+from metalm_fast.models.vision import ImagePreprocessing, VisionEncoderConfig
+from metalm_fast.nn.architecture import BlockArchitecture
 from tests.tolerance import assert_within_tolerance
 
 IMAGE = 1  # the image placeholder token id of these tests
@@ -190,3 +194,176 @@ def test_fast_path_matches_golden_with_images(variant):
         assert grad is not None, name
         assert_within_tolerance(grad, gold_grads[name], base_grads[name], name)
     assert grads["vision_encoder.patch_embedding.weight"].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- configurable
+def pretrained_style_encoder(backend="auto", seed=0, **changes) -> VisionEncoder:
+    """A CLIP-like encoder: class token, pre norm, no patch bias, quick_gelu, odd MLP width,
+    no final norm; parameters randomised so every norm and bias matters."""
+    torch.manual_seed(seed)
+    options = dict(
+        mlp_hidden=50,
+        architecture=BlockArchitecture(
+            positions="none", mlp_kind="quick_gelu", qkv_bias=True, out_bias=True, final_norm=False
+        ),
+        patch_bias=False,
+        class_token=True,
+        pre_norm=True,
+        backend=backend,
+    )
+    encoder = VisionEncoder(8, 3, 4, 32, 2, 2, **(options | changes))
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    return encoder
+
+
+def test_config_is_json_and_round_trips():
+    encoder = pretrained_style_encoder()
+    config = encoder.config
+    text = json.dumps(dataclasses.asdict(config))
+    rebuilt = VisionEncoderConfig(**json.loads(text))
+    assert rebuilt == config
+    assert isinstance(rebuilt.architecture, BlockArchitecture)
+    assert isinstance(rebuilt.preprocessing, ImagePreprocessing)
+    assert config.final_norm is False and config.tokens_per_image == 4 + 1
+    # The config rebuilds the same module: same parameter names and shapes.
+    clone = VisionEncoder.from_config(rebuilt, backend="reference")
+    assert {k: v.shape for k, v in clone.state_dict().items()} == {
+        k: v.shape for k, v in encoder.state_dict().items()
+    }
+
+
+def test_native_config_and_state_dict_are_unchanged():
+    encoder = VisionEncoder.from_config(TINY)
+    assert encoder.config == VisionEncoderConfig(
+        TINY.image_size,
+        TINY.image_channels,
+        TINY.patch_size,
+        TINY.vision_dim,
+        TINY.vision_layers,
+        TINY.vision_heads,
+    )
+    assert encoder.tokens_per_image == encoder.num_patches == TINY.tokens_per_image
+    names = {n for n in encoder.state_dict() if not n.startswith("transformer.")}
+    assert names == {"patch_embedding.weight", "patch_embedding.bias", "position_embedding"}
+
+
+def test_class_token_rows_and_batch_layout():
+    encoder = pretrained_style_encoder(backend="reference")
+    images = torch.randn(3, 3, 8, 8)
+    packed = encoder(images)
+    per_image = encoder.tokens_per_image
+    assert packed.shape == (3 * per_image, 32)
+    batched = encoder.last_hidden_state(images)
+    assert batched.shape == (3, per_image, 32)
+    assert torch.equal(batched.reshape(-1, 32), packed)
+    torch.testing.assert_close(encoder.last_hidden_state(images[2:]), batched[2:])
+    assert torch.equal(encoder.cu_seqlens(3, "cpu"), torch.tensor([0, 5, 10, 15]))
+    assert encoder.last_hidden_state(torch.zeros(0, 3, 8, 8)).shape == (0, per_image, 32)
+
+
+def test_embeddings_are_the_conv_then_class_row_then_positions():
+    """patchify + Linear equals the Conv2d with the Linear's weight as [D, C, p, p]."""
+    encoder = pretrained_style_encoder(patch_bias=True)
+    images = torch.randn(2, 3, 8, 8)
+    weight = encoder.patch_embedding.weight.view(32, 3, 4, 4)
+    conv = F.conv2d(images, weight, encoder.patch_embedding.bias, stride=4)
+    rows = torch.cat((encoder.class_embedding.expand(2, 1, 32), conv.flatten(2).transpose(1, 2)), 1)
+    expected = encoder.pre_norm(rows + encoder.position_embedding)
+    torch.testing.assert_close(encoder.embed(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def _outputs_and_grads(encoder, images, weights):
+    out = encoder.last_hidden_state(images)
+    (out * weights.to(out.dtype)).sum().backward()
+    return out.detach(), {n: p.grad for n, p in encoder.named_parameters()}
+
+
+def test_configurable_encoder_fast_path_matches_golden():
+    """Tolerance rule (tests/tolerance.py) for the output and every gradient."""
+    images, weights = torch.randn(3, 3, 8, 8), torch.randn(3, 5, 32)
+    fast = pretrained_style_encoder("cpu")
+    baseline = pretrained_style_encoder("reference")
+    golden = pretrained_style_encoder("reference").double()
+    baseline.load_state_dict(fast.state_dict())
+    golden.load_state_dict(fast.state_dict())
+    out, grads = _outputs_and_grads(fast, images, weights)
+    base_out, base_grads = _outputs_and_grads(baseline, images, weights)
+    gold_out, gold_grads = _outputs_and_grads(golden, images.double(), weights)
+    assert_within_tolerance(out, gold_out, base_out, "last_hidden_state")
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert_within_tolerance(grad, gold_grads[name], base_grads[name], name)
+
+
+def test_configurable_errors():
+    with pytest.raises(ValueError, match="architecture.positions"):
+        VisionEncoder(8, 3, 4, 32, 1, 4, architecture=BlockArchitecture())
+    with pytest.raises(ValueError, match="mlp_kind"):
+        VisionEncoder(
+            8, 3, 4, 32, 1, 4, mlp_kind="relu", architecture=BlockArchitecture(positions="none")
+        )
+    with pytest.raises(ValueError, match=r"preprocessing.size \(16, 16\)"):
+        VisionEncoder(8, 3, 4, 32, 1, 4, preprocessing=ImagePreprocessing(size=(16, 16)))
+    with pytest.raises(ValueError, match="image_mean has 1 values"):
+        VisionEncoder(
+            8, 3, 4, 32, 1, 4, preprocessing=ImagePreprocessing(image_mean=(0.5,), image_std=(1,))
+        )
+    with pytest.raises(ValueError, match="mlp_hidden"):
+        VisionEncoderConfig(8, 3, 4, 32, 1, 4, mlp_hidden=0)
+    with pytest.raises(TypeError, match="class_token"):
+        VisionEncoderConfig(8, 3, 4, 32, 1, 4, class_token=1)
+    with pytest.raises(ValueError, match="resample"):
+        ImagePreprocessing(resample="lanczos")
+    with pytest.raises(ValueError, match="at most one of size and shortest_edge"):
+        ImagePreprocessing(size=(8, 8), shortest_edge=8)
+    with pytest.raises(ValueError, match="together"):
+        ImagePreprocessing(image_mean=(0.5,))
+
+
+# ----------------------------------------------------------------------------- preprocess
+NORMALISED = ImagePreprocessing(
+    shortest_edge=8, crop_size=(8, 8), image_mean=(0.1, 0.2, 0.3), image_std=(0.5, 0.6, 0.7)
+)
+
+
+def test_preprocess_at_the_model_size_only_rescales_and_normalises():
+    encoder = VisionEncoder(8, 3, 4, 32, 1, 4, preprocessing=NORMALISED)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.6, 0.7])
+    expected = (images / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(encoder.preprocess(images), expected)
+    assert encoder.preprocess(images.double()).dtype == torch.float64
+    assert encoder.preprocess(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
+
+
+def test_preprocess_shortest_edge_then_center_crop():
+    """A constant image stays constant through resize and crop (the filters sum to one);
+    the crop is the centre of the resized image."""
+    encoder = VisionEncoder(8, 3, 4, 32, 1, 4, preprocessing=NORMALISED)
+    assert NORMALISED.resized_size(10, 17) == (8, 13)
+    assert NORMALISED.resized_size(17, 10) == (13, 8)
+    flat = torch.full((1, 3, 10, 17), 51, dtype=torch.uint8)
+    out = encoder.preprocess(flat)
+    assert out.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(out, encoder.preprocess(torch.full((1, 3, 8, 8), 51.0)))
+    # A left-right ramp: the crop keeps the middle columns, so the middle stays the middle.
+    ramp = torch.arange(16.0).expand(1, 3, 8, 16).contiguous()
+    crop_only = VisionEncoder(
+        8, 3, 4, 32, 1, 4, preprocessing=ImagePreprocessing(crop_size=(8, 8), rescale_factor=None)
+    )
+    assert torch.equal(crop_only.preprocess(ramp), ramp[..., 4:12])
+
+
+def test_preprocess_errors_name_the_problem():
+    encoder = VisionEncoder(8, 3, 4, 32, 1, 4, preprocessing=ImagePreprocessing(shortest_edge=8))
+    with pytest.raises(ValueError, match=r"preprocessing gives \(8, 16\)"):
+        encoder.preprocess(torch.zeros(1, 3, 4, 8))
+    with pytest.raises(ValueError, match="image_channels = 3"):
+        encoder.preprocess(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(TypeError, match="uint8 or floating"):
+        encoder.preprocess(torch.zeros(1, 3, 8, 8, dtype=torch.int64))
+    cropping = VisionEncoder(8, 3, 4, 32, 1, 4, preprocessing=ImagePreprocessing(crop_size=(8, 8)))
+    with pytest.raises(ValueError, match="crop_size"):
+        cropping.preprocess(torch.zeros(1, 3, 6, 6))
