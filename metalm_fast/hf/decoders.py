@@ -31,11 +31,13 @@ from metalm_fast.nn.architecture import BlockArchitecture
 __all__ = [
     "FAMILIES",
     "Family",
+    "check_loaded",
     "Link",
     "WeightNames",
     "family_of",
     "hf_shapes",
     "load_decoder",
+    "mlp_hidden",
     "to_hf",
     "to_ours",
     "weight_links",
@@ -587,10 +589,11 @@ def _checked(
     return tensors
 
 
-def _check_loaded(model: MetaLM) -> None:
+def check_loaded(model: MetaLM) -> None:
+    """RuntimeError naming any parameter or buffer a meta-device build left unloaded."""
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:  # the model was built on the meta device: every tensor must have been loaded
-        raise RuntimeError(f"load_decoder left tensors unloaded: {_named(left)}")
+        raise RuntimeError(f"tensors left unloaded (on the meta device): {_named(left)}")
 
 
 def load_decoder(path, dtype: torch.dtype | None = None) -> MetaLM:
@@ -619,14 +622,17 @@ def load_decoder(path, dtype: torch.dtype | None = None) -> MetaLM:
     family = family_of(config)
     metalm_config = family.read_config(config)
     links = weight_links(family.names, metalm_config)
-    with torch.device("meta"):  # no random init of weights about to be replaced
-        model = MetaLM(metalm_config)
+    try:
+        with torch.device("meta"):  # no random init of weights about to be replaced
+            model = MetaLM(metalm_config)
+    except ValueError as error:  # sizes the blocks refuse (heads, kv heads, head_dim)
+        raise HFFormatError(f"config.json: {error}") from None
     state = model.state_dict()
     tensors = _checked(read_tensors(path, dtype), links, state, family, path)
     model.load_state_dict({link.ours: to_ours(link, tensors) for link in links}, assign=True)
     if metalm_config.tie_embeddings:  # assign=True replaced the two parameters one by one
         model.lm_head.weight = model.embedding.weight
-    _check_loaded(model)
+    check_loaded(model)
     model.hf_source = {
         "architecture": family.architecture,
         "model_type": family.model_type,

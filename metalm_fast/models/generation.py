@@ -154,6 +154,23 @@ def _prompt_lengths(prompts) -> list[int]:
     return lengths
 
 
+def _check_window(model, prompt_lens: list[int], max_new_tokens: int) -> None:
+    """Refuse a cached generation that a sliding window would change: a decode step
+    attends its sequence's whole cached prefix, which is the window's answer only while
+    the sequence is no longer than the window (the prefill honours the window's mask)."""
+    window = getattr(model.decoder.architecture, "sliding_window", None)
+    # The last new token is returned, never fed back: the longest decode step attends
+    # L + N - 1 keys, and with N = 1 there is no decode step.
+    longest = max(prompt_lens) + max_new_tokens - 1
+    if window is not None and max_new_tokens > 1 and longest > window:
+        raise ValueError(
+            f"sliding_window={window}: a prompt of {max(prompt_lens)} tokens plus "
+            f"max_new_tokens={max_new_tokens} makes decode steps attend {longest} tokens, "
+            "past the window, which the paged decode path does not apply; use "
+            "use_cache=False (recomputes under the window's mask) or a shorter request"
+        )
+
+
 # ----------------------------------------------------------------------------- sampling
 def sample_next(
     logits: torch.Tensor,
@@ -515,7 +532,8 @@ def generate(
     TypeError : an argument of the wrong type (a bool or float where an int goes),
         named.
     ValueError : an argument out of range, named; RequestTooLargeError when the
-        request cannot fit.
+        request cannot fit; with ``use_cache`` and a decoder ``sliding_window``, a
+        request whose decode steps would attend more tokens than the window.
 
     Example
     -------
@@ -542,6 +560,7 @@ def generate(
     # Checked here, not only where the pool is allocated: a refused request keeps the
     # model's pool (model_cache drops it before allocating a larger one).
     if use_cache:
+        _check_window(model, prompt_lens, max_new_tokens)
         check_fits(model, prompt_lens, max_new_tokens, block_size)
     else:
         _check_addressable(prompt_lens, max_new_tokens)
