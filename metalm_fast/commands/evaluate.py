@@ -26,8 +26,8 @@ from metalm_fast.commands._checkpoint import checkpoint_model
 from metalm_fast.commands._options import add_runtime_options, check_seed, runtime_device
 from metalm_fast.data.default_data import DefaultData
 from metalm_fast.data.digits import load_digits
-from metalm_fast.data.tokenizer import load_tokenizer
 from metalm_fast.evaluation.digits_vqa import TaskAccuracy, evaluate
+from metalm_fast.training.pretrained import run_tokenizer
 from metalm_fast.training.runtime import autocast
 from metalm_fast.training.trainer import TrainConfig, TrainResult, train
 
@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
     out = finetune_out(args) if args.finetune_steps else None
     model = checkpoint_model(args.checkpoint).to(device)
     _check_model_reads_digits(model, args)
-    tokenizer = load_tokenizer(model.config.vocab_size)
+    tokenizer = run_tokenizer(args.checkpoint, model.config.vocab_size)
     if out is not None:
         result = finetune_on_vqa(
             model,

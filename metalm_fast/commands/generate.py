@@ -28,8 +28,9 @@ from metalm_fast.commands._checkpoint import checkpoint_model
 from metalm_fast.commands._options import add_runtime_options, check_seed, runtime_device
 from metalm_fast.data.collator import build_batch
 from metalm_fast.data.digits import load_digits
-from metalm_fast.data.tokenizer import Tokenizer, load_tokenizer
+from metalm_fast.data.tokenizer import Tokenizer
 from metalm_fast.models.generation import RequestTooLargeError, generate
+from metalm_fast.training.pretrained import run_tokenizer
 from metalm_fast.training.runtime import autocast, move_batch
 
 __all__ = ["add_arguments", "encode_prompt", "load_image", "main", "run"]
@@ -91,6 +92,13 @@ def load_image(spec: str, config) -> torch.Tensor:
         image = _read_npy(spec)
         if image.dim() == 2:
             image = image.unsqueeze(0)
+    if config.vision_encoder is not None:  # a pretrained encoder preprocesses any size
+        if image.dim() != 3 or image.shape[0] not in (1, config.image_channels):
+            raise ValueError(
+                f"--image {spec}: shape {tuple(image.shape)}, expected [1 or "
+                f"{config.image_channels}, H, W] with values in [0, 1]"
+            )
+        return image
     expected = (config.image_channels, config.image_size, config.image_size)
     if tuple(image.shape) != expected:
         raise ValueError(f"--image {spec}: shape {tuple(image.shape)}, the model reads {expected}")
@@ -198,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
     device = runtime_device(args)
     model = checkpoint_model(args.checkpoint).to(device).eval()
     _check_model_reads_images(model, args)
-    tokenizer = load_tokenizer(model.config.vocab_size)
+    tokenizer = run_tokenizer(args.checkpoint, model.config.vocab_size)
     images = [load_image(spec, model.config) for spec in args.image]
     with torch.no_grad(), autocast(device, args.dtype):
         texts = run(

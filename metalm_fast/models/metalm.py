@@ -335,6 +335,7 @@ class MetaLM(nn.Module):
         freeze_encoder_layers: int = 0,
         freeze_vision_layers: int = 0,
         freeze_decoder: bool = False,
+        variant: str = "two_stack",
     ) -> MetaLM:
         """A MetaLM of pretrained parts and fresh connectors (metalm_fast.hf loads them).
 
@@ -350,6 +351,8 @@ class MetaLM(nn.Module):
         freeze_encoder_layers, freeze_vision_layers : freeze the encoder's embeddings and
             its N lowest layers (the paper trains the last two: N = layers - 2).
         freeze_decoder : freeze the decoder, its embeddings and its LM head.
+        variant : "two_stack", or "single_stack" (no text encoder: the pretrained decoder
+            reads the spans itself, bidirectionally, with SpanMask.semi_causal).
 
         ``metalm_fast.hf.from_pretrained`` does the same from directories.
         """
@@ -379,7 +382,7 @@ class MetaLM(nn.Module):
                 )
         config = dataclasses.replace(
             decoder.config,
-            variant="two_stack",
+            variant=variant,
             encoder_layers=0,
             text_encoder=None if text_encoder is None else text_encoder.config,
             vision_encoder=None if vision_encoder is None else vision_encoder.config,
@@ -450,13 +453,40 @@ class MetaLM(nn.Module):
         return self.connector(hidden, batch.encoder_cu_seqlens)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Vision connector outputs for images [I, C, H, W]: [I * tokens_per_image, decoder_dim]."""
+        """Vision connector outputs for images [I, C, H, W]: [I * tokens_per_image, decoder_dim].
+
+        A native vision encoder reads the images as they are. A pretrained one
+        (``config.vision_encoder``) reads them through its own preprocessing
+        (:meth:`pixel_values`): its images are always raw images in [0, 1], grey (one
+        channel) or with the encoder's channels, of any size.
+        """
         if not self.has_vision_encoder:
             raise ValueError("this MetaLM has no vision encoder (vision_layers=0)")
+        if self.config.vision_encoder is not None:
+            images = self.pixel_values(images)
         hidden = self.vision_encoder(images)
         return self.vision_connector(
             hidden, self.vision_encoder.cu_seqlens(images.shape[0], hidden.device)
         )
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw images in [0, 1] [I, 1 or C, H, W] -> the pretrained vision encoder's pixel
+        values [I, C, S, S]: grey repeated over the channels (as an RGB conversion does),
+        then its preprocessing (resize, rescale, normalise) on the 0..255 scale it expects."""
+        encoder = self.vision_encoder
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError("images must be a tensor [I, C, H, W] of raw images in [0, 1]")
+        if images.shape[1] not in (1, encoder.image_channels):
+            raise ValueError(
+                f"images must have 1 (grey) or {encoder.image_channels} channels, got "
+                f"{images.shape[1]}"
+            )
+        if images.shape[0] == 0:
+            size = (0, encoder.image_channels, encoder.image_size, encoder.image_size)
+            return images.new_zeros(size)
+        images = images.expand(-1, encoder.image_channels, -1, -1)
+        pixels = encoder.preprocess(images.float() * 255.0)
+        return pixels.to(encoder.patch_embedding.weight.dtype)
 
     def _batch_images(self, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(images, image_index) to encode, or None for a model without a vision encoder.

@@ -5,6 +5,8 @@ Examples::
     metalm-fast train --preset tiny --steps 200 --out runs/tiny
     metalm-fast train --out runs/tiny --steps 400 --resume
     metalm-fast train --steps 50 --dtype bf16 --device cpu --out runs/bf16
+    metalm-fast train --decoder llama-dir --text-encoder bert-dir --freeze-encoder-layers 10 \
+        --out runs/pretrained
     torchrun --nproc-per-node 2 -m metalm_fast.training.command --parallel ddp --data synthetic
 
 With ``--out``, the run directory holds the checkpoints, ``metrics.jsonl``
@@ -22,6 +24,13 @@ stream, ``synthetic`` a seeded stream of documents with a learnable rule
 (below) that needs no corpus: tests and smoke runs use it. Not every preset
 reads every stream (:func:`data_problem`): the digit images need a vision
 encoder of their shape, and text spans need a text encoder or the single stack.
+
+Pretrained parts (``--decoder``, ``--text-encoder``, ``--vision-encoder``: directories
+in the format transformers' ``save_pretrained`` writes) replace ``--preset``: the
+model is composed by metalm_fast.hf with fresh connectors
+(metalm_fast.training.pretrained), the data is tokenized with the decoder's
+tokenizer.json, and a pretrained vision encoder reads the digits through its own
+preprocessing.
 """
 
 from __future__ import annotations
@@ -38,7 +47,14 @@ from pathlib import Path
 from metalm_fast.commands._options import add_runtime_options, runtime_device
 from metalm_fast.data.collator import SemiCausalBatch, SemiCausalCollator
 from metalm_fast.models.metalm import PRESETS, MetaLMConfig
-from metalm_fast.training.trainer import TrainConfig, TrainingInterrupted, TrainResult, train
+from metalm_fast.training.pretrained import PretrainedRun, load_pretrained, save_tokenizers
+from metalm_fast.training.trainer import (
+    TrainConfig,
+    TrainingInterrupted,
+    TrainResult,
+    claim_out_dir,
+    train,
+)
 
 __all__ = ["DATA_KINDS", "build_parser", "data_problem", "main", "synthetic_micro_batches"]
 
@@ -109,12 +125,18 @@ def data_problem(config: MetaLMConfig, kind: str) -> str | None:
             return (
                 f"it has no vision encoder (vision_layers=0) and --data {kind} shows digit images"
             )
+        if config.vision_encoder is not None:  # a pretrained one preprocesses any image
+            return _span_problem(config, kind)
         from metalm_fast.data.digits import load_digits
 
         digit_shape = tuple(load_digits("test").images.shape[1:])
         shape = (config.image_channels, config.image_size, config.image_size)
         if shape != digit_shape:
             return f"its vision encoder reads images {shape}, the digits are {digit_shape}"
+    return _span_problem(config, kind)
+
+
+def _span_problem(config: MetaLMConfig, kind: str) -> str | None:
     if (
         kind in ("default", "synthetic")
         and config.encoder_layers == 0
@@ -128,10 +150,20 @@ def data_problem(config: MetaLMConfig, kind: str) -> str | None:
 
 
 def _data_source(
-    kind: str, config: MetaLMConfig, token_budget: int, seed: int
+    kind: str,
+    config: MetaLMConfig,
+    token_budget: int,
+    seed: int,
+    pretrained: PretrainedRun | None = None,
 ) -> Callable[[], Iterator[SemiCausalBatch]]:
-    """A factory of fresh, identical streams (each call restarts from the seed)."""
+    """A factory of fresh, identical streams (each call restarts from the seed).
+    ``pretrained``: the decoder's tokenizer, and the spans' re-tokenizer if any."""
     if kind == "synthetic":
+        if pretrained is not None and pretrained.span_encoder is not None:
+            raise ValueError(
+                "--data synthetic has no text for a text encoder with its own tokenizer "
+                "to read; use --data default"
+            )
         return lambda: synthetic_micro_batches(config.vocab_size, token_budget, seed=seed)
     try:
         from metalm_fast.data.default_data import DefaultData
@@ -142,11 +174,15 @@ def _data_source(
         ) from error
 
     def stream() -> Iterator[SemiCausalBatch]:
+        tokenizer = (
+            load_tokenizer(config.vocab_size) if pretrained is None else pretrained.tokenizer
+        )
         data = DefaultData(
-            load_tokenizer(config.vocab_size),
+            tokenizer,
             config.tokens_per_image,
             token_budget=token_budget,
             seed=seed,
+            span_encoder=None if pretrained is None else pretrained.span_encoder,
         )
         return data.vqa_micro_batches() if kind == "vqa" else data.micro_batches()
 
@@ -166,11 +202,36 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add(
         "--preset",
-        default="tiny",
+        default=None,
         choices=sorted(PRESETS),
         help="model size (default tiny; --data default/vqa need a preset reading 8x8 digit "
-        "images, which is tiny)",
+        "images, which is tiny); not with --decoder",
     )
+    add(
+        "--decoder",
+        default=None,
+        metavar="DIR",
+        help="a pretrained causal LM (Llama/Mistral, Qwen2, GPT-NeoX, GPT-2; save_pretrained's "
+        "format) as the decoder, instead of --preset; its tokenizer.json tokenizes the data",
+    )
+    add("--text-encoder", default=None, metavar="DIR", help="a pretrained BERT/RoBERTa/ELECTRA")
+    add("--vision-encoder", default=None, metavar="DIR", help="a pretrained ViT/CLIP/SigLIP")
+    add(
+        "--freeze-encoder-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="freeze the text encoder's embeddings and N lowest layers (the paper trains the "
+        "last two)",
+    )
+    add(
+        "--freeze-vision-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="freeze the vision encoder's embeddings and N lowest layers",
+    )
+    add("--freeze-decoder", action="store_true", help="freeze the pretrained decoder")
     add(
         "--variant",
         default=None,
@@ -285,6 +346,26 @@ def _checkpoint_line(result: TrainResult, args: argparse.Namespace) -> str:
     return str(result.checkpoint)
 
 
+def _pretrained(args: argparse.Namespace) -> PretrainedRun | None:
+    """The model and tokenizers of --decoder / --text-encoder / --vision-encoder, or None."""
+    parts = (args.text_encoder, args.vision_encoder)
+    if args.decoder is None:
+        if any(part is not None for part in parts) or args.freeze_decoder:
+            raise ValueError("--text-encoder, --vision-encoder and --freeze-* need --decoder")
+        return None
+    if args.preset is not None:
+        raise ValueError("--preset and --decoder exclude each other: the decoder fixes the sizes")
+    return load_pretrained(
+        args.decoder,
+        args.text_encoder,
+        args.vision_encoder,
+        freeze_encoder_layers=args.freeze_encoder_layers,
+        freeze_vision_layers=args.freeze_vision_layers,
+        freeze_decoder=args.freeze_decoder,
+        variant=args.variant or "two_stack",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``metalm-fast train`` with ``argv`` (without the command name); 0 on success.
 
@@ -300,17 +381,28 @@ def main(argv: list[str] | None = None) -> int:
         train_config = _train_config(args)
         if args.micro_batch_tokens < 2:
             raise ValueError(f"--micro-batch-tokens must be >= 2, got {args.micro_batch_tokens}")
-        model_config = PRESETS[args.preset]
-        if args.variant is not None:
-            model_config = dataclasses.replace(model_config, variant=args.variant)
+        pretrained = _pretrained(args)
+        if pretrained is None:
+            model_config = PRESETS[args.preset or "tiny"]
+            if args.variant is not None:
+                model_config = dataclasses.replace(model_config, variant=args.variant)
+        else:
+            model_config = pretrained.model.config
         problem = data_problem(model_config, args.data)
         if problem is not None:
-            raise ValueError(
-                f"--preset {args.preset} cannot train on --data {args.data}: {problem}"
-            )
+            model_name = f"--preset {args.preset or 'tiny'}" if pretrained is None else "the model"
+            raise ValueError(f"{model_name} cannot train on --data {args.data}: {problem}")
         runtime_device(args)  # a clear error naming --device before any work
-        data = _data_source(args.data, model_config, args.micro_batch_tokens, args.seed)
-        result = train(model_config, train_config, data)
+        data = _data_source(args.data, model_config, args.micro_batch_tokens, args.seed, pretrained)
+        if pretrained is not None and args.out is not None and not args.resume:
+            # Claimed first: a run already there is refused (or, with --overwrite, cleared)
+            # before its tokenizer copies are replaced.
+            is_main = int(os.environ.get("RANK", "0")) == 0
+            claim_out_dir(train_config, is_main)
+            if is_main:
+                save_tokenizers(args.out, pretrained)
+        model = None if pretrained is None else pretrained.model
+        result = train(model_config, train_config, data, model=model)
     except (ValueError, FileNotFoundError) as error:  # CheckpointError is a ValueError
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

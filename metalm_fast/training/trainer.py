@@ -74,6 +74,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "accumulate_gradients",
+    "claim_out_dir",
     "learning_rate",
     "rank_micro_batches",
     "TrainingInterrupted",
@@ -286,7 +287,7 @@ def _prepare(
         model = MetaLM(model_config)
     elif getattr(model, "config", model_config) != model_config:
         raise ValueError("model.config differs from model_config")
-    _claim_out_dir(config, context.is_main)
+    claim_out_dir(config, context.is_main)
     start_step, data_position, optimizer_state, directory = 0, 0, None, None
     if config.resume:
         directory = latest_checkpoint(config.out_dir)
@@ -321,7 +322,7 @@ def _previous_run(out_dir: Path) -> list[str]:
     )
 
 
-def _claim_out_dir(config: TrainConfig, is_main: bool) -> None:
+def claim_out_dir(config: TrainConfig, is_main: bool) -> None:
     """Refuse an ``out_dir`` holding a run, unless resuming; ``overwrite`` deletes that run.
 
     Only the run's own files go: ``out_dir`` may hold other things (or be ``.``).
