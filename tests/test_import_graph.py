@@ -107,6 +107,7 @@ def test_no_import_circle():
         ("nn", {"kernels", "models", "data", "training", "evaluation", "commands"}),
         ("ops", {"nn", "models", "data", "training", "evaluation", "commands"}),
         ("data", {"training", "evaluation", "commands"}),
+        ("hf", {"data", "training", "evaluation", "commands"}),
     ],
 )
 def test_layers_import_only_downward(layer, forbidden):
@@ -135,3 +136,17 @@ def test_modules_use_public_names_of_other_layers(layer):
             if private or any(part.startswith("_") for part in module.split(".")):
                 wrong.append(f"{name}: from {module} import {', '.join(names)}")
     assert not wrong, wrong
+
+
+def test_only_the_transformers_bridges_import_transformers():
+    """Loading pretrained weights needs safetensors only; transformers is imported where
+    a transformers object is made or registered (register, the export's check)."""
+    importers = sorted(
+        {
+            name
+            for name, path in MODULES.items()
+            for module, _ in _imports(name, path)
+            if module == "transformers" or module.startswith("transformers.")
+        }
+    )
+    assert importers == ["metalm_fast.hf.attention", "metalm_fast.hf.export"], importers
