@@ -293,6 +293,8 @@ def _activation(config: dict, name: str, default: str, table: dict[str, str]) ->
 
 @dataclass(frozen=True)
 class Rope:
+    """A config's rotary: base, fraction of each head rotated, scaling (None: default)."""
+
     base: float
     fraction: float
     scaling: dict | None
@@ -301,16 +303,17 @@ class Rope:
 def _rope(config: dict, *, base_field: str, fraction_field: str, fraction: float) -> Rope:
     """Rotary base, rotated fraction and scaling, from transformers 5's ``rope_parameters``
     or the older top-level fields (``rope_theta`` / ``rotary_emb_base``, ``rope_scaling``,
-    ``partial_rotary_factor`` / ``rotary_pct``); rope_parameters wins where both are set,
-    as transformers resolves them."""
+    ``partial_rotary_factor`` / ``rotary_pct``), resolved as transformers does: a
+    non-empty rope_scaling replaces rope_parameters, and the top-level fields fill in
+    what the chosen dict lacks."""
     params = config.get("rope_parameters")
     legacy = config.get("rope_scaling")
     for name, value in (("rope_parameters", params), ("rope_scaling", legacy)):
         if value is not None and not isinstance(value, dict):
             raise HFFormatError(f"config.json: {name} must be a dict, got {value!r}")
-    if params and all(isinstance(value, dict) for value in params.values()):
-        raise _refuse("rope_parameters", params, "per-layer-type rope parameters")
-    merged = {**(legacy or {}), **(params or {})}
+    merged = legacy or params or {}
+    if merged and all(isinstance(value, dict) for value in merged.values()):
+        raise _refuse("rope_parameters", merged, "per-layer-type rope parameters")
     base = merged.get("rope_theta", _field(config, base_field, 10000.0))
     fraction = merged.get("partial_rotary_factor", _field(config, fraction_field, fraction))
     rope_type = merged.get("rope_type", merged.get("type", "default"))

@@ -56,14 +56,19 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
 )
-#: Fields of a loaded model's config.json that say nothing about the computation and
-#: travel back unchanged.
+#: Fields of a loaded model's config.json that do not change what inference computes and
+#: travel back unchanged (token ids, training-time dropout; a native model gets no dropout).
 CARRIED_FIELDS = (
     "bos_token_id",
     "eos_token_id",
     "pad_token_id",
     "max_position_embeddings",
     "initializer_range",
+    "attention_dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
 )
 #: Our ungated MLP kinds -> the HF activation that computes exactly it.
 HF_ACTIVATIONS = {
@@ -108,12 +113,12 @@ class _Needs:
 
 
 def _sizes(config: MetaLMConfig) -> dict:
-    heads = config.decoder_heads
+    """The size fields Llama, Mistral, Qwen2 and GPT-NeoX name alike."""
     return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.decoder_dim,
         "num_hidden_layers": config.decoder_layers,
-        "num_attention_heads": heads,
+        "num_attention_heads": config.decoder_heads,
         "intermediate_size": mlp_hidden(config),
         "tie_word_embeddings": config.tie_embeddings,
     }
@@ -325,8 +330,8 @@ def _config_json(model: MetaLM, architecture: str, fields: dict) -> dict:
     return {
         "architectures": [architecture],
         "model_type": family.model_type,
-        **carried,
         **fields,
+        **carried,
         "dtype": dtype,
     }
 

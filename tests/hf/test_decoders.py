@@ -206,6 +206,27 @@ def test_dtype_casts_the_weights(tmp_path):
     assert tied.lm_head.weight is tied.embedding.weight
 
 
+@pytest.mark.parametrize(
+    "case, legacy",
+    [
+        (
+            "llama3_rope",
+            {
+                "rope_theta": LLAMA3["rope_theta"],
+                "rope_scaling": {k: v for k, v in LLAMA3.items() if k != "rope_theta"},
+            },
+        ),
+        ("neox_sequential_tied", {"rotary_pct": 0.5, "rotary_emb_base": 1000.0}),
+    ],
+)
+def test_pre_transformers_5_rope_fields(case, legacy, tmp_path):
+    """Checkpoints written before rope_parameters: top-level rope_theta / rope_scaling
+    (Llama 3.1) and rotary_pct / rotary_emb_base (Pythia)."""
+    model, path = saved(case, tmp_path)
+    edit_config(path, rope_parameters=None, **legacy)
+    assert_logits_match(load_decoder(path), model, sequences(), case)
+
+
 # ----------------------------------------------------------------------------- generation
 def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
