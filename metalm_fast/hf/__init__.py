@@ -6,6 +6,7 @@
 - :func:`load_vision_encoder`: ViT, CLIP vision, SigLIP vision -> a vision encoder;
 - :func:`from_pretrained`: a MetaLM of such parts and fresh connectors;
 - :func:`export_decoder`: a MetaLM's decoder -> a transformers model directory;
+- :func:`export_metalm` / :func:`load_metalm`: any MetaLM as safetensors plus its config;
 - :func:`register`: ``attn_implementation="metalm_span"`` inside transformers' models.
 
 Loading reads weights with safetensors and never imports transformers; only
@@ -21,8 +22,10 @@ from metalm_fast.hf.files import HFFormatError
 __all__ = [
     "HFFormatError",
     "export_decoder",
+    "export_metalm",
     "from_pretrained",
     "load_decoder",
+    "load_metalm",
     "load_text_encoder",
     "load_vision_encoder",
     "register",
@@ -77,6 +80,20 @@ def export_decoder(model, path, **kwargs):
     from metalm_fast.hf.export import export_decoder as export
 
     return export(model, path, **kwargs)
+
+
+def export_metalm(model, path):
+    """See :func:`metalm_fast.hf.export.export_metalm`."""
+    from metalm_fast.hf.export import export_metalm as export
+
+    return export(model, path)
+
+
+def load_metalm(path, dtype=None):
+    """See :func:`metalm_fast.hf.export.load_metalm`."""
+    from metalm_fast.hf.export import load_metalm as load
+
+    return load(path, dtype=dtype)
 
 
 def register(name: str = "metalm_span"):

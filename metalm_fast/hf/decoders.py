@@ -18,6 +18,7 @@ tensor, before any weight reaches the model.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -623,7 +624,10 @@ def load_decoder(path, dtype: torch.dtype | None = None) -> MetaLM:
     """
     config = read_config(path)
     family = family_of(config)
-    metalm_config = family.read_config(config)
+    source = {"architecture": family.architecture, "model_type": family.model_type}
+    metalm_config = dataclasses.replace(
+        family.read_config(config), hf_source={**source, "config": config}
+    )
     links = weight_links(family.names, metalm_config)
     try:
         with torch.device("meta"):  # no random init of weights about to be replaced
@@ -636,9 +640,4 @@ def load_decoder(path, dtype: torch.dtype | None = None) -> MetaLM:
     if metalm_config.tie_embeddings:  # assign=True replaced the two parameters one by one
         model.lm_head.weight = model.embedding.weight
     check_loaded(model)
-    model.hf_source = {
-        "architecture": family.architecture,
-        "model_type": family.model_type,
-        "config": config,
-    }
     return model.eval()

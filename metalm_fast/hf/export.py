@@ -296,7 +296,7 @@ def _check_decoder_only(model) -> MetaLM:
 
 def _family_config(model: MetaLM) -> tuple[str, dict]:
     """(architecture, config fields) of the family the model is written as."""
-    source = getattr(model, "hf_source", None)
+    source = model.hf_source
     candidates = (source["architecture"],) if source else NATIVE_ORDER
     reasons = []
     for architecture in candidates:
@@ -319,7 +319,7 @@ def _activation_name(architecture: str, fields: dict, source: dict) -> None:
 
 
 def _config_json(model: MetaLM, architecture: str, fields: dict) -> dict:
-    source = getattr(model, "hf_source", None) or {}
+    source = model.hf_source or {}
     source_config = source.get("config", {})
     family = FAMILIES[architecture]
     _activation_name(architecture, fields, source_config)
@@ -467,8 +467,8 @@ def _float_copy(model: MetaLM) -> MetaLM:
 
 # ----------------------------------------------------------------------------- whole MetaLM
 def export_metalm(model: MetaLM, path) -> Path:
-    """Write any MetaLM as ``metalm_config.json`` (its MetaLMConfig, and ``hf_source``
-    when it has one) and model.safetensors; :func:`load_metalm` rebuilds it."""
+    """Write any MetaLM as ``metalm_config.json`` (its MetaLMConfig, ``hf_source``
+    included) and model.safetensors; :func:`load_metalm` rebuilds it."""
     if not isinstance(model, MetaLM):
         raise TypeError(f"model must be a MetaLM, got {type(model).__name__}")
     directory = Path(path)
@@ -482,7 +482,6 @@ def export_metalm(model: MetaLM, path) -> Path:
         {
             "format": METALM_FORMAT,
             "config": dataclasses.asdict(model.config),
-            "hf_source": getattr(model, "hf_source", None),
         },
     )
     return directory
@@ -516,6 +515,4 @@ def load_metalm(path, dtype: torch.dtype | None = None) -> MetaLM:
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
     check_loaded(model)
-    if saved.get("hf_source"):
-        model.hf_source = saved["hf_source"]
     return model.eval()

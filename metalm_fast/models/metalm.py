@@ -94,6 +94,9 @@ class MetaLMConfig:
     freeze_encoder_layers: int = 0
     freeze_vision_layers: int = 0
     freeze_decoder: bool = False
+    # The transformers family a decoder was loaded from (metalm_fast.hf.load_decoder:
+    # architecture, model_type, its config.json), which export writes it back as.
+    hf_source: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
         for name in ("decoder_architecture", "encoder_architecture"):
@@ -407,7 +410,6 @@ class MetaLM(nn.Module):
         if vision_encoder is not None:
             model.vision_encoder = vision_encoder
             model.vision_connector = _vision_connector(config).to(weight.device, weight.dtype)
-        model.hf_source = getattr(decoder, "hf_source", None)
         model.freeze(config)
         return model
 
@@ -430,6 +432,11 @@ class MetaLM(nn.Module):
             frozen += self.vision_encoder.transformer.blocks[:layers].parameters()
         for parameter in frozen:
             parameter.requires_grad_(False)
+
+    @property
+    def hf_source(self) -> dict | None:
+        """``config.hf_source``: the transformers family the decoder came from, or None."""
+        return self.config.hf_source
 
     @property
     def has_text_encoder(self) -> bool:
