@@ -35,6 +35,7 @@ COMMANDS = {
     "generate": ("metalm_fast.commands.generate", "prompts (+ images) to text, paged KV cache"),
     "eval": ("metalm_fast.commands.evaluate", "digit VQA accuracy: zero-shot, k-shot, finetuned"),
     "bench": ("metalm_fast.commands.bench", "every CPU benchmark table from one command"),
+    "export": ("metalm_fast.commands.export", "a run out to transformers (and vLLM), or whole"),
 }
 
 

@@ -433,6 +433,27 @@ class MetaLM(nn.Module):
         for parameter in frozen:
             parameter.requires_grad_(False)
 
+    def decoder_only(self) -> MetaLM:
+        """This model's decoder as a decoder-only MetaLM sharing its embedding, decoder and
+        LM head (not copies); the model itself when it has no encoder."""
+        if not (self.has_text_encoder or self.has_vision_encoder):
+            return self
+        config = dataclasses.replace(
+            self.config,
+            variant="two_stack",
+            encoder_layers=0,
+            text_encoder=None,
+            vision_layers=0,
+            vision_encoder=None,
+            freeze_encoder_layers=0,
+            freeze_vision_layers=0,
+        )
+        with torch.device("meta"):
+            decoder = MetaLM(config)
+        decoder.embedding, decoder.decoder = self.embedding, self.decoder
+        decoder.lm_head = self.lm_head
+        return decoder.train(self.training)
+
     @property
     def hf_source(self) -> dict | None:
         """``config.hf_source``: the transformers family the decoder came from, or None."""

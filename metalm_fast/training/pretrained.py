@@ -28,6 +28,7 @@ __all__ = [
     "PretrainedRun",
     "load_pretrained",
     "run_tokenizer",
+    "run_tokenizer_dir",
     "save_tokenizers",
 ]
 
@@ -116,12 +117,20 @@ def save_tokenizers(out_dir: str | Path, run: PretrainedRun) -> None:
                 shutil.copyfile(source / file, target / file)
 
 
-def run_tokenizer(checkpoint: str | Path, vocab_size: int) -> Tokenizer:
-    """The tokenizer a run trained with: the ``tokenizer/`` copy (a pretrained decoder's)
-    in the checkpoint's directory or one above it (a run holds step-N/ and finetuned
-    checkpoints), else the pydoc tokenizer of ``vocab_size`` (a native model)."""
+def run_tokenizer_dir(checkpoint: str | Path) -> Path | None:
+    """The ``tokenizer/`` copy (a pretrained decoder's) in the checkpoint's directory or one
+    above it (a run holds step-N/ and finetuned checkpoints), or None (a native run)."""
     path = Path(checkpoint).resolve()
     for directory in (path, *list(path.parents)[:3]):
         if (directory / DECODER_TOKENIZER / "tokenizer.json").is_file():
-            return Tokenizer.from_pretrained(directory / DECODER_TOKENIZER)
+            return directory / DECODER_TOKENIZER
+    return None
+
+
+def run_tokenizer(checkpoint: str | Path, vocab_size: int) -> Tokenizer:
+    """The tokenizer a run trained with (:func:`run_tokenizer_dir`), else the pydoc
+    tokenizer of ``vocab_size`` (a native model's)."""
+    directory = run_tokenizer_dir(checkpoint)
+    if directory is not None:
+        return Tokenizer.from_pretrained(directory)
     return load_tokenizer(vocab_size)

@@ -10,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from metalm_fast import hf  # noqa: E402
 from metalm_fast.cli import main as cli_main  # noqa: E402
 from metalm_fast.data.tokenizer import load_tokenizer  # noqa: E402
 from metalm_fast.training.checkpoint import load_model  # noqa: E402
@@ -139,3 +140,28 @@ def test_a_decoder_alone_trains_as_the_single_stack(parts, tmp_path):
             "--out", str(out)]  # fmt: skip
     assert train_main(argv) == 0
     assert load_model(out).config.variant == "single_stack"
+
+
+def test_export_a_pretrained_run_back_to_its_family(parts, tmp_path):
+    out = tmp_path / "run"
+    assert _train(parts, out) == 0
+    exported, whole = tmp_path / "hf", tmp_path / "whole"
+    argv = ["export", "--checkpoint", str(out), "--hf-out", str(exported), "--metalm-out",
+            str(whole), "--verify"]  # fmt: skip
+    assert cli_main(argv) == 0
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (exported / "tokenizer.json").read_bytes() == (
+        parts["decoder"] / "tokenizer.json"
+    ).read_bytes()
+    trained = load_model(out)
+    llama = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    assert torch.equal(llama.model.embed_tokens.weight, trained.embedding.weight)
+    assert torch.equal(
+        llama.model.layers[1].mlp.down_proj.weight, trained.decoder.blocks[1].mlp.down.weight
+    )
+    rebuilt = hf.load_metalm(whole)
+    for (name, ours), (_, theirs) in zip(
+        trained.state_dict().items(), rebuilt.state_dict().items(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name
