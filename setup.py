@@ -133,6 +133,7 @@ setup(
         "hf": ["transformers>=5.0"],
         "dev": [
             "transformers>=5.0",
+            "accelerate",
             "pytest",
             "pytest-benchmark",
             "hypothesis",
