@@ -131,9 +131,11 @@ setup(
     extras_require={
         # metalm_fast.hf.register and the export's checks import transformers; loading does not.
         "hf": ["transformers>=5.0"],
+        "eval": ["lm-eval>=0.4"],
         "dev": [
             "transformers>=5.0",
             "accelerate",
+            "lm-eval>=0.4",
             "pytest",
             "pytest-benchmark",
             "hypothesis",
