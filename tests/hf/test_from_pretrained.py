@@ -12,55 +12,23 @@ from metalm_fast import hf  # noqa: E402
 from metalm_fast.data.collator import build_batch  # noqa: E402
 from metalm_fast.models import MetaLM  # noqa: E402
 from metalm_fast.training.checkpoint import load_model, save_checkpoint  # noqa: E402
+from tests.hf import tiny_parts  # noqa: E402
+from tests.hf.tiny_parts import randomise  # noqa: E402
 
 VOCAB = 300
 
 
 def _save(model, directory):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.05)
-    model.save_pretrained(directory)
+    randomise(model).save_pretrained(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    ).eval()
-    bert = transformers.BertModel(
-        transformers.BertConfig(
-            vocab_size=200,
-            hidden_size=32,
-            intermediate_size=50,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-        )
-    )
-    clip = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(
-            image_size=16,
-            patch_size=8,
-            num_channels=3,
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        )
-    )
+    llama = tiny_parts.llama(transformers, VOCAB, tie_word_embeddings=False)
+    bert = tiny_parts.bert(transformers, 200, max_position_embeddings=64)
+    clip = tiny_parts.clip_vision(transformers)
     return {
         "llama": (llama, _save(llama, root / "llama")),
         "bert": (bert, _save(bert, root / "bert")),

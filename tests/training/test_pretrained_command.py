@@ -16,6 +16,7 @@ from metalm_fast.data.tokenizer import load_tokenizer  # noqa: E402
 from metalm_fast.training.checkpoint import load_model  # noqa: E402
 from metalm_fast.training.command import main as train_main  # noqa: E402
 from metalm_fast.training.pretrained import run_tokenizer  # noqa: E402
+from tests.hf import tiny_parts  # noqa: E402
 
 DECODER_VOCAB, ENCODER_VOCAB = 300, 280
 
@@ -32,41 +33,13 @@ def _save(model, directory, tokenizer=None):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrained")
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=DECODER_VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        )
-    )
+    llama = tiny_parts.llama(transformers, DECODER_VOCAB, width=32, num_attention_heads=2)
     # The encoder has another vocabulary: each span is re-tokenized with its tokenizer.
-    bert = transformers.BertModel(
-        transformers.BertConfig(
-            vocab_size=ENCODER_VOCAB,
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=256,
-        )
-    )
-    clip = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(
-            image_size=16,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        )
-    )
+    bert = tiny_parts.bert(transformers, ENCODER_VOCAB, num_hidden_layers=2, intermediate_size=40)
     return {
         "decoder": _save(llama, root / "llama", load_tokenizer(DECODER_VOCAB)),
         "text": _save(bert, root / "bert", load_tokenizer(ENCODER_VOCAB)),
-        "vision": _save(clip, root / "clip"),
+        "vision": _save(tiny_parts.clip_vision(transformers), root / "clip"),
     }
 
 
