@@ -189,7 +189,7 @@ def _check_model_reads_digits(model, args: argparse.Namespace) -> None:
     shape = (config.image_channels, config.image_size, config.image_size)
     if config.vision_layers == 0:
         raise ValueError(f"{name} cannot answer digit questions: no vision encoder")
-    if shape != digit_shape:
+    if shape != digit_shape and config.vision_encoder is None:  # a pretrained one resizes
         raise ValueError(
             f"{name} cannot answer digit questions: its vision encoder reads images "
             f"{shape}, the digits are {digit_shape}"

@@ -84,6 +84,11 @@ def test_train_generate_and_eval_a_pretrained_run(parts, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("> def <image> f")
     assert len(printed.strip().splitlines()) >= 2
+    code = cli_main(
+        ["eval", "--checkpoint", str(out), "--shots", "0", "--limit", "4", "--device", "cpu"]
+    )
+    assert code == 0
+    assert "chance" in capsys.readouterr().out
 
 
 def test_pretrained_flags_refuse_what_cannot_work(parts, tmp_path, capsys):
