@@ -90,16 +90,17 @@ def requests(kind: str, arguments) -> list[Instance]:
 
 
 # ----------------------------------------------------------------------------- references
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's causal tokenization, with the bos token every document starts with."""
-    bos = tokenizer.bos_id
+def encode_pair(tokenizer, context: str, continuation: str, bos: bool = True):
+    """lm-eval's causal tokenization, with the bos token every document starts with
+    (``bos``; an empty context is the bos token either way): (context, continuation) ids."""
     if context == "":
-        return [bos], tokenizer.encode(continuation)
+        return [tokenizer.bos_id], tokenizer.encode(continuation)
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = [bos, *tokenizer.encode(context)]
-    whole = [bos, *tokenizer.encode(context + continuation)]
+    start = [tokenizer.bos_id] if bos else []
+    context_ids = start + tokenizer.encode(context)
+    whole = start + tokenizer.encode(context + continuation)
     return context_ids, whole[len(context_ids) :]
 
 
@@ -113,8 +114,8 @@ def direct_score(model, tokens: list[int], targets: list[int]) -> tuple[float, b
     return picked, bool((logits.argmax(dim=-1) == target).all())
 
 
-def direct_loglikelihood(model, tokenizer, context, continuation, max_length=2048):
-    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+def direct_loglikelihood(model, tokenizer, context, continuation, max_length=2048, bos=True):
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, bos)
     tokens = (context_ids + continuation_ids)[-(max_length + 1) :]
     return direct_score(model, tokens[:-1], continuation_ids)
 
@@ -153,6 +154,12 @@ def test_import_metalm_fast_does_not_import_lm_eval():
 def test_loglikelihood_equals_direct_computation_one_by_one(lm, model, tokenizer):
     got = lm.loglikelihood(requests("loglikelihood", CONTEXTS))
     expected = [direct_loglikelihood(model, tokenizer, c, x) for c, x in CONTEXTS]
+    assert_scores_close(got, expected)
+
+
+def test_without_bos_only_an_empty_context_reads_the_bos_token(run_dir, model, tokenizer):
+    got = adapter(run_dir, add_bos_token=False).loglikelihood(requests("loglikelihood", CONTEXTS))
+    expected = [direct_loglikelihood(model, tokenizer, c, x, bos=False) for c, x in CONTEXTS]
     assert_scores_close(got, expected)
 
 
