@@ -86,7 +86,13 @@ from metalm_fast.tools.ptx_tools import (
 )
 
 #: Kernel modules checked by default; adding an op is one entry here.
-OPS = ("span_attention", "embed_scatter", "paged_decode_attention", "kv_cache_append")
+OPS = (
+    "span_attention",
+    "embed_scatter",
+    "paged_decode_attention",
+    "kv_cache_append",
+    "fused_linear_cross_entropy",
+)
 
 #: Opt-in maximum shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 #: A100 164 KiB per SM less 1 KiB reserved per block; H100/H200 228 KiB less 1 KiB.

@@ -1,0 +1,507 @@
+"""fused_linear_cross_entropy: the LM head and its loss without a [T, V] logits tensor.
+
+``loss = cross_entropy(hidden @ weight.T (+ bias), labels)`` computed in row
+chunks (Liger-Kernel's design): for each chunk of scored rows the forward makes
+the chunk's logits, turns them into row losses and, in the same pass, into
+``grad_logits`` (in place, on the chunk buffer), then immediately spends them:
+``grad_hidden[chunk] = grad_logits @ weight`` and
+``grad_weight += grad_logits.T @ hidden[chunk]`` (and ``grad_bias``). The
+forward therefore returns the loss *and* the gradients; backward only scales
+them by ``grad_output``. Peak memory is one chunk of logits instead of
+``T x V`` logits plus their gradient (plus, for half inputs, a float32 copy).
+
+Chunking: a chunk holds ``budget // (V * itemsize)`` rows of accumulation-dtype
+logits (at least 1, a multiple of 16 when larger: matmul-friendly), with
+``budget`` = ``CHUNK_BYTES`` (64 MiB) on the CPU and ``CHUNK_BYTES_CUDA``
+(128 MiB) on CUDA, so the buffer stays near a fixed byte budget whatever the
+vocabulary (:func:`rows_per_chunk`). Chunks run in a
+fixed order with plain matmuls, no atomics: bit-identical on repeat.
+
+Precision: fp16/bf16 inputs accumulate in fp32: logits, grad_logits, the loss
+and grad_weight (cast once at the end) are fp32; float64 stays float64. On CUDA
+the half matmuls run in their own dtype with fp32 output (``out_dtype``); on the
+CPU (and the Triton interpreter) they run on fp32 copies (the weight widened
+once per call).
+
+Ignored rows (``labels == ignore_index``) are dropped before any matmul: they
+cost nothing and never touch the loss or a gradient, even when their hidden
+state is NaN. Non-finite values otherwise follow the float math: a NaN or inf
+in ``hidden[t]`` (or a NaN/+inf logit of row ``t``) makes ``loss[t]`` NaN and
+``grad_hidden[t]`` NaN, and leaves every other row's loss and ``grad_hidden``
+exact; ``grad_weight`` and ``grad_bias`` sum over rows, so one such row makes
+them non-finite (NaN), as eager autograd does. A softcap maps an infinite
+logit to +-softcap, so there such a row stays finite, as in eager.
+
+Layers, as for the other ops: ``metalm::fused_linear_cross_entropy_fwd`` is a
+custom op with a fake implementation (torch.compile traces it whole: the
+data-dependent row selection and the label check stay inside it), autograd is
+registered on it, and the public :func:`fused_linear_cross_entropy` validates
+on the host and picks a backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from metalm_fast import reference
+from metalm_fast.checks import integer
+from metalm_fast.ops._backend import resolve_backend
+from metalm_fast.ops._validation import check_float_tensor, check_index_tensor
+
+__all__ = ["CHUNK_BYTES", "fused_linear_cross_entropy", "rows_per_chunk"]
+
+#: Byte budget of one chunk of logits (accumulation dtype) on the CPU: 64 MiB is
+#: 2048 rows at V = 8192 and 128 rows at V = 128k in fp32. Smaller chunks measured
+#: slower on a 2-core CPU (short matmuls and per-op threading overhead dominate).
+CHUNK_BYTES = 64 * 2**20
+#: Budget on CUDA: 256 rows at V = 128k in fp32, tall enough for cuBLAS.
+CHUNK_BYTES_CUDA = 128 * 2**20
+_ROW_MULTIPLE = 16
+
+_SUPPORTED = ("triton", "cpu", "reference")
+_REDUCTIONS = ("mean", "sum")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def rows_per_chunk(vocab: int, rows: int, itemsize: int = 4, budget: int | None = None) -> int:
+    """Rows per chunk so that ``rows x vocab`` logits of ``itemsize`` bytes fit ``budget``.
+
+    >>> rows_per_chunk(8192, 4096)
+    2048
+    >>> rows_per_chunk(32003, 100, budget=2**20)  # 8.19 rows fit
+    8
+    >>> rows_per_chunk(10**8, 5)
+    1
+    """
+    budget = CHUNK_BYTES if budget is None else budget
+    step = max(1, budget // max(1, vocab * itemsize))
+    if step > _ROW_MULTIPLE:
+        step -= step % _ROW_MULTIPLE
+    return max(1, min(step, rows))
+
+
+class _Params(NamedTuple):
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    grad_scale: float
+
+
+# ----------------------------------------------------------------------------- row-wise math
+def _rows_torch(logits, labels, bias, params: _Params, loss_out, write_grad: bool):
+    """Row losses into ``loss_out``; returns grad_logits (the chunk buffer itself,
+    overwritten, unless a softcap needs the tanh values kept beside it) or None."""
+    if bias is not None:
+        logits.add_(bias)
+    vocab, eps, cap = logits.shape[1], params.label_smoothing, params.softcap
+    targets = labels[:, None]
+    if cap is None:
+        x = logits
+        m = x.amax(1, keepdim=True)
+        x_label = x.gather(1, targets)
+        sum_x = x.sum(1, keepdim=True) if eps else None
+        exps = x.sub_(m).exp_()  # the buffer now holds exp(x - m)
+    else:
+        tanh = logits.div_(cap).tanh_()  # x = cap * tanh; tanh is monotone, so max commutes
+        m = tanh.amax(1, keepdim=True).mul_(cap)
+        x_label = tanh.gather(1, targets).mul_(cap)
+        sum_x = tanh.sum(1, keepdim=True).mul_(cap) if eps else None
+        exps = torch.mul(tanh, cap).sub_(m).exp_()  # the chain term still needs tanh
+    sums = exps.sum(1, keepdim=True)
+    lse = m + sums.log()
+    loss = lse - (1.0 - eps) * x_label
+    if params.z_loss:
+        loss += params.z_loss * lse * lse
+    if eps:
+        loss -= (eps / vocab) * sum_x
+    loss_out.copy_(loss.squeeze(1))
+    if not write_grad:
+        return None
+    scale = params.grad_scale
+    exps.mul_((1.0 + 2.0 * params.z_loss * lse) * scale / sums)  # = scale * p * (1 + 2 z lse)
+    if eps:
+        exps.sub_(scale * eps / vocab)
+    exps.scatter_add_(1, targets, exps.new_full(targets.shape, -(1.0 - eps) * scale))
+    if cap is not None:
+        tanh.mul_(tanh)
+        exps.addcmul_(exps, tanh, value=-1.0)  # * (1 - tanh^2), the softcap chain
+    return exps
+
+
+def _rows_triton(logits, labels, bias, params: _Params, loss_out, write_grad: bool):
+    from metalm_fast.kernels.fused_linear_cross_entropy import cross_entropy_rows_
+
+    cross_entropy_rows_(
+        logits,
+        labels,
+        bias,
+        loss_out,
+        label_smoothing=params.label_smoothing,
+        z_loss=params.z_loss,
+        softcap=params.softcap,
+        grad_scale=params.grad_scale,
+        write_grad=write_grad,
+    )
+    return logits if write_grad else None
+
+
+# ----------------------------------------------------------------------------- matmuls
+class _Matmuls:
+    """The three matmuls of a chunk, with fp32 accumulation for half inputs.
+
+    On CUDA a half weight is used as is (cuBLAS with fp32 output); elsewhere the
+    operands are widened, the weight once per call (CPU half matmuls have no fp32
+    output option).
+    """
+
+    def __init__(self, weight: torch.Tensor, accumulate: torch.dtype):
+        self.dtype, self.accumulate = weight.dtype, accumulate
+        self.native = weight.device.type == "cuda" and weight.dtype in _HALF
+        self.weight = weight if self.native else weight.to(accumulate)
+
+    def operand(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.native else rows.to(self.accumulate)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return torch.mm(rows, self.weight.T, out_dtype=torch.float32)
+        return torch.mm(rows, self.weight.T)
+
+    def grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return torch.mm(grad.to(self.dtype), self.weight)
+        return torch.mm(grad, self.weight)
+
+    def add_grad_weight(self, grad_weight, grad, rows) -> None:
+        if self.native:
+            grad_weight.add_(torch.mm(grad.to(self.dtype).T, rows, out_dtype=torch.float32))
+        else:
+            grad_weight.addmm_(grad.T, rows)
+
+
+# ----------------------------------------------------------------------------- the chunk loop
+def _check_labels(labels, vocab: int, ignore_index: int) -> torch.Tensor:
+    """labels in int64 (before any narrowing); every scored one must lie in [0, V)."""
+    wide = labels.to(torch.int64)
+    bad = (wide != ignore_index) & ((wide < 0) | (wide >= vocab))
+    if bool(bad.any()):
+        t = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"labels[{t}] = {int(wide[t])} is outside [0, {vocab}) (the rows of weight) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+    return wide
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_chunked(hidden, weight, labels, bias, params: _Params, needs, rows_fn):
+    """(row losses [n], scored rows, grad_hidden, grad_weight (acc), grad_bias (acc))."""
+    need_hidden, need_weight, need_bias = needs
+    tokens, vocab = hidden.shape[0], weight.shape[0]
+    accumulate = _accumulate_dtype(hidden.dtype)
+    wide = _check_labels(labels, vocab, params.ignore_index)
+    kept = torch.nonzero(wide != params.ignore_index).flatten()
+    every_row = kept.numel() == tokens
+    scored = hidden if every_row else hidden.index_select(0, kept)
+    targets = wide if every_row else wide.index_select(0, kept)
+    count = kept.numel()
+    matmuls = _Matmuls(weight, accumulate)
+    bias_wide = None if bias is None else bias.to(accumulate)
+    new = dict(device=hidden.device, dtype=accumulate)
+    grad_hidden = hidden.new_zeros(hidden.shape) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros(weight.shape, **new) if need_weight else torch.empty(0, **new)
+    grad_bias = torch.zeros(vocab, **new) if need_bias else torch.empty(0, **new)
+    row_loss = torch.empty(count, **new)
+    budget = CHUNK_BYTES_CUDA if hidden.device.type == "cuda" else CHUNK_BYTES
+    step = rows_per_chunk(vocab, count, torch.finfo(accumulate).bits // 8, budget)
+    write_grad = any(needs)
+    for start in range(0, count, step):
+        stop = min(start + step, count)
+        rows = matmuls.operand(scored[start:stop])
+        logits = matmuls.logits(rows)
+        grad = rows_fn(
+            logits, targets[start:stop], bias_wide, params, row_loss[start:stop], write_grad
+        )
+        if need_hidden:
+            part = matmuls.grad_hidden(grad)
+            if every_row:
+                grad_hidden[start:stop] = part
+            else:
+                grad_hidden.index_copy_(0, kept[start:stop], part.to(hidden.dtype))
+        if need_weight:
+            matmuls.add_grad_weight(grad_weight, grad, rows)
+        if need_bias:
+            grad_bias += grad.sum(0)
+    return row_loss, kept, grad_hidden, grad_weight, grad_bias
+
+
+def _forward_reference(hidden, weight, labels, bias, params: _Params, reduction: str, needs):
+    _check_labels(labels, weight.shape[0], params.ignore_index)
+    options = dict(
+        bias=bias,
+        ignore_index=params.ignore_index,
+        reduction=reduction,
+        label_smoothing=params.label_smoothing,
+        z_loss=params.z_loss,
+        softcap=params.softcap,
+    )
+    loss, per_token = reference.fused_linear_cross_entropy(
+        hidden, weight, labels, return_per_token=True, **options
+    )
+    empty = hidden.new_empty(0)
+    grads = (empty, empty, empty)
+    if any(needs):
+        grads = reference.fused_linear_cross_entropy_grads(hidden, weight, labels, **options)
+        grads = tuple(g if need else empty for g, need in zip(grads, needs))
+    return loss, per_token, grads
+
+
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("metalm::fused_linear_cross_entropy_fwd", mutates_args=())
+def _fused_linear_cross_entropy_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """loss [] and per_token [T] (fp32; fp64 for fp64), then grad_hidden [T, D],
+    grad_weight [V, D], grad_bias [V] for the final loss (each [0] when not needed)."""
+    needs = (need_hidden, need_weight, need_bias)
+    accumulate = _accumulate_dtype(hidden.dtype)
+    if backend == "reference":
+        params = _Params(ignore_index, label_smoothing, z_loss, softcap, 0.0)
+        loss, per_token, grads = _forward_reference(
+            hidden, weight, labels, bias, params, reduction, needs
+        )
+        outputs = (loss.to(accumulate), per_token.to(accumulate), *grads)
+        return tuple(t.contiguous() for t in outputs)
+    scored = int((labels != ignore_index).sum())
+    grad_scale = 1.0 if reduction == "sum" else 1.0 / max(scored, 1)
+    params = _Params(ignore_index, label_smoothing, z_loss, softcap, grad_scale)
+    rows_fn = _rows_triton if backend == "triton" else _rows_torch
+    row_loss, kept, grad_hidden, grad_weight, grad_bias = _forward_chunked(
+        hidden, weight, labels, bias, params, needs, rows_fn
+    )
+    # Row losses summed in float64: a fixed order, one rounding.
+    loss = (row_loss.double().sum() * grad_scale).to(accumulate)
+    per_token = row_loss.new_zeros(hidden.shape[0]).index_copy_(0, kept, row_loss)
+    grad_bias = grad_bias.to(bias.dtype) if need_bias else grad_bias
+    return loss, per_token, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+
+
+@_fused_linear_cross_entropy_fwd.register_fake
+def _(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    need_hidden,
+    need_weight,
+    need_bias,
+    backend,
+):
+    accumulate = _accumulate_dtype(hidden.dtype)
+    loss = hidden.new_empty((), dtype=accumulate)
+    per_token = hidden.new_empty(hidden.shape[0], dtype=accumulate)
+    grad_hidden = hidden.new_empty(hidden.shape if need_hidden else (0,))
+    grad_weight = weight.new_empty(weight.shape if need_weight else (0,))
+    grad_bias = hidden.new_empty(0) if not need_bias else bias.new_empty(bias.shape)
+    return loss, per_token, grad_hidden, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    need_hidden, need_weight, need_bias = inputs[9:12]
+    _, per_token, grad_hidden, grad_weight, grad_bias = output
+    ctx.mark_non_differentiable(per_token, grad_hidden, grad_weight, grad_bias)
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.needs = (need_hidden, need_weight, need_bias)
+
+
+def _backward(ctx, grad_loss, *_):
+    """The forward made the gradients of the loss; scale them by grad_output."""
+    scaled = [
+        grad * grad_loss.to(grad.dtype) if need else None
+        for grad, need in zip(ctx.saved_tensors, ctx.needs)
+    ]
+    grad_hidden, grad_weight, grad_bias = scaled
+    return (grad_hidden, grad_weight, None, grad_bias) + (None,) * 9
+
+
+_fused_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_number(name: str, value, low: float, high: float, closed_high: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    if not low <= value <= high or (not closed_high and value == high):
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def _check_tensors(hidden, weight, labels, bias) -> None:
+    check_float_tensor("hidden", hidden, "2-D [T, D]")
+    check_float_tensor("weight", weight, "2-D [V, D]")
+    check_index_tensor("labels", labels, "1-D [T]")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight is [V, {weight.shape[1]}] but hidden is [T, {hidden.shape[1]}] (D must match)"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"labels has {labels.shape[0]} entries but hidden has {hidden.shape[0]} rows"
+        )
+    tensors = {"hidden": hidden, "weight": weight, "labels": labels}
+    if bias is not None:
+        check_float_tensor("bias", bias, "1-D [V]")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows"
+            )
+        tensors["bias"] = bias
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"hidden, weight, labels and bias must be on one device, got {listed}")
+
+
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, return_per_token):
+    ignore_index = integer(ignore_index, "ignore_index")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_number("z_loss", z_loss, 0.0, math.inf, closed_high=False)
+    if softcap is not None:
+        softcap = _check_number("softcap", softcap, 0.0, math.inf, closed_high=False)
+        if softcap == 0.0:
+            raise ValueError("softcap must be > 0 (or None for no cap), got 0.0")
+    if not isinstance(return_per_token, bool):
+        raise TypeError(f"return_per_token must be a bool, got {type(return_per_token).__name__}")
+    return ignore_index, label_smoothing, z_loss, softcap
+
+
+# ----------------------------------------------------------------------------- public API
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_per_token: bool = False,
+    backend: str = "auto",
+):
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, in row chunks.
+
+    Per scored row ``t`` (``labels[t] != ignore_index``)::
+
+        z   = hidden[t] @ weight.T + bias
+        x   = softcap * tanh(z / softcap)            (softcap given; else x = z)
+        lse = logsumexp(x)
+        loss[t] = F.cross_entropy(x, labels[t], label_smoothing=eps) + z_loss * lse**2
+
+    and the loss is their mean over scored rows ("mean"; 0 with no scored row,
+    never NaN) or their sum ("sum"). No ``[T, V]`` tensor is ever made: see the
+    module docstring for the chunking, precision and non-finite rules.
+
+    Parameters
+    ----------
+    hidden : [T, D] float16, bfloat16, float32 (or float64 off triton), last dim contiguous.
+    weight : [V, D], hidden's dtype and device (a tied embedding table works as is:
+        its gradient adds to the embedding's).
+    labels : int32/int64 [T]: a class in ``[0, V)`` or ``ignore_index``; anything
+        else is a ValueError (checked in int64).
+    bias : [V] or None, hidden's dtype.
+    ignore_index : the label of unscored rows (MetaLM's IGNORE_INDEX, -100).
+    reduction : "mean" or "sum".
+    label_smoothing : in [0, 1], as ``F.cross_entropy`` defines it.
+    z_loss : >= 0, weight of ``lse**2`` per scored row.
+    softcap : > 0 or None: logits are capped to ``softcap * tanh(logits / softcap)`` first.
+    return_per_token : also return the per-token losses.
+    backend : {"auto", "triton", "cpu", "reference"}; "auto" is triton on CUDA and
+        cpu on CPU tensors.
+
+    Returns
+    -------
+    loss : 0-d float32 (float64 for float64 inputs), differentiable in ``hidden``,
+        ``weight`` and ``bias`` (first order; the gradients are made by the forward).
+    per_token : [T] float32 (float64 for float64), 0 at ignored rows, not
+        differentiable; only with ``return_per_token``.
+
+    Example
+    -------
+    >>> import torch
+    >>> from metalm_fast import fused_linear_cross_entropy
+    >>> hidden = torch.randn(6, 16, requires_grad=True)
+    >>> weight = torch.randn(100, 16, requires_grad=True)
+    >>> labels = torch.tensor([3, 7, -100, 0, 99, -100])
+    >>> loss, per_token = fused_linear_cross_entropy(hidden, weight, labels,
+    ...                                               return_per_token=True)
+    >>> loss.backward()
+    >>> per_token.shape, float(per_token[2]), hidden.grad[2].abs().max().item()
+    (torch.Size([6]), 0.0, 0.0)
+    >>> eager = torch.nn.functional.cross_entropy(hidden @ weight.T, labels)
+    >>> torch.allclose(loss, eager, atol=1e-5)
+    True
+    """
+    _check_tensors(hidden, weight, labels, bias)
+    ignore_index, label_smoothing, z_loss, softcap = _check_options(
+        ignore_index, reduction, label_smoothing, z_loss, softcap, return_per_token
+    )
+    resolved = resolve_backend("fused_linear_cross_entropy", backend, hidden.device, _SUPPORTED)
+    if resolved == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("the triton backend supports float16, bfloat16 and float32, got float64")
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    loss, per_token, *_ = _fused_linear_cross_entropy_fwd(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        *needs,
+        resolved,
+    )
+    return (loss, per_token) if return_per_token else loss
