@@ -26,6 +26,7 @@ BENCHMARKS = {
     "decode": "benchmarks/bench_decode.py",
     "decode_linear": "benchmarks/bench_decode_linear.py",
     "end_to_end": "benchmarks/bench_end_to_end.py",
+    "hf": "benchmarks/bench_hf.py",
 }
 
 
