@@ -7,21 +7,23 @@ the chunk's logits, turns them into row losses and, in the same pass, into
 ``grad_hidden[chunk] = grad_logits @ weight`` and
 ``grad_weight += grad_logits.T @ hidden[chunk]`` (and ``grad_bias``). The
 forward therefore returns the loss *and* the gradients; backward only scales
-them by ``grad_output``. Peak memory is one chunk of logits instead of
-``T x V`` logits plus their gradient (plus, for half inputs, a float32 copy).
+them by ``grad_output``. Peak memory is one chunk of logits (two under a
+softcap on the cpu backend, which keeps the tanh values for the chain rule)
+instead of ``T x V`` logits and their gradient, plus the fp32 grad_weight.
 
-Chunking: a chunk holds ``budget // (V * itemsize)`` rows of accumulation-dtype
-logits (at least 1, a multiple of 16 when larger: matmul-friendly), with
+Chunking: the scored rows are split into the fewest equal chunks of at most
+``budget // (V * itemsize)`` rows of accumulation-dtype logits (at least 1), with
 ``budget`` = ``CHUNK_BYTES`` (64 MiB) on the CPU and ``CHUNK_BYTES_CUDA``
 (128 MiB) on CUDA, so the buffer stays near a fixed byte budget whatever the
-vocabulary (:func:`rows_per_chunk`). Chunks run in a
-fixed order with plain matmuls, no atomics: bit-identical on repeat.
+vocabulary (:func:`rows_per_chunk`). Chunks run in a fixed order with plain
+matmuls, no atomics: bit-identical on repeat.
 
 Precision: fp16/bf16 inputs accumulate in fp32: logits, grad_logits, the loss
 and grad_weight (cast once at the end) are fp32; float64 stays float64. On CUDA
 the half matmuls run in their own dtype with fp32 output (``out_dtype``); on the
 CPU (and the Triton interpreter) they run on fp32 copies (the weight widened
-once per call).
+once per call, a V x D fp32 copy). The per-row loss is combined from its row
+statistics in float64 and rounded once; the mean sums the row losses in float64.
 
 Ignored rows (``labels == ignore_index``) are dropped before any matmul: they
 cost nothing and never touch the loss or a gradient, even when their hidden
@@ -59,7 +61,6 @@ __all__ = ["CHUNK_BYTES", "fused_linear_cross_entropy", "rows_per_chunk"]
 CHUNK_BYTES = 64 * 2**20
 #: Budget on CUDA: 256 rows at V = 128k in fp32, tall enough for cuBLAS.
 CHUNK_BYTES_CUDA = 128 * 2**20
-_ROW_MULTIPLE = 16
 
 _SUPPORTED = ("triton", "cpu", "reference")
 _REDUCTIONS = ("mean", "sum")
@@ -67,20 +68,26 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def rows_per_chunk(vocab: int, rows: int, itemsize: int = 4, budget: int | None = None) -> int:
-    """Rows per chunk so that ``rows x vocab`` logits of ``itemsize`` bytes fit ``budget``.
+    """Rows per chunk: ``rows`` split into the fewest equal chunks whose
+    ``chunk x vocab`` logits of ``itemsize`` bytes fit ``budget`` (at least 1 row).
+
+    Equal chunks, so the last is no sliver: a matmul of one or two rows takes
+    BLAS's vector path, which sums the vocabulary sequentially (measured 3x the
+    rounding error of a blocked matmul).
 
     >>> rows_per_chunk(8192, 4096)
     2048
-    >>> rows_per_chunk(32003, 100, budget=2**20)  # 8.19 rows fit
+    >>> rows_per_chunk(8192, 2100)  # 2 chunks of 1050, not 2048 + 52
+    1050
+    >>> rows_per_chunk(32003, 100, budget=2**20)  # 8.19 rows fit: 13 chunks
     8
     >>> rows_per_chunk(10**8, 5)
     1
     """
     budget = CHUNK_BYTES if budget is None else budget
-    step = max(1, budget // max(1, vocab * itemsize))
-    if step > _ROW_MULTIPLE:
-        step -= step % _ROW_MULTIPLE
-    return max(1, min(step, rows))
+    most = max(1, budget // max(1, vocab * itemsize))
+    chunks = max(1, -(-rows // most))
+    return max(1, -(-rows // chunks))
 
 
 class _Params(NamedTuple):
@@ -92,6 +99,20 @@ class _Params(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- row-wise math
+def _row_loss(m, sums, x_label, sum_x, vocab: int, params: _Params):
+    """log(s) + (1 - eps)(m - x_y) + eps (m - mean x) + z lse^2 from the row statistics,
+    in float64: [rows, 1] values, so this is free, and the loss is rounded once instead
+    of once per term (fp32 sums of the four terms measured 1-2 ulp off)."""
+    m, x_label = m.double(), x_label.double()
+    log_sums = sums.double().log()
+    loss = log_sums + (1.0 - params.label_smoothing) * (m - x_label)
+    if params.z_loss:
+        loss += params.z_loss * (m + log_sums) ** 2
+    if params.label_smoothing:  # 0 * sum_x would turn a -inf logit into NaN
+        loss += params.label_smoothing * (m - sum_x.double() / vocab)
+    return loss
+
+
 def _rows_torch(logits, labels, bias, params: _Params, loss_out, write_grad: bool):
     """Row losses into ``loss_out``; returns grad_logits (the chunk buffer itself,
     overwritten, unless a softcap needs the tanh values kept beside it) or None."""
@@ -113,12 +134,7 @@ def _rows_torch(logits, labels, bias, params: _Params, loss_out, write_grad: boo
         exps = torch.mul(tanh, cap).sub_(m).exp_()  # the chain term still needs tanh
     sums = exps.sum(1, keepdim=True)
     lse = m + sums.log()
-    loss = lse - (1.0 - eps) * x_label
-    if params.z_loss:
-        loss += params.z_loss * lse * lse
-    if eps:
-        loss -= (eps / vocab) * sum_x
-    loss_out.copy_(loss.squeeze(1))
+    loss_out.copy_(_row_loss(m, sums, x_label, sum_x, vocab, params).squeeze(1))
     if not write_grad:
         return None
     scale = params.grad_scale
@@ -201,17 +217,20 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward_chunked(hidden, weight, labels, bias, params: _Params, needs, rows_fn):
-    """(row losses [n], scored rows, grad_hidden, grad_weight (acc), grad_bias (acc))."""
+def _forward_chunked(hidden, weight, labels, bias, params: _Params, reduction, needs, rows_fn):
+    """(row losses [n], scored rows, the loss's scale, grad_hidden, grad_weight (acc),
+    grad_bias (acc)); ``params.grad_scale`` is set here, from the scored row count."""
     need_hidden, need_weight, need_bias = needs
     tokens, vocab = hidden.shape[0], weight.shape[0]
     accumulate = _accumulate_dtype(hidden.dtype)
     wide = _check_labels(labels, vocab, params.ignore_index)
+    # With the label check, the host synchronisations of a call: which rows are scored.
     kept = torch.nonzero(wide != params.ignore_index).flatten()
-    every_row = kept.numel() == tokens
+    count = kept.numel()
+    every_row = count == tokens
     scored = hidden if every_row else hidden.index_select(0, kept)
     targets = wide if every_row else wide.index_select(0, kept)
-    count = kept.numel()
+    params = params._replace(grad_scale=1.0 if reduction == "sum" else 1.0 / max(count, 1))
     matmuls = _Matmuls(weight, accumulate)
     bias_wide = None if bias is None else bias.to(accumulate)
     new = dict(device=hidden.device, dtype=accumulate)
@@ -239,7 +258,7 @@ def _forward_chunked(hidden, weight, labels, bias, params: _Params, needs, rows_
             matmuls.add_grad_weight(grad_weight, grad, rows)
         if need_bias:
             grad_bias += grad.sum(0)
-    return row_loss, kept, grad_hidden, grad_weight, grad_bias
+    return row_loss, kept, params.grad_scale, grad_hidden, grad_weight, grad_bias
 
 
 def _forward_reference(hidden, weight, labels, bias, params: _Params, reduction: str, needs):
@@ -291,12 +310,10 @@ def _fused_linear_cross_entropy_fwd(
         )
         outputs = (loss.to(accumulate), per_token.to(accumulate), *grads)
         return tuple(t.contiguous() for t in outputs)
-    scored = int((labels != ignore_index).sum())
-    grad_scale = 1.0 if reduction == "sum" else 1.0 / max(scored, 1)
-    params = _Params(ignore_index, label_smoothing, z_loss, softcap, grad_scale)
+    params = _Params(ignore_index, label_smoothing, z_loss, softcap, 0.0)
     rows_fn = _rows_triton if backend == "triton" else _rows_torch
-    row_loss, kept, grad_hidden, grad_weight, grad_bias = _forward_chunked(
-        hidden, weight, labels, bias, params, needs, rows_fn
+    row_loss, kept, grad_scale, grad_hidden, grad_weight, grad_bias = _forward_chunked(
+        hidden, weight, labels, bias, params, reduction, needs, rows_fn
     )
     # Row losses summed in float64: a fixed order, one rounding.
     loss = (row_loss.double().sum() * grad_scale).to(accumulate)
