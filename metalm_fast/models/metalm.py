@@ -45,6 +45,7 @@ from metalm_fast.nn.connector import Connector
 from metalm_fast.nn.embedding import EmbeddingScatter
 from metalm_fast.nn.linear import DecodeLinear
 from metalm_fast.nn.rotary import packed_positions
+from metalm_fast.ops.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 __all__ = ["IGNORE_INDEX", "MetaLM", "MetaLMConfig", "PRESETS"]
 
@@ -587,23 +588,45 @@ class MetaLM(nn.Module):
             return SpanMask.causal(cu_seqlens)
         return SpanMask.sliding_window(cu_seqlens, window)
 
-    def logits(self, batch) -> torch.Tensor:
-        """[T, vocab] next-token logits."""
+    def decoder_hidden(self, batch) -> torch.Tensor:
+        """[T, decoder_dim]: the decoder's output, what the LM head reads."""
         hidden, mask = self.decoder_inputs(batch)
         positions = packed_positions(batch.cu_seqlens)
-        return self.lm_head(self.decoder(hidden, mask, positions))
+        return self.decoder(hidden, mask, positions)
 
-    def forward(self, batch, reduction: str = "mean") -> torch.Tensor:
+    def logits(self, batch) -> torch.Tensor:
+        """[T, vocab] next-token logits."""
+        return self.lm_head(self.decoder_hidden(batch))
+
+    def forward(self, batch, reduction: str = "mean", *, fused_loss: bool = True) -> torch.Tensor:
         """Cross-entropy over the scored positions: their mean (0 if none is
         scored) or, with ``reduction="sum"``, their sum (for exact averaging
-        across micro-batches and ranks)."""
+        across micro-batches and ranks).
+
+        ``fused_loss`` (default): the LM head and the cross-entropy run as one op,
+        :func:`~metalm_fast.ops.fused_linear_cross_entropy.fused_linear_cross_entropy`,
+        in row chunks, so no [T, vocab] logits exist (with tied embeddings the head's
+        gradient accumulates into the shared table). ``fused_loss=False`` keeps the
+        eager path (:meth:`logits`, then F.cross_entropy), for comparison.
+        """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        logits = self.logits(batch)
-        if not bool((batch.labels != IGNORE_INDEX).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(
-            logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction=reduction
+        if not fused_loss:
+            logits = self.logits(batch)
+            if not bool((batch.labels != IGNORE_INDEX).any()):
+                return logits.sum() * 0.0
+            return F.cross_entropy(
+                logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction=reduction
+            )
+        weight = self.lm_head.weight
+        hidden = self.decoder_hidden(batch)
+        return fused_linear_cross_entropy(
+            hidden.to(weight.dtype),  # autocast leaves the final norm's output in fp32
+            weight,
+            batch.labels,
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+            backend=self.config.backend,
         )
 
     def generate(self, prompts, **kwargs) -> list[list[int]]:

@@ -301,7 +301,21 @@ def _fused_linear_cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """loss [] and per_token [T] (fp32; fp64 for fp64), then grad_hidden [T, D],
     grad_weight [V, D], grad_bias [V] for the final loss (each [0] when not needed)."""
-    needs = (need_hidden, need_weight, need_bias)
+    # The op chooses its own precision (fp32 accumulation); an autocast region around the
+    # call (bf16 training) must not recast the matmuls inside it.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _forward(
+            hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss,
+            softcap, (need_hidden, need_weight, need_bias), backend,
+        )  # fmt: skip
+
+
+def _forward(
+    hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+    needs, backend,
+):  # fmt: skip
+    """The op's forward (see ``_fused_linear_cross_entropy_fwd``)."""
+    need_bias = needs[2]
     accumulate = _accumulate_dtype(hidden.dtype)
     if backend == "reference":
         params = _Params(ignore_index, label_smoothing, z_loss, softcap, 0.0)
