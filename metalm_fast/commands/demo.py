@@ -9,15 +9,19 @@
 3. a short finetuning on digit VQA, then the same zero-shot evaluation;
 4. the finetuned model answers questions about a few held-out digits (drawn
    in ASCII), through the paged KV cache;
-5. the end-to-end throughput of the fast path against the HF-style path
+5. the language tasks on held-out pydoc paragraphs (topic, continuation,
+   cloze, title: metalm_fast.evaluation.language): the pretrained model
+   zero-shot and k-shot, then a copy of it after a short multitask finetuning;
+6. the end-to-end throughput of the fast path against the HF-style path
    (benchmarks/bench_end_to_end.py --quick);
-6. one summary table of every figure, with chance beside each accuracy.
+7. one summary: the digit table and the language table, chance beside each accuracy.
 
 What it leaves in ``--out`` (default runs/demo)::
 
     runs/demo/                  the pretrained checkpoint (latest -> step-<steps>),
                                 its metrics.jsonl and loss.png
     runs/demo/finetuned/        the finetuned checkpoint, its metrics.jsonl and loss.png
+    runs/demo/language/         the language-finetuned checkpoint, likewise
 
 ``generate --checkpoint runs/demo/finetuned`` answers questions about digits;
 ``eval --checkpoint runs/demo/finetuned`` scores it.
@@ -26,6 +30,7 @@ What it leaves in ``--out`` (default runs/demo)::
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import time
@@ -36,7 +41,16 @@ import torch
 
 from metalm_fast.commands._options import add_runtime_options, check_seed, runtime_device
 from metalm_fast.commands.bench import BENCHMARKS, source_root
-from metalm_fast.commands.evaluate import FINETUNED_DIR, check_shots, finetune_on_vqa, format_table
+from metalm_fast.commands.evaluate import (
+    FINETUNED_DIR,
+    accuracy_table,
+    check_language_shots,
+    check_shots,
+    finetune_on_language,
+    finetune_on_vqa,
+    format_table,
+    run_language,
+)
 from metalm_fast.commands.evaluate import run as run_eval
 from metalm_fast.commands.generate import run as run_generate
 from metalm_fast.data.default_data import DefaultData
@@ -44,12 +58,24 @@ from metalm_fast.data.digits import QUESTIONS, load_digits
 from metalm_fast.data.text_corpus import pydoc_documents
 from metalm_fast.data.tokenizer import load_tokenizer
 from metalm_fast.evaluation.digits_vqa import TaskAccuracy
+from metalm_fast.evaluation.language import LANGUAGE_TASKS
 from metalm_fast.models.metalm import PRESETS, MetaLM
 from metalm_fast.training.command import data_problem
 from metalm_fast.training.runtime import autocast
 from metalm_fast.training.trainer import TrainConfig, TrainResult, train
 
-__all__ = ["add_arguments", "ascii_image", "demo_presets", "main", "summary_table"]
+__all__ = [
+    "LANGUAGE_DIR",
+    "add_arguments",
+    "ascii_image",
+    "demo_presets",
+    "language_summary",
+    "main",
+    "summary_table",
+]
+
+#: where the language-finetuned checkpoint goes, under ``--out``
+LANGUAGE_DIR = "language"
 
 SHADES = " .:-=+*#%@"
 
@@ -91,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2048,
         help="tokens per training micro-batch (default 2048)",
+    )
+    parser.add_argument(
+        "--language-steps",
+        type=int,
+        default=400,
+        help="multitask language finetuning steps (default 400; 0 skips the language tasks)",
     )
     parser.add_argument(
         "--shots", type=int, default=4, help="demonstrations per in-context prompt (default 4)"
@@ -214,6 +246,38 @@ def _finetune(model, tokenizer, args) -> _Stage:
     return _stage(result, time.perf_counter() - start)
 
 
+def _language(model, tokenizer, device, args) -> tuple[list[TaskAccuracy], list[TaskAccuracy]]:
+    """The language tasks: ``model`` (pretrained) zero-shot and k-shot, then finetuned on
+    the four tasks mixed (saved in <out>/language) and zero-shot again."""
+    _section("language tasks on held-out pydoc paragraphs (before finetuning)")
+    started = time.perf_counter()
+    options = dict(limit=args.limit, seed=args.seed)
+    with torch.no_grad(), autocast(device, args.dtype):
+        before = run_language(
+            model, tokenizer, shots=(0, args.shots), encoder_demos=True, **options
+        )
+    print(format_table(before, "in-context learning"))
+    _section(f"multitask finetuning on the language tasks ({args.language_steps} steps)")
+    result = finetune_on_language(
+        model,
+        tokenizer,
+        args.language_steps,
+        seed=args.seed,
+        token_budget=args.micro_batch_tokens,
+        progress=False,
+        out_dir=Path(args.out) / LANGUAGE_DIR,
+        overwrite=True,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    with torch.no_grad(), autocast(device, args.dtype):
+        after = run_language(model, tokenizer, shots=(0,), **options)
+    print(format_table(after, "after multitask finetuning"))
+    seconds = time.perf_counter() - started
+    print(f"checkpoint: {result.checkpoint}; the language tasks took {seconds:.0f} s")
+    return before, after
+
+
 def _answer_examples(model, tokenizer, count: int = 4) -> None:
     test = load_digits("test")
     for i in range(count):
@@ -241,42 +305,6 @@ def _throughput() -> None:
     subprocess.run(
         [sys.executable, BENCHMARKS["end_to_end"], "--quick", "--no-write"], cwd=root, check=False
     )
-
-
-def _column(result: TaskAccuracy) -> str:
-    if result.shots == 0:
-        return "zero-shot"
-    return f"{result.shots}-shot, {'encoder' if result.encoder_demos else 'decoder'}"
-
-
-def _accuracy_table(before: list[TaskAccuracy], after: list[TaskAccuracy]) -> list[str]:
-    columns = list(dict.fromkeys(_column(r) for r in before)) + ["finetuned"]
-    cells: dict[str, dict[str, str]] = {}
-    tasks: dict[str, TaskAccuracy] = {}
-    for results, finetuned in ((before, False), (after, True)):
-        for r in results:
-            tasks.setdefault(r.task, r)
-            column = "finetuned" if finetuned else _column(r)
-            cells.setdefault(r.task, {})[column] = r.accuracy_text()
-    headers = ["task", "candidates", "chance", *columns]
-    rows = [
-        [
-            task,
-            str(round(1 / r.chance)),
-            f"{r.chance:.1%}",
-            *(cells[task].get(c, "-") for c in columns),
-        ]
-        for task, r in tasks.items()
-    ]
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-
-    return [line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
 
 
 def summary_table(
@@ -310,11 +338,25 @@ def summary_table(
     width = max(len(name) for name, _ in facts)
     lines = [f"{name:<{width}}  {text}" for name, text in facts]
     lines += ["", f"digit VQA accuracy on {images} held-out images per task"]
-    lines += _accuracy_table(before, after)
+    lines += accuracy_table(before, after)
     lines += [
         f"{shots}-shot, decoder/encoder: {shots} solved demonstrations before the question, "
         "read by the decoder",
         "or by the non-causal text encoder; finetuned: zero-shot after finetuning.",
+    ]
+    return "\n".join(lines)
+
+
+def language_summary(before: list[TaskAccuracy], after: list[TaskAccuracy], steps: int) -> str:
+    """The language table of the summary: held-out questions per task, chance, in-context
+    and multitask-finetuned accuracy."""
+    counts = ", ".join(f"{r.task} {r.total}" for r in before if r.shots == 0)
+    lines = [f"language tasks on held-out pydoc paragraphs (questions: {counts})"]
+    lines += accuracy_table(before, after)
+    lines += [
+        f"finetuned: zero-shot after {steps} multitask steps on the four tasks' training "
+        "paragraphs (a copy of the pretrained model);",
+        "title is generated and scored by exact match (chance: a guess among the known titles).",
     ]
     return "\n".join(lines)
 
@@ -324,7 +366,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.language_steps < 0:
+        raise ValueError(f"--language-steps must be >= 0, got {args.language_steps}")
     check_shots([args.shots])
+    check_language_shots([args.shots], list(LANGUAGE_TASKS), args.seed)
     check_seed(args.seed)
 
 
@@ -353,6 +398,8 @@ def main(args: argparse.Namespace) -> int:
     _section(f"semi-causal pretraining ({args.steps} steps)")
     pretrain = _pretrain(model, data, args)
     _print_stage(pretrain)
+    # the language tasks start from the pretrained model, not the digit-finetuned one
+    pretrained = copy.deepcopy(model) if args.language_steps else None
 
     _section("digit VQA before finetuning (candidate ranking, held-out images)")
     with torch.no_grad(), autocast(device, args.dtype):
@@ -377,12 +424,19 @@ def main(args: argparse.Namespace) -> int:
     with torch.no_grad(), autocast(device, args.dtype):
         _answer_examples(model.eval(), tokenizer)
 
+    language = None
+    if pretrained is not None:
+        language = _language(pretrained, tokenizer, device, args)
+
     if not args.no_bench:
         _section("end-to-end throughput: fast path vs HF-style path")
         _throughput()
 
     _section("summary")
     print(summary_table(pretrain, finetune, before, after, args.out))
+    if language is not None:
+        print()
+        print(language_summary(*language, args.language_steps))
     print()
     print(CHANCE_NOTE)
     return 0
