@@ -19,12 +19,12 @@ those kernels, and returns None everywhere else, so that the modules run:
   asked in its two halves: x [B, Dm] with 0 < B, and each weight and bias) and the
   rotary, when there is one, its cpu kernel (``ops.rotary.uses_kernel``);
 - fp32 on CPU: every parameter and the cache;
-- the block built of the stock modules (LayerNorm, SpanSelfAttention with
-  DecodeLinear projections and RotaryEmbedding over whole heads or none, MLP with
-  DecodeLinear) and no forward hook on any of them, nor a global one (a hook sees
-  the module path);
-- the op's architecture: pre-norm, sequential residuals, a gelu or swiglu MLP (the
-  others, RMSNorm, post-norm and parallel residual run the modules);
+- the block built of the stock modules (LayerNorm or RMSNorm, SpanSelfAttention
+  with DecodeLinear projections and RotaryEmbedding or none, MLP with DecodeLinear)
+  and no forward hook on any of them, nor a global one (a hook sees the module
+  path);
+- a pre-norm block (sequential or parallel residual, any MLP kind, whole-head or
+  partial rotary); a post-norm block (BERT's order) runs the modules;
 - the attention's backend ``auto`` or ``cpu``, and the extension built with the op.
 """
 
@@ -47,6 +47,8 @@ from metalm_fast.ops import rotary as rotary_op
 __all__ = ["fused_decode_block"]
 
 _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+#: The norm modules the op computes, by its norm_kind name.
+_NORMS = {nn.LayerNorm: "layernorm", nn.RMSNorm: "rmsnorm"}
 _FP32 = torch.float32
 
 
@@ -67,7 +69,8 @@ def _stock_modules(block) -> tuple[nn.Module, ...] | None:
     qkv, out = attention._modules.get("qkv"), attention._modules.get("out")
     up, down = mlp._modules.get("up"), mlp._modules.get("down")
     if not (
-        type(norm1) is type(norm2) is nn.LayerNorm
+        type(norm1) is type(norm2)
+        and type(norm1) in _NORMS
         and type(qkv) is type(out) is type(up) is type(down) is DecodeLinear
     ):
         return None
@@ -78,19 +81,21 @@ def _op_parameters(norm1, qkv, out, norm2, up, down, model_dim: int) -> tuple | 
     """The parameters in the op's order, or None where the module path must run them."""
     if norm1.normalized_shape != (model_dim,) or norm2.normalized_shape != (model_dim,):
         return None
+    if norm1.eps is None or norm2.eps is None:  # RMSNorm's dtype-dependent default
+        return None
     n1, n2 = norm1._parameters, norm2._parameters
     linears = [linear._parameters for linear in (qkv, out, up, down)]
     weights = [linear["weight"] for linear in linears]
     params = (
         n1["weight"],
-        n1["bias"],
+        n1.get("bias"),
         norm1.eps,
         weights[0],
         linears[0]["bias"],
         weights[1],
         linears[1]["bias"],
         n2["weight"],
-        n2["bias"],
+        n2.get("bias"),
         norm2.eps,
         weights[2],
         linears[2]["bias"],
@@ -111,14 +116,9 @@ def _op_parameters(norm1, qkv, out, norm2, up, down, model_dim: int) -> tuple | 
     return params
 
 
-def _op_architecture(architecture, mlp, rotary) -> bool:
-    """Whether the op computes this block's architecture."""
-    return (
-        not architecture.post_norm
-        and not architecture.parallel_residual
-        and mlp.kind in ("gelu", "swiglu")
-        and (rotary is None or not rotary.partial)
-    )
+def _op_architecture(architecture) -> bool:
+    """Whether the op computes this block's architecture (every pre-norm one)."""
+    return not architecture.post_norm
 
 
 def fused_decode_block(
@@ -141,7 +141,7 @@ def fused_decode_block(
     if modules is None or forward_hooked(block, *modules):
         return None
     *layers, attention, mlp, rotary = modules
-    if not _op_architecture(block.architecture, mlp, rotary):
+    if not _op_architecture(block.architecture):
         return None
     # q and k would be fp32 CPU rows (last dim contiguous) rotated by fp32 tables, as x
     # is: the rotary rule gives their answer from x.
@@ -173,4 +173,7 @@ def fused_decode_block(
         step.seq_lens,
         1.0 / math.sqrt(attention.head_dim),
         *tables,
+        _NORMS[type(layers[0])],
+        block.architecture.parallel_residual,
+        attention.head_dim if rotary is None else rotary.rotary_dim,
     )

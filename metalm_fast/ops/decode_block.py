@@ -26,8 +26,10 @@ def cpu_op():
 
     Arguments, in order: x [B, Dm]; attention_norm weight, bias, eps; qkv weight,
     bias; out weight, bias; mlp_norm weight, bias, eps; up weight, bias; down
-    weight, bias; mlp_kind ("gelu" | "swiglu"); num_heads; num_kv_heads; the
+    weight, bias; mlp_kind (nn.MLP's kinds); num_heads; num_kv_heads; the
     layer's k_cache and v_cache (written); slot_mapping; block_table; seq_lens;
-    scale; rotary cos and signed_sin tables (or both None). Returns [B, Dm].
+    scale; rotary cos and signed_sin tables (or both None); norm_kind ("layernorm" |
+    "rmsnorm"); parallel_residual; rotary_dim (the rotated leading dims of each head).
+    Returns [B, Dm].
     """
     return compiled_op(_CPU_OP)

@@ -27,19 +27,17 @@ def _counting(kernel, calls: list):
     return call
 
 
-def _block(heads: int, kv_heads: int, kind: str, rotary: bool) -> TransformerBlock:
+def _block(heads: int, kv_heads: int, kind: str, rotary: bool, **arch) -> TransformerBlock:
     torch.manual_seed(0)
-    block = TransformerBlock(
-        DIM,
-        heads,
-        kv_heads,
-        2 * DIM,
-        BlockArchitecture(positions="rotary" if rotary else "none", mlp_kind=kind),
-    ).eval()
+    architecture = BlockArchitecture(
+        positions="rotary" if rotary else "none", mlp_kind=kind, **arch
+    )
+    block = TransformerBlock(DIM, heads, kv_heads, 2 * DIM, architecture).eval()
     with torch.no_grad():  # non-trivial norms, so a swapped weight or bias shows
         for norm in (block.attention_norm, block.mlp_norm):
             norm.weight.uniform_(0.5, 1.5)
-            norm.bias.uniform_(-0.1, 0.1)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.uniform_(-0.1, 0.1)
     return block
 
 
@@ -74,6 +72,35 @@ def test_fused_step_equals_module_path(monkeypatch, kind, heads, kv_heads, rotar
     assert len(calls) == 3  # it ran, once a step
     monkeypatch.setattr(decode_block, "cpu_op", lambda: None)
     modules = _decode_run(block, kv_heads, steps=3)
+    for got, expected in zip(fused[0], modules[0], strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(fused[1], modules[1]) and torch.equal(fused[2], modules[2])
+
+
+#: The architectures of the loaded families: Llama (RMSNorm, SwiGLU, no MLP bias),
+#: GPT-NeoX / Pythia (parallel residual, a quarter of each head rotated, biases), GPT-2
+#: (gelu_tanh, no rotary), CLIP-style quick_gelu, relu and silu MLPs.
+ARCHITECTURES = {
+    "llama": ("swiglu", True, dict(norm="rmsnorm", mlp_bias=False)),
+    "neox": ("gelu", True, dict(parallel_residual=True, rotary_fraction=0.25, qkv_bias=True)),
+    "gpt2": ("gelu_tanh", False, dict(qkv_bias=True, out_bias=True)),
+    "quick_gelu": ("quick_gelu", True, dict(norm_bias=False)),
+    "relu": ("relu", True, dict(rotary_fraction=0.5)),
+    "silu": ("silu", False, dict(norm="rmsnorm", parallel_residual=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_fused_step_equals_module_path_for_every_pre_norm_architecture(monkeypatch, name):
+    kernel = _kernel_or_skip()
+    kind, rotary, arch = ARCHITECTURES[name]
+    block = _block(4, 2, kind, rotary, **arch)
+    calls: list = []
+    monkeypatch.setattr(decode_block, "cpu_op", lambda: _counting(kernel, calls))
+    fused = _decode_run(block, 2, steps=3)
+    assert len(calls) == 3
+    monkeypatch.setattr(decode_block, "cpu_op", lambda: None)
+    modules = _decode_run(block, 2, steps=3)
     for got, expected in zip(fused[0], modules[0], strict=True):
         assert torch.equal(got, expected)
     assert torch.equal(fused[1], modules[1]) and torch.equal(fused[2], modules[2])
@@ -172,14 +199,20 @@ def test_op_errors_name_the_argument():
         0.35,
         None,
         None,
+        "layernorm",
+        False,
+        HEAD_DIM,
     ]
-    with torch.no_grad(), pytest.raises(RuntimeError, match="mlp_kind must be 'gelu' or"):
-        kernel(*args)
-    args[15] = "gelu"
-    args[-2] = torch.ones(1, 1, HEAD_DIM)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="unknown mlp_kind 'geglu'"):
+        kernel(*args[:15], "geglu", *args[16:])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="norm_kind must be"):
+        kernel(*args[:-3], "batchnorm", False, HEAD_DIM)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="rotary_dim must be even"):
+        kernel(*args[:-1], 3)
+    args[-5] = torch.ones(1, 1, HEAD_DIM)
     with torch.no_grad(), pytest.raises(RuntimeError, match="both rotary tables"):
         kernel(*args)
-    args[-2] = None
+    args[-5] = None
     args[4] = a.qkv.weight[:-1]
     with torch.no_grad(), pytest.raises(RuntimeError, match="qkv_weight must have"):
         kernel(*args)
