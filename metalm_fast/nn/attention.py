@@ -131,7 +131,6 @@ class SpanSelfAttention(nn.Module):
     def _projects_in_chunks(self, x: torch.Tensor) -> bool:
         return (
             self.rotary is not None
-            and not self.rotary.partial  # in place over whole heads only
             and x.dim() == 2
             and x.is_cpu
             and linear_into_serves(self.qkv, x)
@@ -151,8 +150,9 @@ class SpanSelfAttention(nn.Module):
             chunk = fused[start:end]
             linear_into(x[start:end], weight, bias, chunk)
             q, k, _ = self._split(chunk)
-            apply_rotary_(q, cos[start:end], signed_sin[start:end])
-            apply_rotary_(k, cos[start:end], signed_sin[start:end])
+            rotated = self.rotary.rotary_dim  # GPT-NeoX turns the leading dims only
+            apply_rotary_(q[..., :rotated], cos[start:end], signed_sin[start:end])
+            apply_rotary_(k[..., :rotated], cos[start:end], signed_sin[start:end])
         return fused
 
     def forward(
