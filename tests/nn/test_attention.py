@@ -70,13 +70,15 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(grad_compiled, grad_eager)
 
 
+@pytest.mark.parametrize("rotary_dim", [16, 4])  # the whole head, GPT-NeoX's quarter
 @pytest.mark.parametrize("tokens, chunk_rows", [(100, 33), (3000, 1024), (2049, 1024)])
-def test_inference_projection_in_chunks_matches_the_module_path(tokens, chunk_rows):
+def test_inference_projection_in_chunks_matches_the_module_path(tokens, chunk_rows, rotary_dim):
     """Without autograd the projection runs in equal row chunks, q and k rotated in place:
     the module path's values (the BLAS may round a chunk's rows differently: a tight
     tolerance, equal bit for bit on the measured machines)."""
     torch.manual_seed(1)
-    attention = SpanSelfAttention(64, num_heads=4, num_kv_heads=2)
+    rotary = RotaryEmbedding(16, rotary_dim=rotary_dim)
+    attention = SpanSelfAttention(64, num_heads=4, num_kv_heads=2, rotary=rotary)
     attention.INFERENCE_CHUNK_ROWS = chunk_rows
     x = torch.randn(tokens, 64)
     positions = packed_positions(torch.tensor([0, tokens // 3, tokens]))
