@@ -22,7 +22,7 @@ k-shot, finetuned, chance) and writes it to
 benchmarks/results/cpu_language_designs_<date>.md with its .png chart
 (``--no-write`` skips both).
 
-Usage: python benchmarks/compare_language_designs.py [--steps 400] [--finetune-steps 600]
+Usage: python benchmarks/compare_language_designs.py [--steps 400] [--finetune-steps 1200]
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def chart(results: dict[str, dict]) -> list[Panel]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="pretraining steps")
-    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--finetune-steps", type=int, default=1200)
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument("--shots", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="held-out questions per task")
