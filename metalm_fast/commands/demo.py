@@ -354,8 +354,8 @@ def language_summary(before: list[TaskAccuracy], after: list[TaskAccuracy], step
     lines = [f"language tasks on held-out pydoc paragraphs (questions: {counts})"]
     lines += accuracy_table(before, after)
     lines += [
-        f"finetuned: zero-shot after {steps} multitask steps on the four tasks' training "
-        "paragraphs (a copy of the pretrained model);",
+        f"finetuned: zero-shot after {steps} multitask steps on the four tasks' training",
+        "paragraphs (a copy of the pretrained model, not the digit-finetuned one);",
         "title is generated and scored by exact match (chance: a guess among the known titles).",
     ]
     return "\n".join(lines)
