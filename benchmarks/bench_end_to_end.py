@@ -30,6 +30,16 @@ Criteria: training >= 2x the HF-style tokens/s; generation >= 3x in each case;
 the fast path's training peak memory lower; identical greedy tokens. Only
 ratios measured side by side in one run mean anything on a shared machine.
 
+The loss: ``MetaLM.forward`` runs the LM head and its loss as
+``fused_linear_cross_entropy`` (row chunks, no [T, vocab] logits). A second
+table compares it with the same model's eager loss, ``model(batch,
+fused_loss=False)`` (``eager_logits``: the [T, vocab] logits, then
+F.cross_entropy), trained in the same alternating rounds on the same batches
+(a third step per round) and measured for peak memory in its own fresh
+process. Criteria: training tokens/s with the fused loss >= 1.2x the eager
+logits'; its peak memory lower than the eager logits' by at least the logits'
+size (T x vocab x 4 bytes of the measured batch).
+
 Threads: both paths run with the same intra-op thread count, 1 by default
 (``--threads 0``: torch's default). On a shared machine whose cores are busy
 with other processes, a second OpenMP thread turns every parallel region into
@@ -74,6 +84,11 @@ from metalm_fast.data.collator import SemiCausalCollator, build_batch, pack_docu
 from metalm_fast.models import PRESETS, MetaLM  # noqa: E402
 
 PATHS = ("fast", "hf_style")
+#: The fast path with the eager loss (logits, then F.cross_entropy): model(batch, fused_loss=False).
+EAGER_LOGITS = "eager_logits"
+#: Paths trained (alternating, same batches) and measured for peak memory.
+TRAIN_PATHS = (*PATHS, EAGER_LOGITS)
+FUSED_SPEED_TARGET = 1.2  # fused-loss training tokens/s over the eager logits'
 
 
 @dataclass(frozen=True)
@@ -113,20 +128,31 @@ QUICK = Settings(
 
 @dataclass
 class Row:
-    """One measured quantity for both paths; ``ratio`` is the fast path's advantage."""
+    """One measured quantity, the fast path against a peer (``peer_name``, HF-style by
+    default); ``ratio`` is the fast path's advantage."""
 
     name: str
     unit: str
     fast: float
-    hf_style: float
+    peer: float
     ratio: float
-    target: float | None = None  # criterion on ratio, if any
+    target: float | None = None  # criterion on ``score`` (the ratio unless given), if any
     note: str = ""
     criterion: str = ""  # what the target means, for the PASS/FAIL line
+    peer_name: str = "hf_style"
+    score: float | None = None  # the value the target judges, when it is not the ratio
+    shown: str = ""  # how the PASS/FAIL line states the value (default: the ratio)
 
     @property
     def passed(self) -> bool | None:
-        return None if self.target is None else self.ratio >= self.target
+        if self.target is None:
+            return None
+        return (self.ratio if self.score is None else self.score) >= self.target
+
+    def check(self) -> str:
+        """The PASS/FAIL line of a row with a target."""
+        shown = self.shown or f"{self.ratio:.2f}x"
+        return f"{'PASS' if self.passed else 'FAIL'}: {self.criterion}: {shown}"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -170,7 +196,12 @@ def warm_up_batch(batch, settings: Settings):
 
 
 def loss_fn(path: str):
-    return (lambda model, batch: model(batch)) if path == "fast" else hf_style_loss
+    """The training loss of ``path`` (one of TRAIN_PATHS): (model, batch) -> loss."""
+    if path == "fast":
+        return lambda model, batch: model(batch)
+    if path == EAGER_LOGITS:
+        return lambda model, batch: model(batch, fused_loss=False)
+    return hf_style_loss
 
 
 def train_step(model, optimizer, path: str, batch) -> None:
@@ -183,18 +214,19 @@ def train_step(model, optimizer, path: str, batch) -> None:
 def measure_training(settings: Settings, model, log) -> dict:
     batches = training_batches(settings, model.config.vocab_size)
     with torch.no_grad():
-        losses = {path: float(loss_fn(path)(model, batches[0])) for path in PATHS}
-    relative = abs(losses["fast"] - losses["hf_style"]) / abs(losses["fast"])
+        losses = {path: float(loss_fn(path)(model, batches[0])) for path in TRAIN_PATHS}
+    relative = {path: abs(losses["fast"] - losses[path]) / abs(losses["fast"]) for path in losses}
     log(
         f"training: {len(batches)} micro-batches, tokens {[b.input_ids.numel() for b in batches]}"
-        f", loss fast {losses['fast']:.6f} hf_style {losses['hf_style']:.6f}"
+        ", loss " + " ".join(f"{path} {loss:.6f}" for path, loss in losses.items())
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    for path in PATHS:  # first-call costs and the AdamW state, on a short batch
+    for path in TRAIN_PATHS:  # first-call costs and the AdamW state, on a short batch
         train_step(model, optimizer, path, warm_up_batch(batches[0], settings))
-    rates: dict[str, list[float]] = {path: [] for path in PATHS}
+    rates: dict[str, list[float]] = {path: [] for path in TRAIN_PATHS}
     for round_index in range(settings.repeats):
-        order = PATHS if round_index % 2 == 0 else PATHS[::-1]  # alternate who goes first
+        # Alternate who goes first; every path trains on the same batch in a round.
+        order = TRAIN_PATHS if round_index % 2 == 0 else TRAIN_PATHS[::-1]
         batch = batches[round_index % len(batches)]
         for path in order:
             begin = time.perf_counter()
@@ -202,12 +234,14 @@ def measure_training(settings: Settings, model, log) -> dict:
             rates[path].append(batch.input_ids.numel() / (time.perf_counter() - begin))
         log(
             f"  round {round_index}: "
-            + ", ".join(f"{path} {rates[path][-1]:.0f} tok/s" for path in PATHS)
+            + ", ".join(f"{path} {rates[path][-1]:.0f} tok/s" for path in TRAIN_PATHS)
         )
     batch = batches[0]
     return {
         "tokens_per_s": {path: statistics.median(values) for path, values in rates.items()},
-        "loss_relative_diff": relative,
+        "loss_relative_diff": relative["hf_style"],
+        "eager_loss_relative_diff": relative[EAGER_LOGITS],
+        "logits_mib": batch.input_ids.numel() * model.config.vocab_size * 4 / 2**20,
         "tokens": [b.input_ids.numel() for b in batches],
         "documents": [b.cu_seqlens.numel() - 1 for b in batches],
         "spans": [b.span_starts.numel() for b in batches],
@@ -266,7 +300,7 @@ def peak_memory_child(settings: Settings, path: str) -> None:
 
 def measure_peaks(settings: Settings) -> dict[str, dict]:
     peaks = {}
-    for path in PATHS:
+    for path in TRAIN_PATHS:
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -342,11 +376,18 @@ def measure_generation(settings: Settings, model, log, count: int) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def _row(
-    name, unit, values: dict, target=None, note="", lower_is_better=False, criterion=""
+    name,
+    unit,
+    values: dict,
+    target=None,
+    note="",
+    lower_is_better=False,
+    criterion="",
+    peer="hf_style",
 ) -> Row:
-    fast, hf = values["fast"], values["hf_style"]
-    ratio = hf / fast if lower_is_better else fast / hf
-    return Row(name, unit, fast, hf, ratio, target, note, criterion)
+    fast, other = values["fast"], values[peer]
+    ratio = other / fast if lower_is_better else fast / other
+    return Row(name, unit, fast, other, ratio, target, note, criterion, peer)
 
 
 def generation_cases(settings: Settings) -> list[int]:
@@ -438,19 +479,71 @@ def run(settings: Settings | None = None, *, log=print) -> list[Row]:
     ]
     for count, generation in generations.items():
         rows += generation_rows(settings, count, generation)
-    return rows
+    return rows + fused_loss_rows(training, peaks)
 
 
-def render(rows: list[Row], settings: Settings) -> tuple[str, str]:
+def fused_loss_rows(training: dict, peaks: dict[str, dict]) -> list[Row]:
+    """The fast path's fused loss against its eager logits (same model, same batches)."""
+    speed = training["tokens_per_s"]
+    fused, eager = peaks["fast"]["peak_mib"], peaks[EAGER_LOGITS]["peak_mib"]
+    logits = training["logits_mib"]
+    saved = eager - fused
+    return [
+        _row(
+            "fused loss: training (fwd+bwd+AdamW)",
+            "tokens/s",
+            speed,
+            FUSED_SPEED_TARGET,
+            "same alternating rounds and batches as above; loss abs(fused - eager) / fused = "
+            f"{training['eager_loss_relative_diff']:.1e}",
+            criterion=f"training with the fused loss >= {FUSED_SPEED_TARGET:g}x the eager "
+            "logits' tokens/s",
+            peer=EAGER_LOGITS,
+        ),
+        Row(
+            "fused loss: training peak memory (one step)",
+            "MiB over baseline",
+            fused,
+            eager,
+            eager / fused,
+            1.0,
+            f"fresh process per path; eager - fused = {saved:,.0f} MiB; the batch's logits "
+            f"(T x vocab x 4 bytes) {logits:,.0f} MiB",
+            "training peak memory with the fused loss lower than the eager logits' by at "
+            "least the logits' size",
+            EAGER_LOGITS,
+            score=saved / logits,
+            shown=f"{saved:,.0f} MiB lower = {saved / logits:.2f}x the logits ({logits:,.0f} MiB)",
+        ),
+    ]
+
+
+def _table(rows: list[Row], fast: str, peer: str, versus: str = "") -> list[str]:
+    versus = versus or f"{fast} vs {peer}"
     lines = [
-        "| quantity | unit | fast | hf_style | fast vs hf_style | notes |",
+        f"| quantity | unit | {fast} | {peer} | {versus} | notes |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row.name} | {row.unit} | {row.fast:,.1f} | {row.hf_style:,.1f} | "
+            f"| {row.name} | {row.unit} | {row.fast:,.1f} | {row.peer:,.1f} | "
             f"{row.ratio:.2f}x | {row.note} |"
         )
+    return lines
+
+
+def render(rows: list[Row], settings: Settings) -> tuple[str, str]:
+    """The fast path vs HF-style table, then the fused loss vs eager logits table."""
+    lines = _table([row for row in rows if row.peer_name == "hf_style"], "fast", "hf_style")
+    fused = [row for row in rows if row.peer_name == EAGER_LOGITS]
+    if fused:
+        lines += [
+            "",
+            "The fast path's loss: fused_linear_cross_entropy (``model(batch)``) against "
+            f"the eager logits (``model(batch, fused_loss=False)``, {EAGER_LOGITS}):",
+            "",
+            *_table(fused, "fast (fused loss)", EAGER_LOGITS, f"fused vs {EAGER_LOGITS}"),
+        ]
     config = PRESETS[settings.preset]
     lines += [
         "",
@@ -462,17 +555,14 @@ def render(rows: list[Row], settings: Settings) -> tuple[str, str]:
         f"{settings.doc_min}..{settings.doc_max} tokens (log-uniform), spans 64..128 "
         f"(~25%); prompts {settings.prompt_min}..{settings.prompt_max} tokens",
     ]
-    checks = [
-        f"{'PASS' if row.passed else 'FAIL'}: {row.criterion}: {row.ratio:.2f}x"
-        for row in rows
-        if row.target is not None
-    ]
+    checks = [row.check() for row in rows if row.target is not None]
     return "\n".join(lines), "\n".join(checks)
 
 
 def chart(rows: list[Row], settings: Settings) -> list[Panel]:
     """One panel per quantity (training, generation, prefill, decode, memory), its cases
-    (the prompt counts) side by side, fast against HF-style."""
+    (the prompt counts) side by side, fast against its peer (HF-style; the eager logits
+    for the fused-loss quantities)."""
     grouped: dict[str, list[tuple[str, Row]]] = {}
     for row in rows:
         if row.unit == "tokens":  # the identical-tokens check: a count, not a speed
@@ -486,7 +576,7 @@ def chart(rows: list[Row], settings: Settings) -> list[Panel]:
             [case for case, _ in items],
             {
                 "fast": [row.fast for _, row in items],
-                "hf_style": [row.hf_style for _, row in items],
+                items[0][1].peer_name: [row.peer for _, row in items],
             },
             ours="fast",
             lower_is_better="MiB" in items[0][1].unit,

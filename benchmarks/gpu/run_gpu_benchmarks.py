@@ -36,8 +36,10 @@ benchmarks/gpu/decode_cases.py), ``embed_scatter`` (GB/s against HBM and the
 ratio to the eager paths: benchmarks/gpu/embed_scatter_cases.py) and ``e2e``
 (MetaLM training and generation throughput, fast path vs an HF-style path:
 benchmarks/gpu/e2e_cases.py) and ``hf`` (transformers with sdpa and metalm_span
-against the same weights as a native MetaLM: benchmarks/gpu/hf_cases.py), all
-under the same deadline and written into the same files.
+against the same weights as a native MetaLM: benchmarks/gpu/hf_cases.py) and
+``fused_ce`` (fused linear cross-entropy vs eager, torch.compile and Liger-Kernel:
+benchmarks/gpu/fused_ce_cases.py), all under the same deadline and written into
+the same files.
 
 Extending: a case is a function in ``CASES`` (name -> builder of a Case); an
 implementation is a function in ``IMPLEMENTATIONS`` (name -> runner factory).
@@ -567,6 +569,7 @@ EXTRA_SUITES = {
     "embed_scatter": "embed_scatter_cases.py",
     "e2e": "e2e_cases.py",
     "hf": "hf_cases.py",
+    "fused_ce": "fused_ce_cases.py",
 }
 
 
@@ -785,7 +788,8 @@ def main(argv=None) -> int:
         help="attention (span attention vs peers), decode (paged decode and "
         "KV append, decode_cases.py), embed_scatter (embed_scatter_cases.py),"
         " e2e (MetaLM fast path vs HF-style, e2e_cases.py), hf (transformers sdpa and "
-        "metalm_span vs native MetaLM, hf_cases.py); run in this order",
+        "metalm_span vs native MetaLM, hf_cases.py), fused_ce (fused linear cross-entropy "
+        "vs eager, torch.compile, Liger, fused_ce_cases.py); run in this order",
     )
     args = parser.parse_args(argv)
     deadline = Deadline(args.budget_s)

@@ -25,6 +25,7 @@ BENCHMARKS = {
     "embed_scatter": "benchmarks/bench_embed_scatter.py",
     "decode": "benchmarks/bench_decode.py",
     "decode_linear": "benchmarks/bench_decode_linear.py",
+    "fused_ce": "benchmarks/bench_fused_ce.py",
     "end_to_end": "benchmarks/bench_end_to_end.py",
     "hf": "benchmarks/bench_hf.py",
 }

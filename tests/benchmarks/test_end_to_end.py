@@ -148,9 +148,27 @@ def test_quick_benchmark_runs_end_to_end(capsys):
         "training (fwd+bwd+AdamW)",
         "generation (incl. prefill)",
         "training peak memory (one step)",
+        "| fused loss: training (fwd+bwd+AdamW) | tokens/s |",
+        "| fused loss: training peak memory (one step) | MiB over baseline |",
     ):
         assert line in out
     assert "PASS: fast and HF-style greedy generation produce the same tokens" in out
+
+
+def test_fused_loss_rows_judge_speed_and_the_logits_saved():
+    training = {
+        "tokens_per_s": {"fast": 1300.0, "hf_style": 400.0, "eager_logits": 1000.0},
+        "eager_loss_relative_diff": 0.0,
+        "logits_mib": 256.0,
+    }
+    peaks = {"fast": {"peak_mib": 1000.0}, "eager_logits": {"peak_mib": 1200.0}}
+    speed, memory = bench_end_to_end.fused_loss_rows(training, peaks)
+    assert (speed.fast, speed.peer, speed.peer_name) == (1300.0, 1000.0, "eager_logits")
+    assert speed.passed  # 1.3x >= 1.2x
+    assert memory.ratio == pytest.approx(1.2) and not memory.passed  # 200 MiB < 256 MiB
+    assert "FAIL" in memory.check() and "256 MiB" in memory.check()
+    peaks["eager_logits"]["peak_mib"] = 1300.0
+    assert bench_end_to_end.fused_loss_rows(training, peaks)[1].passed
 
 
 @needs_generation
