@@ -172,6 +172,11 @@ def render(results: dict[str, dict], args) -> str:
             f"| {design} | {r['parameters']:,} | {r['pretrain_loss']:.3f} | "
             f"{r['finetune_loss']:.3f} | {r['seconds']:.0f} |"
         )
+    bars = ", ".join(
+        f"{task} {TARGET * TASKS[task].chance:.0%}"
+        for task in LANGUAGE_TASKS
+        if not TASKS[task].generative
+    )
     note = (
         f"tiny preset without vision encoder, seed {args.seed}: {args.steps} semi-causal "
         f"pretraining steps of {args.token_budget}-token micro-batches (pydoc train documents; "
@@ -179,7 +184,7 @@ def render(results: dict[str, dict], args) -> str:
         f"steps (lr {args.finetune_lr}) on the four tasks' training splits mixed. Held-out "
         "questions come from the pydoc validation documents (never seen in pretraining nor "
         "finetuning). finetuned = zero-shot after finetuning; a classification task passes at "
-        f"{TARGET:g}x chance, which for the yes/no continuation task (chance 50%) is 100%. "
+        f"{TARGET:g}x chance ({bars}). "
         "Passages are read by the non-causal part of the model where it has one (encoder "
         "spans, or the single stack's bidirectional spans), causally by the decoder-only "
         f"model. Load average {os.getloadavg()[0]:.1f} at the end (a shared machine)."

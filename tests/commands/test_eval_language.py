@@ -57,7 +57,7 @@ def test_every_task_k_shot_encoder_demos_and_multitask_finetuning(
         "encoder",
         "finetuned",
     ]
-    assert _row(out, "continuation")[:3] == ["continuation", "2", "50.0%"]
+    assert _row(out, "continuation")[:3] == ["continuation", "4", "25.0%"]
     assert _row(out, "cloze")[:3] == ["cloze", "4", "25.0%"]
     assert _row(out, "title")[:3] == ["title", "generated", "1.6%"]
     assert latest_checkpoint(out_dir) == out_dir / "step-1"

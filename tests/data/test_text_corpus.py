@@ -1,10 +1,17 @@
-"""The pydoc topics corpus: splits, coverage without repeats, document sizes."""
+"""The pydoc topics corpus: splits, coverage without repeats (whitespace aside), document
+sizes."""
 
 from pydoc_data.topics import topics
 
 import pytest
 
-from metalm_fast.data.text_corpus import MAX_DOCUMENT_CHARS, _group_paragraphs, pydoc_documents
+from metalm_fast.data.text_corpus import (
+    MAX_DOCUMENT_CHARS,
+    _first_occurrences,
+    _group_paragraphs,
+    normalized,
+    pydoc_documents,
+)
 
 
 def _paragraphs(documents):
@@ -15,22 +22,36 @@ def test_splits_are_disjoint_and_cover_the_corpus():
     train, validation, every = (pydoc_documents(s) for s in ("train", "validation", "all"))
     assert sorted(train + validation) == sorted(every)
     assert 0.08 <= len(validation) / len(every) <= 0.12
-    # disjoint down to paragraphs: no held-out text is also trained on
-    assert not set(_paragraphs(train)) & set(_paragraphs(validation))
+    # disjoint down to paragraphs, whitespace aside: no held-out text is also trained on
+    trained = {normalized(p) for p in _paragraphs(train)}
+    assert trained.isdisjoint(normalized(p) for p in _paragraphs(validation))
 
 
 def test_every_distinct_paragraph_is_kept_exactly_once():
-    kept = _paragraphs(pydoc_documents("all"))
+    kept = [normalized(p) for p in _paragraphs(pydoc_documents("all"))]
     assert len(kept) == len(set(kept))
-    distinct = {p for text in topics.values() for p in text.split("\n\n") if p.strip()}
+    distinct = {normalized(p) for text in topics.values() for p in text.split("\n\n")} - {""}
     assert set(kept) == distinct
+
+
+def test_a_repeat_that_differs_only_in_whitespace_is_dropped():
+    # the case exact comparison missed: a later topic re-wraps, re-indents or adds a
+    # trailing newline to a paragraph an earlier topic (in sorted order) already holds
+    topics_ = {
+        "a": "Intro.\n\nThe same text,\nwrapped here.\n\nNote:",
+        "b": "Other.\n\nThe same text, wrapped\n   here.\n\n   Note:\n",
+    }
+    assert _first_occurrences(topics_) == [
+        ["Intro.", "The same text,\nwrapped here.", "Note:"],
+        ["Other."],
+    ]
 
 
 def test_sizes():
     corpus_chars = sum(map(len, topics.values()))
     assert 400_000 <= corpus_chars <= 600_000, "pydoc_data holds about 460 KB of English"
     kept_chars = sum(map(len, pydoc_documents("all")))
-    assert 0.7 * corpus_chars <= kept_chars <= corpus_chars, "repeats are ~17% of the text"
+    assert 0.7 * corpus_chars <= kept_chars <= corpus_chars, "repeats are about a fifth of the text"
     assert sum(map(len, pydoc_documents("validation"))) >= 0.05 * kept_chars
 
 

@@ -10,7 +10,7 @@ import torch
 
 from metalm_fast.data.collator import IGNORE_INDEX, build_batch
 from metalm_fast.data.default_data import answer_tokens
-from metalm_fast.data.text_corpus import pydoc_documents
+from metalm_fast.data.text_corpus import normalized, pydoc_documents
 from metalm_fast.data.tokenizer import load_tokenizer
 from metalm_fast.evaluation.language import (
     LANGUAGE_TASKS,
@@ -24,7 +24,11 @@ from metalm_fast.evaluation.language import (
     reads_spans,
     scoring,
 )
-from metalm_fast.evaluation.language.corpus import paragraphs
+from metalm_fast.evaluation.language.continuation import (
+    CONTINUATION_CHOICES,
+    LENGTH_TOLERANCE,
+)
+from metalm_fast.evaluation.language.corpus import paragraphs, sentences
 from metalm_fast.evaluation.language.example import example_document
 from metalm_fast.evaluation.language.topic import TOPIC_CHOICES, label_titles
 from metalm_fast.models import PRESETS, MetaLM
@@ -67,11 +71,12 @@ def test_examples_are_deterministic_under_the_seed(name):
 def test_splits_are_disjoint_by_document():
     train, held_out = paragraphs("train"), paragraphs("held_out")
     assert {p.text for p in train}.isdisjoint(p.text for p in held_out)
-    # held-out paragraphs come from the documents pretraining never reads
+    # held-out paragraphs come from the documents pretraining never reads, and no
+    # paragraph pretraining reads is one of them re-wrapped or re-indented
+    pretrained = {normalized(p) for doc in pydoc_documents("train") for p in doc.split("\n\n")}
     validation = " ".join(" ".join(doc.split()) for doc in pydoc_documents("validation"))
-    trained = " ".join(" ".join(doc.split()) for doc in pydoc_documents("train"))
     for paragraph in held_out:
-        assert paragraph.text in validation and paragraph.text not in trained
+        assert paragraph.text in validation and normalized(paragraph.text) not in pretrained
     for name in LANGUAGE_TASKS:
         task = TASKS[name]
         seen = {e.passage for e in task.examples("train")}
@@ -80,18 +85,40 @@ def test_splits_are_disjoint_by_document():
 
 def test_chance_levels_and_candidates():
     assert TASKS["topic"].chance == 1 / TOPIC_CHOICES == 0.25
-    assert TASKS["continuation"].chance == 0.5
+    assert TASKS["continuation"].chance == 1 / CONTINUATION_CHOICES == 0.25
     assert TASKS["cloze"].chance == 0.25
     assert TASKS["title"].chance == 1 / len(label_titles())
-    for name, chance in (("topic", 0.25), ("continuation", 0.5), ("cloze", 0.25)):
+    for name in ("topic", "continuation", "cloze"):
         for example in TASKS[name].examples("held_out"):
             assert example.candidates.count(example.answer) == 1
             assert len(set(example.candidates)) == len(example.candidates)
-            assert example.chance == chance
-    answers = [e.answer for e in TASKS["continuation"].examples("train")]
-    assert 0.4 < answers.count("yes") / len(answers) < 0.6  # a fair coin
+            assert example.chance == 0.25
     titles = set(label_titles())
     assert all(e.answer in titles and not e.candidates for e in TASKS["title"].examples("train"))
+
+
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_continuation_answers_follow_and_distractors_give_nothing_away(split):
+    examples = TASKS["continuation"].examples(split)
+    texts = [p.text for p in paragraphs(split)]
+    followers = {b for text in texts for a, b in zip(sentences(text), sentences(text)[1:])}
+    assert len(examples) > (100 if split == "held_out" else 600)
+    trained = {s for p in paragraphs("train") for s in sentences(p.text)}
+    for example in examples:
+        if split == "held_out":  # a sentence recurring across paragraphs is no leak either
+            assert not trained.intersection([example.passage, *example.candidates])
+        # the answer is the passage's next sentence in some paragraph of the split
+        assert any(f"{example.passage} {example.answer}" in text for text in texts)
+        words = len(example.answer.split())
+        for other in set(example.candidates) - {example.answer}:
+            assert other in followers  # a second sentence too, of this split only
+            assert other != example.passage
+            assert abs(len(other.split()) - words) <= max(2, round(LENGTH_TOLERANCE * words))
+    # no surface cue: the answer's slot and "pick the longest" are at chance
+    slots = [e.candidates.index(e.answer) for e in examples]
+    assert all(0.15 < slots.count(i) / len(slots) < 0.35 for i in range(CONTINUATION_CHOICES))
+    longest = sum(max(e.candidates, key=len) == e.answer for e in examples) / len(examples)
+    assert 0.15 < longest < 0.35
 
 
 def test_cloze_distractors_never_occur_in_the_passage():

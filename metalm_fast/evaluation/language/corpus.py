@@ -5,7 +5,9 @@ a paragraph is held out exactly when the document holding it is one of the
 validation documents. That is the split pretraining already honours (the demo
 and ``train --data default`` read the train documents only), so no held-out
 paragraph, sentence or word in context was ever seen by the model, in
-pretraining or in finetuning. A split by topic would instead ask the held-out
+pretraining or in finetuning (text_corpus keeps each paragraph once, compared
+whitespace-normalised, so a paragraph re-wrapped in another topic is not a
+second copy either). A split by topic would instead ask the held-out
 questions about topics whose titles the finetuned model never met; by document,
 most held-out topics also have training paragraphs, as in any text
 classification benchmark with a fixed label set.
@@ -21,7 +23,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from metalm_fast.data.text_corpus import pydoc_documents
+from metalm_fast.data.text_corpus import normalized, pydoc_documents
 
 __all__ = ["LANGUAGE_SPLITS", "Paragraph", "content_words", "paragraphs", "sentences"]
 
@@ -66,10 +68,12 @@ def _is_prose(paragraph: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _topic_of_paragraph() -> dict[str, tuple[str, str]]:
-    """Each distinct paragraph of the pydoc topics -> (topic key, topic title).
+    """Each distinct paragraph of the pydoc topics, whitespace-normalised -> (topic key,
+    topic title).
 
     The key is the first topic (in sorted order) holding the paragraph: the topic
-    whose document keeps it after text_corpus's first-occurrence deduplication.
+    whose document keeps it after text_corpus's first-occurrence deduplication
+    (which compares paragraphs normalised, as here).
     """
     from pydoc_data.topics import topics
 
@@ -77,42 +81,23 @@ def _topic_of_paragraph() -> dict[str, tuple[str, str]]:
     for key in sorted(topics):
         title = topics[key].strip().splitlines()[0].strip()
         for paragraph in topics[key].split("\n\n"):
-            owner.setdefault(paragraph.strip(), (key, title))
+            owner.setdefault(normalized(paragraph), (key, title))
     return owner
 
 
-def _prose(split: str) -> list[Paragraph]:
+@lru_cache(maxsize=len(LANGUAGE_SPLITS))
+def _paragraphs(split: str) -> tuple[Paragraph, ...]:
+    """Each split's prose, one line per paragraph. No paragraph needs dropping: the
+    documents hold each (whitespace-normalised) paragraph once, in one split."""
     owner = _topic_of_paragraph()
     kept = []
     for document in pydoc_documents("train" if split == "train" else "validation"):
         for raw in document.split("\n\n"):
             raw = raw.strip()
             if _is_prose(raw):
-                topic, title = owner[raw]
-                kept.append(Paragraph(" ".join(raw.split()), topic, title))
-    return kept
-
-
-@lru_cache(maxsize=1)
-def _pretraining_texts() -> frozenset[str]:
-    """Every paragraph of the pydoc train documents, whitespace-normalised."""
-    return frozenset(
-        " ".join(raw.split()) for doc in pydoc_documents("train") for raw in doc.split("\n\n")
-    )
-
-
-@lru_cache(maxsize=len(LANGUAGE_SPLITS))
-def _paragraphs(split: str) -> tuple[Paragraph, ...]:
-    """Each split's prose, a paragraph kept once. text_corpus deduplicates exact text,
-    but a few paragraphs recur with other line breaks or a trailing newline (the last
-    of one topic repeated inside another): a held-out paragraph whose text a pretraining
-    document also holds is dropped, so held-out text is text the model never read."""
-    seen = set(_pretraining_texts()) if split == "held_out" else set()
-    kept = []
-    for paragraph in _prose(split):
-        if paragraph.text not in seen:
-            seen.add(paragraph.text)
-            kept.append(paragraph)
+                text = normalized(raw)
+                topic, title = owner[text]
+                kept.append(Paragraph(text, topic, title))
     return tuple(kept)
 
 

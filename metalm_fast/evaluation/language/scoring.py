@@ -9,8 +9,8 @@ forward (up to ``max_batch_tokens`` tokens per batch).
 Normalisation: ``"mean"`` (the default) averages over the candidate's tokens, so
 a title of eight tokens is not out-scored by one of two merely for being
 longer; ``"sum"`` is the plain log-likelihood (what digit VQA uses: its
-candidates are one or two tokens). Yes/no candidates are one token each, where
-the two agree.
+candidates are one or two tokens). Continuation's candidate sentences are drawn
+about as long as the answer, so neither normalisation favours a length there.
 """
 
 from __future__ import annotations
