@@ -11,7 +11,9 @@ tokenised as ordinary characters, so text cannot forge an image placeholder.
 
 ``load_tokenizer`` trains on the corpus's train split at first use (quickly
 and deterministically: the same vocab size gives the same file byte for byte)
-and caches the result as ``<cache_dir>/tokenizer-bpe-<vocab_size>.json``. The
+and caches the result as ``<cache_dir>/tokenizer-bpe-<vocab_size>-<corpus>.json``,
+``<corpus>`` the first 12 hex digits of the train split's sha256 (a changed corpus
+trains a new tokenizer instead of reading one trained on the old text). The
 cache is written to a temporary file and moved into place with ``os.replace``,
 so concurrent processes (torchrun ranks) never read a half-written file; if two
 race, both write identical contents.
@@ -19,6 +21,7 @@ race, both write identical contents.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,7 +32,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from metalm_fast.data.text_corpus import pydoc_documents
 
-__all__ = ["SPECIAL_TOKENS", "Tokenizer", "default_cache_dir", "load_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "Tokenizer", "cache_name", "default_cache_dir", "load_tokenizer"]
 
 #: Special tokens, in id order: pad, bos, eos, image placeholder.
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>")
@@ -181,6 +184,15 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def cache_name(vocab_size: int) -> str:
+    """The cache file of the tokenizer of ``vocab_size`` trained on today's train split."""
+    digest = hashlib.sha256()
+    for document in pydoc_documents("train"):
+        digest.update(document.encode("utf-8"))
+        digest.update(b"\0")  # document boundaries count too
+    return f"tokenizer-bpe-{vocab_size}-{digest.hexdigest()[:12]}.json"
+
+
 def train_tokenizer(vocab_size: int) -> Tokenizer:
     """Train byte-level BPE with exactly ``vocab_size`` tokens on the pydoc train split."""
     backend = tokenizers.Tokenizer(models.BPE())
@@ -209,7 +221,7 @@ def load_tokenizer(vocab_size: int = 1024, cache_dir: str | os.PathLike | None =
     ----------
     vocab_size : exact vocabulary size, at least 260 (256 bytes + 4 special tokens)
         and at most what the corpus supports (about 9,000).
-    cache_dir : where ``tokenizer-bpe-<vocab_size>.json`` lives; defaults to
+    cache_dir : where ``tokenizer-bpe-<vocab_size>-<corpus>.json`` lives; defaults to
         :func:`default_cache_dir`.
 
     Returns
@@ -222,7 +234,7 @@ def load_tokenizer(vocab_size: int = 1024, cache_dir: str | os.PathLike | None =
             f"special tokens), got {vocab_size!r}"
         )
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = path / f"tokenizer-bpe-{vocab_size}.json"
+    path = path / cache_name(vocab_size)
     if path.exists():
         cached = Tokenizer.from_file(path)
         if cached.vocab_size == vocab_size:

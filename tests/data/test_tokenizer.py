@@ -55,7 +55,7 @@ def test_bad_vocab_size_raises(vocab_size, tmp_path):
 def test_cache_file_is_written_once_then_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("METALM_FAST_CACHE", str(tmp_path))
     first = load_tokenizer(300)
-    path = tmp_path / "tokenizer-bpe-300.json"
+    path = tmp_path / tokenizer_module.cache_name(300)
     assert path.is_file()
     assert os.listdir(tmp_path) == [path.name], "no temporary file may be left behind"
 
@@ -71,7 +71,7 @@ def test_cache_file_is_written_once_then_reused(tmp_path, monkeypatch):
 def test_training_is_deterministic_across_cache_dirs(tmp_path):
     load_tokenizer(512, cache_dir=tmp_path / "a")
     load_tokenizer(512, cache_dir=tmp_path / "b")
-    name = "tokenizer-bpe-512.json"
+    name = tokenizer_module.cache_name(512)
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
