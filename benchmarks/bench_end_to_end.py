@@ -78,7 +78,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Panel, machine_lines, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Panel,
+    add_run_arguments,
+    machine_lines,
+    run_settings,
+    write_result,
+)
 from benchmarks.hf_style import hf_style_generate, hf_style_loss  # noqa: E402
 from metalm_fast.data.collator import SemiCausalCollator, build_batch, pack_documents  # noqa: E402
 from metalm_fast.models import PRESETS, MetaLM  # noqa: E402
@@ -587,21 +593,8 @@ def chart(rows: list[Row], settings: Settings) -> list[Panel]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny preset, small batches")
-    parser.add_argument("--repeats", type=int, default=None, help="timed training rounds")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="intra-op threads for both paths (default 1; 0: torch's default)",
-    )
-    parser.add_argument(
-        "--no-write", action="store_true", help="only print the table (no markdown, no chart)"
-    )
-    parser.add_argument(
-        "--out",
-        help="markdown file (default benchmarks/results/"
-        "cpu_end_to_end_<date>.md; --quick writes only here)",
+    add_run_arguments(
+        parser, stem="cpu_end_to_end", quick_help="tiny preset, small batches", paths="both paths"
     )
     parser.add_argument("--child-peak", dest="child_path", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -614,13 +607,7 @@ def main(argv=None) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)
             peak_memory_child(settings, args.child_path)
         return 0
-    settings = QUICK if args.quick else Settings()
-    if args.repeats is not None:
-        settings = dataclasses.replace(settings, repeats=args.repeats)
-    if args.threads is not None:
-        settings = dataclasses.replace(settings, threads=args.threads)
-    if settings.threads:  # for the whole run, so the machine description states it
-        torch.set_num_threads(settings.threads)
+    settings = run_settings(args, QUICK, Settings())
     today = datetime.date.today().isoformat()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     start = time.perf_counter()

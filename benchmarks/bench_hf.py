@@ -89,7 +89,13 @@ from benchmarks.bench_end_to_end import (  # noqa: E402
     _release_and_reset_peak,
     document_lengths,
 )
-from benchmarks.common import Panel, machine_lines, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Panel,
+    add_run_arguments,
+    machine_lines,
+    run_settings,
+    write_result,
+)
 from metalm_fast.data.collator import build_batch, pack_documents  # noqa: E402
 
 FAMILIES = ("llama", "neox")
@@ -760,30 +766,11 @@ def chart(report: Report) -> list[Panel]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, speed informational")
-    parser.add_argument("--repeats", type=int, default=None, help="timed training rounds")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="intra-op threads for every path (default 1; 0: torch's default)",
-    )
-    parser.add_argument(
-        "--no-write", action="store_true", help="only print the table (no markdown, no chart)"
-    )
-    parser.add_argument(
-        "--out",
-        help="markdown file (default benchmarks/results/cpu_hf_<date>.md; --quick writes "
-        "only here)",
+    add_run_arguments(
+        parser, stem="cpu_hf", quick_help="tiny sizes, speed informational", paths="every path"
     )
     args = parser.parse_args(argv)
-    settings = QUICK if args.quick else Settings()
-    if args.repeats is not None:
-        settings = dataclasses.replace(settings, repeats=args.repeats)
-    if args.threads is not None:
-        settings = dataclasses.replace(settings, threads=args.threads)
-    if settings.threads:  # for the whole run, so the machine description states it
-        torch.set_num_threads(settings.threads)
+    settings = run_settings(args, QUICK, Settings())
     today = datetime.date.today().isoformat()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     start = time.perf_counter()

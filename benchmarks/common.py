@@ -14,6 +14,7 @@ limit, same useful FLOPs), FlexAttention compiled and the dense reference.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -347,3 +348,39 @@ def write_result(
         shown = path
     print(f"wrote {shown} and {picture.name}")
     return path
+
+
+# ------------------------------------------------------------------------------ command line
+def add_run_arguments(parser, *, stem: str, quick_help: str, paths: str = "every path") -> None:
+    """The options every end-to-end CPU benchmark takes: --quick, --repeats, --threads,
+    --no-write and --out (default benchmarks/results/<stem>_<date>.md)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"intra-op threads for {paths} (default 1; 0: torch's default)",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="only print the table (no markdown, no chart)"
+    )
+    parser.add_argument(
+        "--out",
+        help=f"markdown file (default benchmarks/results/{stem}_<date>.md; --quick writes "
+        "only here)",
+    )
+
+
+def run_settings(args, quick, default):
+    """``quick`` or ``default`` (Settings dataclasses with ``repeats`` and ``threads``) with
+    --repeats / --threads applied; the thread count is set for the whole run, so the
+    machine description states it."""
+    settings = quick if args.quick else default
+    if args.repeats is not None:
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    if args.threads is not None:
+        settings = dataclasses.replace(settings, threads=args.threads)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return settings
