@@ -123,6 +123,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_options(parser)
 
 
+def _finetune_config(steps, lr, seed, progress, out_dir, overwrite, device, dtype) -> TrainConfig:
+    """The finetuning runs' TrainConfig: warmup a tenth of the steps, five progress lines."""
+    return TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        seed=seed,
+        progress=progress,
+        log_every=max(1, steps // 5),
+        out_dir=None if out_dir is None else str(out_dir),
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+    )
+
+
 def finetune_on_vqa(
     model,
     tokenizer,
@@ -146,18 +162,7 @@ def finetune_on_vqa(
     data = DefaultData(
         tokenizer, model.config.tokens_per_image, token_budget=token_budget, seed=seed
     )
-    config = TrainConfig(
-        steps=steps,
-        lr=lr,
-        warmup_steps=max(1, steps // 10),
-        seed=seed,
-        progress=progress,
-        log_every=max(1, steps // 5),
-        out_dir=None if out_dir is None else str(out_dir),
-        overwrite=overwrite,
-        device=device,
-        dtype=dtype,
-    )
+    config = _finetune_config(steps, lr, seed, progress, out_dir, overwrite, device, dtype)
     return train(model.config, config, data.vqa_micro_batches, model=model)
 
 
@@ -183,18 +188,7 @@ def finetune_on_language(
     data = LanguageFinetuneData(
         tokenizer, encode_passages=reads_spans(model), token_budget=token_budget, seed=seed
     )
-    config = TrainConfig(
-        steps=steps,
-        lr=lr,
-        warmup_steps=max(1, steps // 10),
-        seed=seed,
-        progress=progress,
-        log_every=max(1, steps // 5),
-        out_dir=None if out_dir is None else str(out_dir),
-        overwrite=overwrite,
-        device=device,
-        dtype=dtype,
-    )
+    config = _finetune_config(steps, lr, seed, progress, out_dir, overwrite, device, dtype)
     return train(model.config, config, data.micro_batches, model=model)
 
 
