@@ -146,6 +146,11 @@ def _pretrained_special_ids(
         token_id = backend.token_to_id(text) if text else None
         if token_id is None and isinstance(config.get(f"{name}_token_id"), int):
             token_id = config[f"{name}_token_id"]
+            if isinstance(token_id, bool) or not 0 <= token_id < backend.get_vocab_size():
+                raise ValueError(
+                    f"{directory / 'config.json'}: {name}_token_id {token_id!r} is not an id "
+                    f"of the tokenizer's {backend.get_vocab_size()} tokens"
+                )
         if token_id is not None:
             ids[name] = token_id
     if "eos" not in ids:

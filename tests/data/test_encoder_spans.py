@@ -104,6 +104,16 @@ def test_from_pretrained_without_bos_starts_documents_with_eos(tmp_path):
     assert tokenizer.image_id is None
 
 
+@pytest.mark.parametrize("token_id", [-1, 6, 2**40, True])
+def test_from_pretrained_refuses_a_special_id_outside_the_vocabulary(tmp_path, token_id):
+    backend = _word_tokenizer(["<unk>"])  # 6 tokens: <unk> and the five words
+    directory = _save_pretrained_tokenizer(
+        tmp_path / "bad", backend, {"bos_token": None}, {"eos_token_id": token_id}
+    )
+    with pytest.raises(ValueError, match="eos_token_id"):
+        Tokenizer.from_pretrained(directory)
+
+
 def test_from_pretrained_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
