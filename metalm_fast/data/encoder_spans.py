@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+
+from metalm_fast.masks import SpanMask
+
 __all__ = ["SpanRetokenizer", "retokenize_spans"]
 
 
@@ -53,8 +57,8 @@ def retokenize_spans(
     Parameters
     ----------
     documents : decoder token lists, packed in this order.
-    span_starts, span_ends : absolute packed offsets (sorted or not; validated by the
-        caller's build_batch afterwards, here only read).
+    span_starts, span_ends : absolute packed offsets, sorted or not; validated first
+        (integers, inside one document, not overlapping) as SpanMask.semi_causal does.
     encode_span : decoder ids of one span -> its encoder ids (:class:`SpanRetokenizer`).
     placeholder_id : the decoder token written at the new span positions (its embedding
         is replaced by the encoder's rows; any id in the vocabulary serves).
@@ -65,6 +69,8 @@ def retokenize_spans(
     new absolute offsets (sorted), and each span's encoder ids, in span order. A span
     whose text gives no encoder token is dropped (its tokens stay in the decoder).
     """
+    lengths = torch.tensor([0, *map(len, documents)], dtype=torch.int64)
+    SpanMask.semi_causal(lengths.cumsum(0), span_starts, span_ends)  # raises, naming them
     spans = sorted(zip(span_starts, span_ends, strict=True))
     packed = [token for document in documents for token in document]
     boundaries = [0]

@@ -48,6 +48,14 @@ def test_a_span_with_no_encoder_token_stays_in_the_decoder():
     assert (docs, starts, ends, spans) == ([[1, 2, 3]], [], [], [])
 
 
+@pytest.mark.parametrize(
+    "starts, ends", [([3], [9]), ([-1], [2]), ([0, 1], [3, 4]), ([2**40], [2**40 + 1])]
+)
+def test_retokenize_refuses_spans_outside_a_document_or_overlapping(starts, ends):
+    with pytest.raises(ValueError, match="span"):
+        retokenize_spans([[1, 2, 3, 4], [5, 6]], starts, ends, lambda ids: [0], 0)
+
+
 def test_encoder_spans_must_match_the_span_lengths():
     with pytest.raises(ValueError, match="span 0 .* 2 encoder tokens for 3 positions"):
         build_batch([[1, 2, 3, 4]], [0], [3], encoder_spans=[[5, 6]])
