@@ -25,6 +25,7 @@ from pathlib import Path
 from metalm_fast import hf
 from metalm_fast.commands._checkpoint import checkpoint_model
 from metalm_fast.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
+from metalm_fast.hf.export import verify_export
 from metalm_fast.models.metalm import MetaLM
 from metalm_fast.training.pretrained import run_tokenizer_dir
 
@@ -68,10 +69,10 @@ def _export_decoder(model: MetaLM, args: argparse.Namespace) -> Path:
     decoder = model.decoder_only()
     pretrained = run_tokenizer_dir(args.checkpoint)
     if pretrained is not None:
-        return hf.export_decoder(decoder, args.hf_out, tokenizer=pretrained, verify=args.verify)
+        return hf.export_decoder(decoder, args.hf_out, tokenizer=pretrained)
     with tempfile.TemporaryDirectory() as scratch:
         _write_native_tokenizer(load_tokenizer(model.config.vocab_size), Path(scratch))
-        return hf.export_decoder(decoder, args.hf_out, tokenizer=scratch, verify=args.verify)
+        return hf.export_decoder(decoder, args.hf_out, tokenizer=scratch)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -82,6 +83,9 @@ def main(args: argparse.Namespace) -> int:
     model = checkpoint_model(args.checkpoint)
     if args.hf_out is not None:
         print(f"decoder: {_export_decoder(model, args)}")
+        if args.verify:  # export_decoder raised if transformers' logits disagreed
+            error = verify_export(model.decoder_only(), args.hf_out)
+            print(f"verified: transformers' logits within {error:.2g} of the MetaLM's")
     if args.metalm_out is not None:
         print(f"metalm: {hf.export_metalm(model, args.metalm_out)}")
     return 0

@@ -32,6 +32,14 @@ def test_a_native_run_exports_as_gpt_neox_with_its_tokenizer(tiny_checkpoint, tm
     torch.testing.assert_close(logits, ours, rtol=1e-4, atol=1e-4)
 
 
+def test_verify_reports_the_measured_difference(tiny_checkpoint, tmp_path, capsys):
+    argv = ["export", "--checkpoint", str(tiny_checkpoint), "--hf-out", str(tmp_path / "hf")]
+    assert cli_main([*argv, "--verify"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("verified: transformers' logits within ")
+    assert float(line.split("within ")[1].split()[0]) < 1e-3
+
+
 def test_export_needs_somewhere_to_write(tiny_checkpoint, capsys):
     assert cli_main(["export", "--checkpoint", str(tiny_checkpoint)]) == 2
     assert "--hf-out" in capsys.readouterr().err
