@@ -30,6 +30,7 @@ from tests.ops.test_fused_linear_cross_entropy import (  # noqa: E402, F401 (one
 def small_chunks(monkeypatch):
     """12 rows per chunk at V = 1000 (fp32): several chunks, a ragged last one."""
     monkeypatch.setattr(flce, "CHUNK_BYTES", 12 * 1000 * 4)
+    monkeypatch.setattr(flce, "CHUNK_ROWS_MIN", 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

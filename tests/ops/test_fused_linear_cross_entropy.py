@@ -35,6 +35,7 @@ def one_thread():
 def small_chunks(monkeypatch):
     """16 rows per chunk at V = 1000 (fp32), so every test crosses chunk boundaries."""
     monkeypatch.setattr(flce, "CHUNK_BYTES", 16 * 1000 * 4)
+    monkeypatch.setattr(flce, "CHUNK_ROWS_MIN", 1)
 
 
 def make_case(
