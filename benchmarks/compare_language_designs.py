@@ -22,7 +22,7 @@ k-shot, finetuned, chance) and writes it to
 benchmarks/results/cpu_language_designs_<date>.md with its .png chart
 (``--no-write`` skips both).
 
-Usage: python benchmarks/compare_language_designs.py [--steps 400] [--finetune-steps 1200]
+Usage: python benchmarks/compare_language_designs.py [--steps 4000] [--finetune-steps 1200]
 """
 
 from __future__ import annotations
@@ -184,7 +184,9 @@ def render(results: dict[str, dict], args) -> str:
         f"steps (lr {args.finetune_lr}) on the four tasks' training splits mixed. Held-out "
         "questions come from the pydoc validation documents (never seen in pretraining nor "
         "finetuning). finetuned = zero-shot after finetuning; a classification task passes at "
-        f"{TARGET:g}x chance ({bars}). "
+        f"{TARGET:g}x chance ({bars}). Candidates are scored by their mean token "
+        "log-likelihood (topic, cloze) or by their PMI with the passage, the log-likelihood "
+        "after the prompt less the one after the question alone (continuation). "
         "Passages are read by the non-causal part of the model where it has one (encoder "
         "spans, or the single stack's bidirectional spans), causally by the decoder-only "
         f"model. Load average {os.getloadavg()[0]:.1f} at the end (a shared machine)."
@@ -212,7 +214,12 @@ def chart(results: dict[str, dict]) -> list[Panel]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=400, help="pretraining steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=4000,
+        help="pretraining steps (400 left continuation near chance)",
+    )
     parser.add_argument("--finetune-steps", type=int, default=1200)
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument("--shots", type=int, default=2)

@@ -29,7 +29,7 @@ from metalm_fast.evaluation.language.continuation import (
     LENGTH_TOLERANCE,
 )
 from metalm_fast.evaluation.language.corpus import paragraphs, sentences
-from metalm_fast.evaluation.language.example import example_document
+from metalm_fast.evaluation.language.example import example_document, question_prompt
 from metalm_fast.evaluation.language.topic import TOPIC_CHOICES, label_titles
 from metalm_fast.models import PRESETS, MetaLM
 
@@ -180,6 +180,53 @@ def test_candidate_scores_equal_direct_log_probs(tokenizer, design):
         torch.testing.assert_close(total, direct, atol=1e-4, rtol=1e-5)
         lengths = torch.tensor([len(answer_tokens(tokenizer, c)) for c in example.candidates])
         torch.testing.assert_close(mean, direct / lengths, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("design", ["two_stack", "decoder_only"])
+def test_pmi_scores_are_given_less_alone(tokenizer, design):
+    """PMI: the summed log-probability after the prompt less the one after the question
+    alone (no passage), each a direct one-forward-per-candidate computation."""
+    model = _model(design)
+    examples = TASKS["continuation"].examples("held_out")[:3]
+    prompts = [example_prompt(tokenizer, e, encode_passages=reads_spans(model)) for e in examples]
+    alone = [question_prompt(tokenizer, e) for e in examples]
+    assert all(not p.spans and p.tokens[0] == tokenizer.bos_id for p in alone)
+    candidates = [e.candidates for e in examples]
+    pmi = candidate_scores(
+        model, tokenizer, prompts, candidates, normalize="pmi", unconditional=alone
+    )
+    for prompt, null, example, score in zip(prompts, alone, examples, pmi):
+        given = _direct_scores(model, tokenizer, prompt, example.candidates)
+        without = _direct_scores(model, tokenizer, null, example.candidates)
+        torch.testing.assert_close(score, given - without, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="unconditional prompts are needed"):
+        candidate_scores(model, tokenizer, prompts, candidates, normalize="pmi")
+    with pytest.raises(ValueError, match="unconditional prompts are needed"):
+        candidate_scores(model, tokenizer, prompts, candidates, unconditional=alone)
+    with pytest.raises(ValueError, match="unconditional has 2 prompts, prompts has 3"):
+        candidate_scores(
+            model, tokenizer, prompts, candidates, normalize="pmi", unconditional=alone[:2]
+        )
+
+
+def test_each_task_scores_with_its_own_normalisation(tokenizer, monkeypatch):
+    """normalize=None: continuation by PMI (against the questions alone), topic and cloze
+    by the mean; a normalisation named applies to every task."""
+    used = []
+    real = scoring.candidate_scores
+
+    def recording(*args, normalize, unconditional, **kwargs):
+        used.append((normalize, unconditional is not None))
+        return real(*args, normalize=normalize, unconditional=unconditional, **kwargs)
+
+    monkeypatch.setattr(scoring, "candidate_scores", recording)
+    model = _model()
+    tasks = ["topic", "continuation", "cloze"]
+    evaluate_language(model, tokenizer, tasks, limit=2)
+    assert used == [("mean", False), ("pmi", True), ("mean", False)]
+    used.clear()
+    evaluate_language(model, tokenizer, tasks, limit=2, normalize="sum")
+    assert used == [("sum", False)] * 3
 
 
 @pytest.mark.parametrize("design", ["two_stack", "single_stack"])

@@ -3,7 +3,13 @@ continuation, cloze and title generation, with fixed train / held-out splits
 (:mod:`.corpus`), chance levels, packed candidate scoring (:mod:`.scoring`) and
 a multitask finetuning stream (:mod:`.finetune`)."""
 
-from metalm_fast.evaluation.language.example import Example, Prompt, example_prompt, reads_spans
+from metalm_fast.evaluation.language.example import (
+    Example,
+    Prompt,
+    example_prompt,
+    question_prompt,
+    reads_spans,
+)
 from metalm_fast.evaluation.language.finetune import LanguageFinetuneData
 from metalm_fast.evaluation.language.scoring import (
     candidate_scores,
@@ -25,5 +31,6 @@ __all__ = [
     "exact_match",
     "example_prompt",
     "generate_answers",
+    "question_prompt",
     "reads_spans",
 ]

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 from metalm_fast.data.default_data import answer_tokens
 
-__all__ = ["Example", "Prompt", "example_document", "example_prompt", "reads_spans"]
+__all__ = [
+    "Example",
+    "Prompt",
+    "example_document",
+    "example_prompt",
+    "question_prompt",
+    "reads_spans",
+]
 
 
 @dataclass(frozen=True)
@@ -96,3 +103,11 @@ def example_prompt(
         spans.append((len(tokens) + 1, len(tokens) + 1 + len(passage)))
     tokens += [tokenizer.bos_id, *passage, *question]
     return Prompt(tokens, spans)
+
+
+def question_prompt(tokenizer, example: Example) -> Prompt:
+    """The question alone, ``<bos> encode(" question: " + question + " answer:")``: no
+    passage, no demonstration. What a candidate's likelihood is measured against when
+    it is scored by pointwise mutual information (``normalize="pmi"``)."""
+    _, question = _pieces(tokenizer, example)
+    return Prompt([tokenizer.bos_id, *question], [])

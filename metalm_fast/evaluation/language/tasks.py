@@ -18,11 +18,14 @@ __all__ = ["LANGUAGE_TASKS", "TASKS", "LanguageTask", "language_tasks"]
 
 @dataclass(frozen=True)
 class LanguageTask:
-    """A task: its name, its example builder, whether it is scored by exact match."""
+    """A task: its name, its example builder, whether it is scored by exact match, and
+    how its candidates are scored (a normalisation of
+    :func:`~metalm_fast.evaluation.language.scoring.candidate_scores`)."""
 
     name: str
     build: Callable[[str, random.Random], list[Example]]
     generative: bool = False
+    normalize: str = "mean"
 
     def examples(self, split: str, seed: int = 0, epoch: int = 0) -> list[Example]:
         """The task's examples of ``split`` ("train" or "held_out"), in a seeded order.
@@ -51,7 +54,9 @@ TASKS = {
     task.name: task
     for task in (
         LanguageTask("topic", topic_examples),
-        LanguageTask("continuation", continuation_examples),
+        # Candidate sentences differ in how likely they are on their own; what tells the
+        # answer is how much the passage raises its likelihood (see continuation.py).
+        LanguageTask("continuation", continuation_examples, normalize="pmi"),
         LanguageTask("cloze", cloze_examples),
         LanguageTask("title", title_examples, generative=True),
     )
