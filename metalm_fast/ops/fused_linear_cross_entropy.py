@@ -64,6 +64,9 @@ CHUNK_BYTES = 16 * 2**20
 #: 256 the [rows, D] x [D, V] matmuls lose efficiency (128 rows measured 6% slower
 #: than 256 at V=64000, D=1024), so at V >= 16k a CPU chunk is 256 rows, > 16 MiB.
 CHUNK_ROWS_MIN = 256
+#: The floor never makes a chunk larger than this: at a huge vocabulary memory wins
+#: (256 rows at V = 10**6 would be 1 GB of fp32 logits).
+CHUNK_BYTES_MAX = 256 * 2**20
 #: Budget on CUDA: 256 rows at V = 128k in fp32, tall enough for cuBLAS.
 CHUNK_BYTES_CUDA = 128 * 2**20
 
@@ -81,7 +84,8 @@ def rows_per_chunk(
 ) -> int:
     """Rows per chunk: ``rows`` split into the fewest equal chunks whose
     ``chunk x vocab`` logits of ``itemsize`` bytes fit ``budget``, or of
-    ``min_rows`` rows where fewer fit (defaults: ``CHUNK_BYTES``, ``CHUNK_ROWS_MIN``).
+    ``min_rows`` rows where fewer fit, as long as those fit ``CHUNK_BYTES_MAX``
+    (defaults: ``CHUNK_BYTES``, ``CHUNK_ROWS_MIN``; always at least 1 row).
 
     Equal chunks, so the last is no sliver: a matmul of one or two rows takes
     BLAS's vector path, which sums the vocabulary sequentially (measured 3x the
@@ -95,10 +99,16 @@ def rows_per_chunk(
     256
     >>> rows_per_chunk(32003, 100, budget=2**20, min_rows=1)  # 8.19 rows fit: 13 chunks
     8
+    >>> rows_per_chunk(10**6, 4096)  # the floor capped: 67 rows = 256 MiB of logits
+    67
+    >>> rows_per_chunk(10**9, 5)
+    1
     """
     budget = CHUNK_BYTES if budget is None else budget
     min_rows = CHUNK_ROWS_MIN if min_rows is None else min_rows
-    most = max(1, min_rows, budget // max(1, vocab * itemsize))
+    row_bytes = max(1, vocab * itemsize)
+    floor = min(min_rows, CHUNK_BYTES_MAX // row_bytes)
+    most = max(1, floor, budget // row_bytes)
     chunks = max(1, -(-rows // most))
     return max(1, -(-rows // chunks))
 
