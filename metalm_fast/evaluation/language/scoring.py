@@ -55,6 +55,11 @@ __all__ = [
 NORMALIZATIONS = ("mean", "sum", "pmi")
 
 
+def _check_normalize(normalize) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+
+
 def packed_batch(prompts: Sequence[Prompt], continuations: Sequence[list[int]]) -> SemiCausalBatch:
     """One packed document per (prompt, continuation), the prompts' spans kept."""
     documents, starts, ends = [], [], []
@@ -99,8 +104,7 @@ def candidate_scores(
     for "pmi" only); batches run on the device of the model's parameters, under
     the caller's autocast, if any.
     """
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    _check_normalize(normalize)
     if (normalize == "pmi") != (unconditional is not None):
         raise ValueError('unconditional prompts are needed with normalize="pmi", and only then')
     if normalize == "pmi":
@@ -218,8 +222,8 @@ def evaluate_language(
     normalize : candidate score normalisation (:data:`NORMALIZATIONS`) for every
         task; None: each task's own (``LanguageTask.normalize``).
     """
-    if normalize is not None and normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if normalize is not None:
+        _check_normalize(normalize)
     chosen = language_tasks(tasks)
     if limit is not None and limit < 1:  # an accuracy over no question is undefined
         raise ValueError(f"limit must be >= 1 (or None: every question), got {limit}")
