@@ -23,6 +23,7 @@ benchmarks/results/cpu_language_designs_<date>.md with its .png chart
 (``--no-write`` skips both).
 
 Usage: python benchmarks/compare_language_designs.py [--steps 4000] [--finetune-steps 1200]
+       [--designs two_stack ...]
 """
 
 from __future__ import annotations
@@ -227,10 +228,17 @@ def main(argv=None) -> int:
     parser.add_argument("--token-budget", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--designs",
+        nargs="+",
+        choices=tuple(DESIGNS),
+        default=list(DESIGNS),
+        help="the designs to train and compare (default: all three)",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="only print the table (no markdown, no chart)"
     )
     args = parser.parse_args(argv)
-    results = {design: run_design(design, args) for design in DESIGNS}
+    results = {design: run_design(design, args) for design in args.designs}
     table = render(results, args)
     print(table)
     if not args.no_write:
@@ -240,7 +248,8 @@ def main(argv=None) -> int:
             f"Two-stack vs single-stack vs decoder-only on the language tasks ({date})",
             f"{machine_lines()}\n\n{table}",
             "python benchmarks/compare_language_designs.py "
-            f"--steps {args.steps} --finetune-steps {args.finetune_steps}",
+            f"--steps {args.steps} --finetune-steps {args.finetune_steps}"
+            + ("" if args.designs == list(DESIGNS) else f" --designs {' '.join(args.designs)}"),
             chart=chart(results),
         )
     return 0
