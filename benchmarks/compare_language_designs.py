@@ -213,6 +213,24 @@ def chart(results: dict[str, dict]) -> list[Panel]:
     ]
 
 
+def result_name(designs: list[str], date: str) -> tuple[str, str]:
+    """(file stem, title) of a run's results: a run of some designs only has its own file,
+    so it never overwrites the three-design table of the same date.
+
+    >>> result_name(["two_stack"], "2026-12-02")[0]
+    'cpu_language_designs_two_stack_2026-12-02'
+    """
+    if designs == list(DESIGNS):
+        return (
+            f"cpu_language_designs_{date}",
+            f"Two-stack vs single-stack vs decoder-only on the language tasks ({date})",
+        )
+    return (
+        f"cpu_language_designs_{'_'.join(designs)}_{date}",
+        f"{', '.join(designs)} on the language tasks ({date})",
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -238,14 +256,15 @@ def main(argv=None) -> int:
         "--no-write", action="store_true", help="only print the table (no markdown, no chart)"
     )
     args = parser.parse_args(argv)
+    args.designs = list(dict.fromkeys(args.designs))  # each design once, in the order given
     results = {design: run_design(design, args) for design in args.designs}
     table = render(results, args)
     print(table)
     if not args.no_write:
-        date = datetime.date.today().isoformat()
+        name, title = result_name(args.designs, datetime.date.today().isoformat())
         write_result(
-            f"cpu_language_designs_{date}",
-            f"Two-stack vs single-stack vs decoder-only on the language tasks ({date})",
+            name,
+            title,
             f"{machine_lines()}\n\n{table}",
             "python benchmarks/compare_language_designs.py "
             f"--steps {args.steps} --finetune-steps {args.finetune_steps}"

@@ -27,3 +27,11 @@ def test_an_unknown_design_is_a_usage_error(capsys):
         compare.main(["--designs", "three_stack", "--no-write"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'three_stack'" in capsys.readouterr().err
+
+
+def test_a_subset_run_writes_its_own_file_not_the_three_design_table():
+    full, _ = compare.result_name(list(compare.DESIGNS), "2026-12-02")
+    subset, title = compare.result_name(["two_stack", "decoder_only"], "2026-12-02")
+    assert full == "cpu_language_designs_2026-12-02"
+    assert subset == "cpu_language_designs_two_stack_decoder_only_2026-12-02"
+    assert title.startswith("two_stack, decoder_only ")
